@@ -1,0 +1,32 @@
+"""The `captioner` command line. Each command lives in its own module; this file only groups them.
+
+Errors a user can cause are raised as `CaptionerError` anywhere in the library and turned into one
+line on stderr here, so no command ever shows a traceback for bad input.
+"""
+
+import click
+
+from captioner import __version__
+from captioner.errors import CaptionerError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CaptionerError as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="captioner")
+def main() -> None:
+    """Image captioning from a frozen-CNN feature store."""
+
+
+def _register() -> None:
+    """Attach every command module's commands to `main` (imported late to keep start-up light)."""
+    # Each command module adds its import and add_command lines here.
+
+
+_register()

@@ -1,0 +1,73 @@
+"""The normalized caption corpus that every dataset format is read into.
+
+Row order matters: a feature store's row i holds the features of ``corpus.images[i]``, and
+``CaptionRecord.image`` is an index into ``corpus.images``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+SPLITS = ("train", "val", "test")
+RESTVAL = "restval"  # Karpathy's extra COCO training images, kept apart only when asked
+UNASSIGNED = "unassigned"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image. `id` is the dataset's own id (COCO's integer as text, else the file name);
+    `path` is relative to the image root and is the join key with files on disk."""
+
+    id: str
+    path: str
+    split: str
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    image: int  # index into Corpus.images
+    raw: str
+    tokens: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SkippedLine:
+    """A line of a source file that was not read, and why (reported, never silently dropped)."""
+
+    source: str
+    line: int
+    reason: str
+
+
+@dataclass
+class Corpus:
+    format: str
+    sources: list[str]
+    images: list[ImageRecord]
+    captions: list[CaptionRecord]
+    skipped: list[SkippedLine] = field(default_factory=list)
+
+    def image_indices(self, split: str) -> list[int]:
+        return [i for i, image in enumerate(self.images) if image.split == split]
+
+    def captions_by_image(self) -> list[list[int]]:
+        """For each image, the indices of its captions (in file order)."""
+        groups: list[list[int]] = [[] for _ in self.images]
+        for i, caption in enumerate(self.captions):
+            groups[caption.image].append(i)
+        return groups
+
+    def tokens_of_split(self, split: str) -> Iterable[tuple[str, ...]]:
+        return (c.tokens for c in self.captions if self.images[c.image].split == split)
+
+    def subset(self, image_indices: list[int]) -> Corpus:
+        """The corpus restricted to these images (renumbered in the given order)."""
+        new_index = {old: new for new, old in enumerate(image_indices)}
+        captions = [
+            CaptionRecord(new_index[c.image], c.raw, c.tokens)
+            for c in self.captions
+            if c.image in new_index
+        ]
+        images = [self.images[i] for i in image_indices]
+        return Corpus(self.format, self.sources, images, captions, list(self.skipped))
