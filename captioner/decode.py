@@ -1,0 +1,303 @@
+"""Turning a decoder's next-word distributions into captions: greedy, batched beam search, sampling.
+
+Every strategy runs a whole batch of images at once through the decoders' step API
+(`encode` once per image, then `step` once per word for all rows together). State and memory are
+tuples of batch-first tensors, so beam search keeps ``images x beams`` rows in one batch and follows
+the surviving beams with ``index_select(0, ...)``.
+
+Lengths count words: `max_length` is the most words a caption gets (a caption cut there has no
+end token and its log-probability no end term); `min_length` is the fewest before the end token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from captioner.text import END_ID, PAD_ID, START_ID
+
+STRATEGIES = ("beam", "greedy", "sample")
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    strategy: str = "beam"  # "beam" | "greedy" | "sample"
+    beam_size: int = 3
+    max_length: int = 20
+    min_length: int = 0
+    # HuggingFace meaning: score = sum_logprob / length ** length_penalty
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown decoding strategy {self.strategy!r} (use {STRATEGIES})")
+        if self.beam_size < 1 or self.max_length < 1 or self.temperature <= 0:
+            raise ValueError("beam_size and max_length must be >= 1 and temperature > 0")
+
+
+@dataclass
+class GeneratedCaption:
+    tokens: list[int]  # word ids without <start>/<end>
+    log_prob: float  # summed log-probability of the words (and of <end> when the caption ended)
+    attention: np.ndarray | None  # (len(tokens), L) for the attention model
+
+
+def generate(decoder, features: Tensor, config: DecodingConfig) -> list[GeneratedCaption]:
+    """Captions for a batch of images with the strategy `config` names."""
+    if config.strategy == "greedy":
+        return greedy_decode(
+            decoder,
+            features,
+            config.max_length,
+            min_length=config.min_length,
+            no_repeat_ngram_size=config.no_repeat_ngram_size,
+        )
+    if config.strategy == "sample":
+        return sample(decoder, features, config)
+    return beam_search(decoder, features, config)
+
+
+def greedy_decode(
+    decoder,
+    features: Tensor,
+    max_length: int = 20,
+    *,
+    min_length: int = 0,
+    no_repeat_ngram_size: int = 0,
+) -> list[GeneratedCaption]:
+    """The most likely next word at every step, for all images of the batch at once."""
+
+    def most_likely(log_probs: Tensor) -> Tensor:
+        return log_probs.argmax(dim=1)
+
+    return _decode_word_by_word(
+        decoder, features, most_likely, max_length, min_length, no_repeat_ngram_size
+    )
+
+
+def sample(decoder, features: Tensor, config: DecodingConfig) -> list[GeneratedCaption]:
+    """Draw each next word from the (tempered, top-k truncated) distribution; seeded, so repeatable.
+
+    The reported log-probability is the model's own (temperature 1, no top-k) of the drawn words.
+    """
+    generator = torch.Generator(device=features.device).manual_seed(config.seed)
+
+    def draw(log_probs: Tensor) -> Tensor:
+        logits = log_probs / config.temperature
+        if 0 < config.top_k < logits.shape[1]:
+            kth_best = logits.topk(config.top_k, dim=1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth_best, float("-inf"))
+        probs = torch.softmax(logits, dim=1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return _decode_word_by_word(
+        decoder, features, draw, config.max_length, config.min_length, config.no_repeat_ngram_size
+    )
+
+
+@torch.inference_mode()
+def _decode_word_by_word(
+    decoder,
+    features: Tensor,
+    choose: Callable[[Tensor], Tensor],
+    max_length: int,
+    min_length: int,
+    no_repeat_ngram_size: int,
+) -> list[GeneratedCaption]:
+    """One running sequence per image; `choose` picks each next word from the allowed log-probs.
+
+    Rows that have ended keep stepping with the batch (their later words are ignored), so the loop
+    is over words, never over images.
+    """
+    memory = decoder.encode(features)
+    state = decoder.init_state(memory)
+    batch = features.shape[0]
+    tokens = torch.full((batch,), START_ID, dtype=torch.long, device=features.device)
+    words = tokens.new_empty((batch, 0))
+    log_prob = torch.zeros(batch, device=features.device)
+    ended = torch.zeros(batch, dtype=torch.bool, device=features.device)
+    alphas: list[Tensor] = []
+    for _ in range(max_length):
+        log_probs, state, alpha = decoder.step(tokens, state, memory)
+        log_probs = _forbid(log_probs, words, min_length, no_repeat_ngram_size)
+        tokens = choose(log_probs)
+        step_log_prob = log_probs.gather(1, tokens[:, None]).squeeze(1)
+        log_prob += torch.where(ended, torch.zeros_like(step_log_prob), step_log_prob)
+        words = torch.cat([words, tokens[:, None]], dim=1)
+        if alpha is not None:
+            alphas.append(alpha)
+        ended |= tokens == END_ID
+        if bool(ended.all()):
+            break
+    attention = torch.stack(alphas, dim=1).float().cpu().numpy() if alphas else None
+    captions = []
+    for row, (sequence, score) in enumerate(zip(words.tolist(), log_prob.tolist(), strict=True)):
+        length = sequence.index(END_ID) if END_ID in sequence else len(sequence)
+        captions.append(
+            GeneratedCaption(
+                tokens=sequence[:length],
+                log_prob=score,
+                attention=None if attention is None else attention[row, :length],
+            )
+        )
+    return captions
+
+
+@dataclass
+class _Hypothesis:
+    score: float  # length-penalized
+    caption: GeneratedCaption
+
+
+@torch.inference_mode()
+def beam_search(decoder, features: Tensor, config: DecodingConfig) -> list[GeneratedCaption]:
+    """Beam search over all ``images x beams`` rows as one batch.
+
+    Per step each image keeps the `beam_size` best continuations that do not end; continuations
+    that end (ranked within the best `beam_size`) become finished hypotheses, scored
+    ``log_prob / (words + 1) ** length_penalty`` (the +1 counts the end token). An image is done
+    once it has `beam_size` finished hypotheses (HuggingFace's ``early_stopping=True``); at
+    `max_length` its running beams join the finished ones, so a beam that never ends still returns
+    its best hypothesis. With ``beam_size == 1`` this is exactly greedy decoding.
+    """
+    device = features.device
+    batch, beams = features.shape[0], config.beam_size
+    rows = torch.arange(batch, device=device).repeat_interleave(beams)
+    memory = tuple(m.index_select(0, rows) for m in decoder.encode(features))
+    state = decoder.init_state(memory)
+    tokens = torch.full((batch * beams,), START_ID, dtype=torch.long, device=device)
+    words = tokens.new_empty((batch * beams, 0))
+    attention: Tensor | None = None
+    # Only the first beam of each image is alive at the start, so the first step does not pick
+    # the same word k times.
+    scores = torch.full((batch, beams), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    finished: list[list[_Hypothesis]] = [[] for _ in range(batch)]
+    done = [False] * batch
+
+    for _ in range(config.max_length):
+        log_probs, state, alpha = decoder.step(tokens, state, memory)
+        log_probs = _forbid(log_probs, words, config.min_length, config.no_repeat_ngram_size)
+        vocab = log_probs.shape[1]
+        candidates = (scores.reshape(-1, 1) + log_probs).reshape(batch, beams * vocab)
+        top_scores, top_index = candidates.topk(min(2 * beams, beams * vocab), dim=1)
+        top_beam, top_token = top_index // vocab, top_index % vocab
+        source_row = top_beam + torch.arange(batch, device=device)[:, None] * beams
+        ends = top_token == END_ID
+
+        if alpha is not None:
+            alpha = alpha.float()
+        _collect_finished(
+            finished, done, ends[:, :beams], top_scores[:, :beams], source_row[:, :beams],
+            words, attention, config.length_penalty,
+        )  # fmt: skip
+        for image in range(batch):
+            done[image] = done[image] or len(finished[image]) >= beams
+        if all(done):
+            break
+
+        # Each beam has one end token, so the 2k best hold at least k that go on; keep the first k.
+        keep = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :beams]
+        scores = top_scores.gather(1, keep)
+        tokens = top_token.gather(1, keep).reshape(-1)
+        parents = source_row.gather(1, keep).reshape(-1)
+        words = torch.cat([words.index_select(0, parents), tokens[:, None]], dim=1)
+        if alpha is not None:
+            history = alpha.index_select(0, parents)[:, None]
+            attention = (
+                history
+                if attention is None
+                else torch.cat([attention.index_select(0, parents), history], dim=1)
+            )
+        state = tuple(s.index_select(0, parents) for s in state)
+
+    else:
+        _collect_running(finished, done, scores, words, attention, config.length_penalty)
+    return [max(hypotheses, key=lambda h: h.score).caption for hypotheses in finished]
+
+
+def _collect_finished(
+    finished: list[list[_Hypothesis]],
+    done: list[bool],
+    ends: Tensor,
+    scores: Tensor,
+    source_row: Tensor,
+    words: Tensor,
+    attention: Tensor | None,
+    length_penalty: float,
+) -> None:
+    """Record the candidates that end now as hypotheses of their (not yet done) images."""
+    for image, rank in torch.nonzero(ends & torch.isfinite(scores)).tolist():
+        if done[image]:
+            continue
+        row = int(source_row[image, rank])
+        finished[image].append(
+            _hypothesis(words[row], float(scores[image, rank]), attention, row, length_penalty, 1)
+        )
+
+
+def _collect_running(
+    finished: list[list[_Hypothesis]],
+    done: list[bool],
+    scores: Tensor,
+    words: Tensor,
+    attention: Tensor | None,
+    length_penalty: float,
+) -> None:
+    """At the length limit, the running beams of unfinished images become hypotheses too."""
+    beams = scores.shape[1]
+    for image, beam in torch.nonzero(torch.isfinite(scores)).tolist():
+        if done[image]:
+            continue
+        row = image * beams + beam
+        finished[image].append(
+            _hypothesis(words[row], float(scores[image, beam]), attention, row, length_penalty, 0)
+        )
+
+
+def _hypothesis(
+    words: Tensor,
+    log_prob: float,
+    attention: Tensor | None,
+    row: int,
+    length_penalty: float,
+    end_tokens: int,
+) -> _Hypothesis:
+    tokens = words.tolist()
+    length = len(tokens) + end_tokens
+    caption = GeneratedCaption(
+        tokens=tokens,
+        log_prob=log_prob,
+        attention=None if attention is None else attention[row].cpu().numpy(),
+    )
+    return _Hypothesis(log_prob / max(length, 1) ** length_penalty, caption)
+
+
+def _forbid(log_probs: Tensor, words: Tensor, min_length: int, no_repeat_ngram_size: int) -> Tensor:
+    """The log-probs with impossible next words set to -inf.
+
+    Never <pad> or <start>; not <end> before `min_length` words; no word that would repeat an
+    n-gram of size `no_repeat_ngram_size` already in the row's `words` (N, t).
+    """
+    log_probs = log_probs.float().clone()
+    log_probs[:, PAD_ID] = float("-inf")
+    log_probs[:, START_ID] = float("-inf")
+    length = words.shape[1]
+    if length < min_length:
+        log_probs[:, END_ID] = float("-inf")
+    n = no_repeat_ngram_size
+    if n > 0 and length >= n:
+        ngrams = words.unfold(1, n, 1)  # (N, t - n + 1, n)
+        prefix = words[:, length - n + 1 :]  # the last n - 1 words
+        repeats = (ngrams[:, :, :-1] == prefix[:, None, :]).all(dim=2)
+        banned = torch.zeros_like(log_probs).scatter_add_(1, ngrams[:, :, -1], repeats.float())
+        log_probs = log_probs.masked_fill(banned > 0, float("-inf"))
+    return log_probs
