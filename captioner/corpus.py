@@ -6,8 +6,9 @@ Row order matters: a feature store's row i holds the features of ``corpus.images
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 SPLITS = ("train", "val", "test")
 RESTVAL = "restval"  # Karpathy's extra COCO training images, kept apart only when asked
@@ -36,8 +37,12 @@ class SkippedLine:
     """A line of a source file that was not read, and why (reported, never silently dropped)."""
 
     source: str
-    line: int
-    reason: str
+    line: int  # 1-based; 0 when the source is JSON, where `item` says where instead
+    reason: str  # a fixed phrase, so that skipped lines can be counted by reason
+    item: str = ""  # e.g. "annotations[17]" in a JSON file
+
+    def location(self) -> str:
+        return f"{self.source} {self.item}" if self.item else f"{self.source}:{self.line}"
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Corpus:
     images: list[ImageRecord]
     captions: list[CaptionRecord]
     skipped: list[SkippedLine] = field(default_factory=list)
+    split_rule: str = ""  # how the splits were assigned, in words (shown by `captioner inspect`)
 
     def image_indices(self, split: str) -> list[int]:
         return [i for i, image in enumerate(self.images) if image.split == split]
@@ -70,4 +76,27 @@ class Corpus:
             if c.image in new_index
         ]
         images = [self.images[i] for i in image_indices]
-        return Corpus(self.format, self.sources, images, captions, list(self.skipped))
+        return Corpus(
+            self.format, self.sources, images, captions, list(self.skipped), self.split_rule
+        )
+
+
+def read_corpus(
+    paths: Sequence[Path],
+    format: str | None = None,
+    splits_dir: Path | None = None,
+    keep_restval: bool = False,
+) -> Corpus:
+    """Read caption files of one format (detected from their content unless `format` is given).
+
+    Formats: "kaggle", "flickr8k", "karpathy", "coco", "csv" (see captioner/readers/). Splits come
+    from the split files in `splits_dir` when given; else from the caption file itself; else from
+    Flickr8k split files found next to the first caption file; else from a hash of the image id
+    (train 80 / val 10 / test 10). Karpathy's "restval" becomes "train" unless `keep_restval`.
+    Bad input raises CaptionerError naming the file and line; lines that cannot be read but do
+    not make the whole file doubtful are skipped and listed in `Corpus.skipped`.
+    """
+    # Imported here because the readers build on this module's dataclasses.
+    from captioner.readers import read_caption_files
+
+    return read_caption_files(paths, format, splits_dir, keep_restval)
