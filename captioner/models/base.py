@@ -1,0 +1,148 @@
+"""What every caption decoder shares: its configuration, the word embedding, the output head,
+the label-smoothed loss over real tokens, and the step API that all decoding goes through.
+
+The two decoders differ only in how they turn image features into an LSTM state and a per-step
+input; everything around that lives here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from captioner.text import PAD_ID
+
+Memory = tuple[Tensor, ...]  # per-image tensors computed once by `encode`; batch is dim 0
+State = tuple[Tensor, ...]  # recurrent state; batch is dim 0 (beam search reorders it)
+
+
+@dataclass
+class DecoderConfig:
+    """Sizes of a decoder. `feature_size` is the encoder's channel count C."""
+
+    model: str  # "show-tell" | "show-attend-tell"
+    vocab_size: int
+    feature_size: int
+    embed_size: int = 512
+    hidden_size: int = 512
+    attention_size: int = 512
+    dropout: float = 0.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DecoderConfig:
+        """The inverse of `to_dict`; unknown keys are an error (ValueError), never ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown decoder config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor  # to minimise: label-smoothed mean over real target tokens (+ attention penalty)
+    tokens: int  # number of real target tokens in the batch
+    nll_sum: Tensor  # summed unsmoothed negative log-likelihood, for perplexity
+
+
+def label_smoothed_loss(
+    logits: Tensor, targets: Tensor, label_smoothing: float, mask: Tensor | None = None
+) -> LossOutput:
+    """Cross entropy with label smoothing over the real tokens only.
+
+    `logits` (..., V) and `targets` (...); `mask` (...) is True at real tokens (None: all are real).
+    Padding positions contribute nothing, whatever their logits hold. Equals
+    ``F.cross_entropy(..., label_smoothing=ε, ignore_index=PAD_ID)`` on padded targets, but gives
+    the unsmoothed NLL from the same log-softmax for free.
+    """
+    log_probs = logits.float().log_softmax(-1)
+    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    smoothed = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(-1)
+    if mask is None:
+        tokens = targets.numel()
+    else:
+        # where(), not multiplication: a NaN in a padded position must not leak into the sum.
+        nll = torch.where(mask, nll, 0.0)
+        smoothed = torch.where(mask, smoothed, 0.0)
+        tokens = int(mask.sum())
+    return LossOutput(smoothed.sum() / max(tokens, 1), tokens, nll.sum())
+
+
+def length_mask(lengths: Tensor, steps: int) -> Tensor:
+    """(B, steps) bool, True where step t < lengths[b]."""
+    return torch.arange(steps, device=lengths.device) < lengths.unsqueeze(1)
+
+
+def select_rows(tensors: tuple[Tensor, ...], index: Tensor) -> tuple[Tensor, ...]:
+    """Row `index[i]` of every tensor: per-image memory -> per-caption (or per-beam) memory."""
+    return tuple(tensor.index_select(0, index) for tensor in tensors)
+
+
+class CaptionDecoder(nn.Module):
+    """Base of the decoders: word embedding in, dropout + linear head out, and the step API.
+
+    Subclasses set `feature_kind` ("pooled": features (B, C); "spatial": features (B, L, C)) and
+    implement `encode`, `init_state`, `advance` (one step from an embedded token) and
+    `training_loss` / `teacher_forced_log_probs` (a whole teacher-forced batch).
+    """
+
+    feature_kind: str
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embed_size, padding_idx=PAD_ID)
+        self.head = nn.Sequential(
+            nn.Dropout(config.dropout), nn.Linear(config.hidden_size, config.vocab_size)
+        )
+
+    # --- the step API used by all decoding ---------------------------------------------------
+
+    def encode(self, features: Tensor) -> Memory:
+        """Per-image work done once, before any step (e.g. the attention projection)."""
+        raise NotImplementedError
+
+    def init_state(self, memory: Memory) -> State:
+        raise NotImplementedError
+
+    def advance(
+        self, embedded: Tensor, state: State, memory: Memory
+    ) -> tuple[Tensor, State, Tensor | None]:
+        """One step from embedded input tokens (B, E): (logits (B, V), new state, alpha or None)."""
+        raise NotImplementedError
+
+    def step(
+        self, tokens: Tensor, state: State, memory: Memory
+    ) -> tuple[Tensor, State, Tensor | None]:
+        """Feed `tokens` (B,): (float32 log-probs (B, V) of the next token, new state,
+        alpha (B, L) or None)."""
+        logits, state, alpha = self.advance(self.embedding(tokens), state, memory)
+        return logits.float().log_softmax(-1), state, alpha
+
+    # --- teacher forcing ---------------------------------------------------------------------
+
+    def training_loss(
+        self,
+        features: Tensor,
+        image_index: Tensor,
+        captions: Tensor,
+        lengths: Tensor,
+        label_smoothing: float = 0.0,
+        alpha_c: float = 0.0,
+    ) -> LossOutput:
+        """Teacher-forced loss. `features` are per image; `image_index` (B_cap,) maps each caption
+        to its image row; `captions` (B_cap, T) are ``<start> .. <end>`` padded with PAD_ID;
+        `lengths` (B_cap,) count start and end."""
+        raise NotImplementedError
+
+    def teacher_forced_log_probs(
+        self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
+    ) -> Tensor:
+        """(B_cap, max(lengths) - 1, V) float32 log-probs of each next token given the true prefix,
+        computed the way training computes them. Positions past a caption's end are meaningless."""
+        raise NotImplementedError

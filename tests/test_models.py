@@ -1,0 +1,245 @@
+"""The decoders learn, ignore padding, and decode step by step exactly as they were trained."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from captioner.errors import CaptionerError
+from captioner.models import DecoderConfig, LossOutput, build_decoder
+from captioner.models.base import label_smoothed_loss, length_mask, select_rows
+from captioner.text import END_ID, PAD_ID, START_ID
+
+MODELS = ["show-tell", "show-attend-tell"]
+VOCAB, CHANNELS, REGIONS = 14, 12, 6
+
+
+def make_decoder(model: str, dropout: float = 0.0, seed: int = 0):
+    torch.manual_seed(seed)
+    config = DecoderConfig(
+        model, VOCAB, CHANNELS, embed_size=16, hidden_size=24, attention_size=10, dropout=dropout
+    )
+    return build_decoder(config)
+
+
+def make_features(decoder, images: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (images, CHANNELS) if decoder.feature_kind == "pooled" else (images, REGIONS, CHANNELS)
+    return torch.randn(shape, generator=generator)
+
+
+def pad_captions(word_lists: list[list[int]], extra: int = 0, fill: int = PAD_ID):
+    """<start> words <end>, padded to the longest (+ `extra` columns) with `fill`."""
+    ids = [[START_ID, *words, END_ID] for words in word_lists]
+    lengths = torch.tensor([len(row) for row in ids])
+    captions = torch.full((len(ids), int(lengths.max()) + extra), fill, dtype=torch.long)
+    for row, caption in enumerate(ids):
+        captions[row, : len(caption)] = torch.tensor(caption)
+    return captions, lengths
+
+
+# Five captions of different lengths over three images (image 2 has three captions).
+WORDS = [[4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 4, 5], [6], [7, 8, 9]]
+IMAGE_INDEX = torch.tensor([0, 1, 2, 2, 2])
+
+
+def greedy(decoder, features: torch.Tensor, max_length: int = 10) -> list[list[int]]:
+    memory = decoder.encode(features)
+    state = decoder.init_state(memory)
+    tokens = torch.full((features.size(0),), START_ID)
+    out = [[] for _ in range(features.size(0))]
+    done = torch.zeros(features.size(0), dtype=torch.bool)
+    for _ in range(max_length):
+        log_probs, state, _ = decoder.step(tokens, state, memory)
+        tokens = log_probs.argmax(-1)
+        for row in range(len(out)):
+            if not done[row] and tokens[row] != END_ID:
+                out[row].append(int(tokens[row]))
+        done |= tokens == END_ID
+    return out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_overfits_a_handful_of_captions(model):
+    decoder = make_decoder(model)
+    words = [[4, 5, 6, 7], [8, 9, 10], [11, 12, 4, 5, 13], [6, 9]]
+    features = make_features(decoder, len(words))
+    captions, lengths = pad_captions(words)
+    index = torch.arange(len(words))
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=0.02)
+    first = None
+    for _ in range(150):
+        optimizer.zero_grad()
+        output = decoder.training_loss(features, index, captions, lengths, alpha_c=0.1)
+        output.loss.backward()
+        optimizer.step()
+        first = first if first is not None else output.loss.item()
+    decoder.eval()
+    with torch.no_grad():
+        final = decoder.training_loss(features, index, captions, lengths)
+    assert first > 2.0
+    assert final.loss.item() < 0.02
+    assert final.tokens == int((lengths - 1).sum())
+    assert greedy(decoder, features) == words  # learned through the training path, decoded by steps
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_padding_is_ignored(model):
+    decoder = make_decoder(model)
+    features = make_features(decoder, 3)
+    captions, lengths = pad_captions(WORDS)
+    longer, _ = pad_captions(WORDS, extra=4)
+    garbage, _ = pad_captions(WORDS, extra=2, fill=9)  # non-pad ids after each caption's end
+    losses = [
+        decoder.training_loss(features, IMAGE_INDEX, c, lengths, label_smoothing=0.1, alpha_c=1.0)
+        for c in (captions, longer, garbage)
+    ]
+    for other in losses[1:]:
+        assert other.tokens == losses[0].tokens
+        torch.testing.assert_close(other.loss, losses[0].loss, rtol=0, atol=1e-6)
+        torch.testing.assert_close(other.nll_sum, losses[0].nll_sum, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_loss_equals_torch_cross_entropy_with_ignore_index(model):
+    """Both the packed (show-tell) and the masked (attention) loss equal PyTorch's own
+    label-smoothed cross entropy over the same log-probs with padding ignored."""
+    decoder = make_decoder(model)
+    features = make_features(decoder, 3)
+    captions, lengths = pad_captions(WORDS)
+    output = decoder.training_loss(features, IMAGE_INDEX, captions, lengths, label_smoothing=0.1)
+    log_probs = decoder.teacher_forced_log_probs(features, IMAGE_INDEX, captions, lengths)
+    targets = captions[:, 1:]
+    reference = F.cross_entropy(
+        log_probs.transpose(1, 2), targets, ignore_index=PAD_ID, label_smoothing=0.1
+    )
+    nll = F.cross_entropy(log_probs.transpose(1, 2), targets, ignore_index=PAD_ID, reduction="sum")
+    torch.testing.assert_close(output.loss, reference)
+    torch.testing.assert_close(output.nll_sum, nll)
+
+
+def test_show_tell_packed_loss_equals_masked_full_length_loss():
+    decoder = make_decoder("show-tell")
+    features = make_features(decoder, 3)
+    captions, lengths = pad_captions(WORDS, extra=3)
+    packed = decoder.training_loss(features, IMAGE_INDEX, captions, lengths, label_smoothing=0.2)
+    log_probs = decoder.teacher_forced_log_probs(features, IMAGE_INDEX, captions, lengths)
+    steps = log_probs.size(1)
+    masked = label_smoothed_loss(
+        log_probs, captions[:, 1 : steps + 1], 0.2, length_mask(lengths - 1, steps)
+    )
+    assert packed.tokens == masked.tokens == int((lengths - 1).sum())
+    torch.testing.assert_close(packed.loss, masked.loss)
+    torch.testing.assert_close(packed.nll_sum, masked.nll_sum)
+
+
+def test_loss_ignores_nan_in_padded_positions():
+    logits = torch.randn(2, 3, VOCAB)
+    logits[1, 2] = float("nan")
+    targets = torch.tensor([[4, 5, 6], [7, 8, PAD_ID]])
+    mask = length_mask(torch.tensor([3, 2]), 3)
+    output = label_smoothed_loss(logits, targets, 0.1, mask)
+    reference = label_smoothed_loss(logits[mask], targets[mask], 0.1)
+    assert output.tokens == 5
+    torch.testing.assert_close(output.loss, reference.loss)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_step_api_gives_the_teacher_forced_log_probs(model):
+    decoder = make_decoder(model, dropout=0.5).eval()  # eval: dropout must be off in both paths
+    features = make_features(decoder, 3)
+    captions, lengths = pad_captions(WORDS)
+    with torch.no_grad():
+        teacher = decoder.teacher_forced_log_probs(features, IMAGE_INDEX, captions, lengths)
+        memory = select_rows(decoder.encode(features), IMAGE_INDEX)
+        state = decoder.init_state(memory)
+        for t in range(teacher.size(1)):
+            log_probs, state, alpha = decoder.step(captions[:, t], state, memory)
+            assert log_probs.dtype == torch.float32
+            real = t < lengths - 1
+            torch.testing.assert_close(log_probs[real], teacher[real, t], rtol=0, atol=1e-5)
+            if decoder.feature_kind == "spatial":
+                assert alpha.shape == (len(WORDS), REGIONS)
+                torch.testing.assert_close(alpha.sum(1), torch.ones(len(WORDS)))
+            else:
+                assert alpha is None
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_state_and_memory_reorder_along_dim_0(model):
+    """Beam search reorders state and memory with index_select(0, ...): rows must move intact."""
+    decoder = make_decoder(model).eval()
+    features = make_features(decoder, 3)
+    tokens = torch.tensor([4, 5, 6])
+    order = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        memory = decoder.encode(features)
+        state = decoder.init_state(memory)
+        log_probs, _, _ = decoder.step(tokens, state, memory)
+        reordered, _, _ = decoder.step(
+            tokens[order], select_rows(state, order), select_rows(memory, order)
+        )
+    torch.testing.assert_close(reordered, log_probs[order])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_sharing_image_memory_equals_repeating_the_image(model):
+    decoder = make_decoder(model, dropout=0.0)
+    features = make_features(decoder, 3)
+    captions, lengths = pad_captions(WORDS)
+    shared = decoder.training_loss(features, IMAGE_INDEX, captions, lengths, 0.1, alpha_c=1.0)
+    shared.loss.backward()
+    shared_grads = [p.grad.clone() for p in decoder.parameters()]
+    decoder.zero_grad()
+    repeated = decoder.training_loss(
+        features[IMAGE_INDEX], torch.arange(len(WORDS)), captions, lengths, 0.1, alpha_c=1.0
+    )
+    repeated.loss.backward()
+    torch.testing.assert_close(shared.loss, repeated.loss)
+    for a, p in zip(shared_grads, decoder.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_attention_projection_is_computed_once_per_image():
+    decoder = make_decoder("show-attend-tell")
+    calls = []
+    decoder.attention.feature_projection.register_forward_hook(
+        lambda module, inputs, output: calls.append(tuple(inputs[0].shape))
+    )
+    captions, lengths = pad_captions(WORDS)
+    decoder.training_loss(make_features(decoder, 3), IMAGE_INDEX, captions, lengths)
+    assert calls == [(3, REGIONS, CHANNELS)]  # one call, per image, not per caption or per step
+
+
+def test_attention_penalty_counts_only_real_steps():
+    decoder = make_decoder("show-attend-tell").eval()
+    features = make_features(decoder, 3)
+    captions, lengths = pad_captions(WORDS, extra=2)
+    with torch.no_grad():
+        plain = decoder.training_loss(features, IMAGE_INDEX, captions, lengths, alpha_c=0.0)
+        penalised = decoder.training_loss(features, IMAGE_INDEX, captions, lengths, alpha_c=0.7)
+        memory = select_rows(decoder.encode(features), IMAGE_INDEX)
+        state = decoder.init_state(memory)
+        attention_sum = torch.zeros(len(WORDS), REGIONS)
+        for t in range(int(lengths.max()) - 1):
+            _, state, alpha = decoder.step(captions[:, t], state, memory)
+            attention_sum += alpha * (t < lengths - 1).unsqueeze(1)
+    expected = 0.7 * ((1 - attention_sum) ** 2).mean()
+    torch.testing.assert_close(penalised.loss - plain.loss, expected)
+
+
+def test_config_round_trip_and_bad_names():
+    config = DecoderConfig("show-attend-tell", 100, 2048, dropout=0.3)
+    assert DecoderConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown decoder config keys"):
+        DecoderConfig.from_dict({**config.to_dict(), "layers": 2})
+    with pytest.raises(CaptionerError, match="unknown model 'show-and-tell'"):
+        build_decoder(DecoderConfig("show-and-tell", 10, 4))
+
+
+def test_loss_output_fields():
+    decoder = make_decoder("show-tell")
+    captions, lengths = pad_captions(WORDS)
+    output = decoder.training_loss(make_features(decoder, 3), IMAGE_INDEX, captions, lengths)
+    assert isinstance(output, LossOutput)
+    assert output.loss.requires_grad and output.loss.dim() == 0
+    assert isinstance(output.tokens, int)
