@@ -30,6 +30,9 @@ def _register() -> None:
     from captioner.cli.corpus_commands import inspect
 
     main.add_command(inspect)
+    from captioner.cli.demo_commands import synth
+
+    main.add_command(synth)
 
 
 _register()

@@ -1,0 +1,32 @@
+"""The demo's dataset: rendered scenes of shapes with reference captions about what and where.
+
+`write_synthetic_dataset` writes a Karpathy-format caption file plus images (read back by
+`captioner.corpus.read_corpus` like any real dataset); `write_unlabelled_images` writes fresh
+scenes to caption; `read_scenes` and `scene_accuracy` score captions against the true scenes.
+"""
+
+from captioner.synthetic.dataset import (
+    CAPTION_FILE,
+    make_scene,
+    read_scenes,
+    split_of,
+    write_synthetic_dataset,
+    write_unlabelled_images,
+)
+from captioner.synthetic.grammar import CaptionCheck, check_caption, describe, scene_accuracy
+from captioner.synthetic.scene import Scene, sample_scene
+
+__all__ = [
+    "CAPTION_FILE",
+    "CaptionCheck",
+    "Scene",
+    "check_caption",
+    "describe",
+    "make_scene",
+    "read_scenes",
+    "sample_scene",
+    "scene_accuracy",
+    "split_of",
+    "write_synthetic_dataset",
+    "write_unlabelled_images",
+]
