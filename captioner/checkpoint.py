@@ -1,0 +1,166 @@
+"""Checkpoints: one file with everything needed to caption raw images with a trained decoder.
+
+The file holds only tensors and plain Python values, so it opens with
+``torch.load(path, weights_only=True)``: loading a checkpoint from a stranger cannot run code.
+Writes are atomic (a temporary file in the same directory, then ``os.replace``), so a run
+killed while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from captioner.encoder import EncoderConfig
+from captioner.errors import CaptionerError
+from captioner.models import CaptionDecoder, DecoderConfig, build_decoder
+from captioner.text import Vocabulary
+
+FORMAT = "captioner-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    decoder_config: DecoderConfig
+    state_dict: dict[str, Tensor]
+    vocabulary: Vocabulary
+    encoder_config: EncoderConfig
+    store_fingerprint: str
+    grid: tuple[int, int]
+    training: dict  # epoch, metrics, options: plain types only
+
+    def build_decoder(self, device: str | torch.device = "cpu") -> CaptionDecoder:
+        """The decoder with these weights, in eval mode, on `device`."""
+        decoder = build_decoder(self.decoder_config)
+        decoder.load_state_dict(self.state_dict)
+        return decoder.to(device).eval()
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint, extra: dict | None = None) -> None:
+    """Write `checkpoint` (and `extra`, e.g. optimizer and RNG state for resume) atomically.
+
+    Raises TypeError before touching the disk if anything is not a tensor or a plain value
+    (a NumPy array, say), because such a file could not be opened with weights_only=True.
+    """
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "decoder_config": checkpoint.decoder_config.to_dict(),
+        "state_dict": {name: t.detach().cpu() for name, t in checkpoint.state_dict.items()},
+        "vocabulary": list(checkpoint.vocabulary.words),
+        "encoder_config": checkpoint.encoder_config.to_dict(),
+        "store_fingerprint": checkpoint.store_fingerprint,
+        "grid": [int(size) for size in checkpoint.grid],
+        "training": checkpoint.training,
+        "extra": extra or {},
+    }
+    _require_plain(payload, "checkpoint")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> tuple[Checkpoint, dict]:
+    """The checkpoint at `path` and its `extra` dict; CaptionerError if it is missing, damaged
+    or not a captioner checkpoint. Tensors are loaded onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionerError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CaptionerError(
+            f"{path}: not a captioner checkpoint, refused by safe loading ({_reason(error)})"
+        ) from None
+    except EOFError:
+        raise CaptionerError(f"{path}: not a readable checkpoint (empty or truncated)") from None
+    except Exception as error:  # whatever a damaged or foreign file triggers means "unreadable"
+        raise CaptionerError(f"{path}: not a readable checkpoint ({_reason(error)})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CaptionerError(f"{path}: not a captioner checkpoint (a torch file of another kind)")
+    if payload.get("version") != VERSION:
+        raise CaptionerError(
+            f"{path}: checkpoint format version {payload.get('version')!r} is not supported "
+            f"(this captioner reads version {VERSION})"
+        )
+    try:
+        checkpoint = Checkpoint(
+            decoder_config=DecoderConfig.from_dict(payload["decoder_config"]),
+            state_dict=dict(payload["state_dict"]),
+            vocabulary=Vocabulary(list(payload["vocabulary"])),
+            encoder_config=EncoderConfig.from_dict(payload["encoder_config"]),
+            store_fingerprint=str(payload["store_fingerprint"]),
+            grid=(int(payload["grid"][0]), int(payload["grid"][1])),
+            training=dict(payload["training"]),
+        )
+        _check_weights_fit_config(checkpoint)
+    except (KeyError, TypeError, ValueError, IndexError, CaptionerError) as error:
+        raise CaptionerError(f"{path}: damaged checkpoint ({_reason(error)})") from None
+    return checkpoint, dict(payload.get("extra", {}))
+
+
+def _check_weights_fit_config(checkpoint: Checkpoint) -> None:
+    """Every weight has the name and shape its decoder config implies (built on the meta
+    device: shapes only, no memory, no initialisation)."""
+    with torch.device("meta"):
+        expected = build_decoder(checkpoint.decoder_config).state_dict()
+    got = checkpoint.state_dict
+    if expected.keys() != got.keys():
+        missing, unexpected = (
+            sorted(expected.keys() - got.keys()),
+            sorted(got.keys() - expected.keys()),
+        )
+        raise ValueError(
+            f"weights do not fit the decoder: missing {missing}, unexpected {unexpected}"
+        )
+    for name, tensor in expected.items():
+        if not isinstance(got[name], Tensor) or got[name].shape != tensor.shape:
+            raise ValueError(f"weight {name} has the wrong shape for the decoder config")
+    if len(checkpoint.vocabulary) != checkpoint.decoder_config.vocab_size:
+        raise ValueError("the vocabulary size differs from the decoder's")
+
+
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+_PLAIN_CONTAINERS = (dict, OrderedDict, list, tuple, torch.Size)
+
+
+def _require_plain(value: object, where: str) -> None:
+    """Tensors and plain values only. Exact types: a NumPy float64 *is* a float subclass, but
+    pickles as a NumPy object that weights_only loading refuses."""
+    if isinstance(value, Tensor) or type(value) in _PLAIN_SCALARS:
+        return
+    if type(value) not in _PLAIN_CONTAINERS:
+        raise TypeError(f"{where}: {type(value).__name__} cannot go into a checkpoint")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if type(key) not in (str, int):
+                raise TypeError(f"{where}: key {key!r} is neither str nor int")
+            _require_plain(item, f"{where}[{key!r}]")
+    else:
+        for i, item in enumerate(value):
+            _require_plain(item, f"{where}[{i}]")
+
+
+def _reason(error: BaseException) -> str:
+    """The informative line of an error. torch's weights_only refusal wraps its reason in advice
+    (including to load with weights_only=False, which we never do); keep only the reason."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(boilerplate)]
+    reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return reason if len(reason) <= 160 else reason[:157] + "..."

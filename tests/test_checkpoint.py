@@ -1,0 +1,139 @@
+"""Checkpoints round-trip through torch.load(weights_only=True), write atomically, and refuse
+missing, damaged and foreign files with one clear line."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from captioner.encoder import EncoderConfig
+from captioner.errors import CaptionerError
+from captioner.models import DecoderConfig, build_decoder
+from captioner.text import SPECIAL_TOKENS, START_ID, Vocabulary
+
+WORDS = [*SPECIAL_TOKENS, "a", "dog", "runs", "on", "grass", "red", "ball"]
+
+
+def make_checkpoint(model: str = "show-attend-tell") -> Checkpoint:
+    torch.manual_seed(0)
+    config = DecoderConfig(model, len(WORDS), 8, embed_size=6, hidden_size=10, attention_size=5)
+    decoder = build_decoder(config)
+    return Checkpoint(
+        decoder_config=config,
+        state_dict=decoder.state_dict(),
+        vocabulary=Vocabulary(WORDS),
+        encoder_config=EncoderConfig(name="tiny", weights="none", image_size=32),
+        store_fingerprint="f1ngerprint",
+        grid=(2, 2),
+        training={"epoch": 3, "metrics": {"val_bleu4": 0.25}, "options": {"lr": 4e-4, "seed": 1}},
+    )
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    checkpoint = make_checkpoint()
+    original = build_decoder(checkpoint.decoder_config)
+    original.load_state_dict(checkpoint.state_dict)
+    original.eval()
+    optimizer = torch.optim.Adam(original.parameters())
+    features = torch.randn(3, 4, 8)
+    original.training_loss(
+        features, torch.arange(3), torch.tensor([[1, 4, 5, 2]] * 3), torch.tensor([4, 4, 4])
+    ).loss.backward()
+    optimizer.step()
+    extra = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+    path = tmp_path / "runs" / "best.pt"  # the parent directory does not exist yet
+    save_checkpoint(path, make_checkpoint_from(original, checkpoint), extra)
+
+    torch.load(path, weights_only=True)  # opens without any unpickling of code
+    loaded, loaded_extra = load_checkpoint(path)
+    assert loaded.decoder_config == checkpoint.decoder_config
+    assert loaded.vocabulary.words == WORDS
+    assert loaded.encoder_config == checkpoint.encoder_config
+    assert loaded.store_fingerprint == "f1ngerprint"
+    assert loaded.grid == (2, 2)
+    assert loaded.training == checkpoint.training
+    torch.testing.assert_close(loaded_extra["torch_rng"], extra["torch_rng"])
+    resumed = torch.optim.Adam(original.parameters())
+    resumed.load_state_dict(loaded_extra["optimizer"])
+
+    decoder = loaded.build_decoder("cpu")
+    assert not decoder.training
+    for got, expected in zip(
+        first_step(decoder, features), first_step(original, features), strict=True
+    ):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def make_checkpoint_from(decoder, template: Checkpoint) -> Checkpoint:
+    return Checkpoint(**{**template.__dict__, "state_dict": decoder.state_dict()})
+
+
+@torch.no_grad()
+def first_step(decoder, features):
+    """Log-probs and attention of the first decoding step."""
+    memory = decoder.encode(features)
+    log_probs, _, alpha = decoder.step(
+        torch.full((features.size(0),), START_ID), decoder.init_state(memory), memory
+    )
+    return log_probs, alpha
+
+
+def test_save_is_atomic_and_refuses_non_plain_values(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, make_checkpoint("show-tell"))
+    save_checkpoint(path, make_checkpoint("show-tell"), {"epoch": 2})  # overwrite in place
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match=r"checkpoint\['extra'\]\['numpy_rng'\]"):
+        save_checkpoint(path, make_checkpoint("show-tell"), {"numpy_rng": np.zeros(3)})
+    with pytest.raises(TypeError, match="float64"):
+        save_checkpoint(path, make_checkpoint("show-tell"), {"best": np.float64(0.5)})
+    assert path.read_bytes() == before  # a failed save never damages the previous checkpoint
+    assert os.listdir(tmp_path) == ["last.pt"]  # and leaves no temporary file behind
+    assert load_checkpoint(path)[1] == {"epoch": 2}
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such checkpoint file"),
+        (b"", "not a readable checkpoint"),
+        (b"\x00garbage" * 10, "not a captioner checkpoint"),
+        ("truncated", "not a readable checkpoint"),
+        ("evil", "refused by safe loading .*posix.system"),
+        ("foreign", "not a captioner checkpoint"),
+        ("future", "version 99 is not supported"),
+        ("mismatch", "damaged checkpoint"),
+    ],
+)
+def test_bad_files_give_one_clear_line(tmp_path, monkeypatch, content, message):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "model.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "truncated":
+        save_checkpoint(path, make_checkpoint())
+        path.write_bytes(path.read_bytes()[:300])
+    elif content == "evil":
+        with open(path, "wb") as file:
+            pickle.dump({"format": "captioner-checkpoint", "x": _Evil()}, file, protocol=2)
+    elif content == "foreign":
+        torch.save(build_decoder(make_checkpoint().decoder_config).state_dict(), path)
+    elif content == "future":
+        torch.save({"format": "captioner-checkpoint", "version": 99}, path)
+    elif content == "mismatch":
+        checkpoint = make_checkpoint()
+        checkpoint.decoder_config.hidden_size = 12  # weights were made for hidden_size=10
+        save_checkpoint(path, checkpoint)
+    with pytest.raises(CaptionerError, match=message) as caught:
+        load_checkpoint(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "pwned").exists()
