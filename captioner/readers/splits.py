@@ -74,7 +74,7 @@ def _from_split_files(
 ) -> list[str | None]:
     split_of = read_split_files(files, builder)
     known = set(builder.paths) | {Path(p).name for p in builder.paths}
-    for name in split_of.keys() - known:
+    for name in [name for name in split_of if name not in known]:
         builder.skip(files[split_of[name]], 0, "split file lists an image without captions", name)
     return [
         own
