@@ -1,0 +1,218 @@
+"""The frozen CNN that turns pictures into grids of feature vectors, and its input transform.
+
+A classifier's last convolutional map is kept (its average pool and classifier are dropped), so
+a ResNet at 448 px gives a 14x14 grid of 2048-channel vectors: the regions that attention
+decoders look at. The encoder is never trained here, so it is built in eval mode without grads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import models, transforms
+
+from captioner.errors import CaptionerError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_WEIGHTS_SEED = 0
+
+# name -> (torchvision builder, weights enum, prefix of the classifier-head keys in its state dict)
+_TORCHVISION = {
+    "resnet152": (models.resnet152, models.ResNet152_Weights, "fc."),
+    "resnet101": (models.resnet101, models.ResNet101_Weights, "fc."),
+    "resnet50": (models.resnet50, models.ResNet50_Weights, "fc."),
+    "resnet18": (models.resnet18, models.ResNet18_Weights, "fc."),
+    "mobilenet_v2": (models.mobilenet_v2, models.MobileNet_V2_Weights, "classifier."),
+}
+ENCODER_NAMES = (*_TORCHVISION, "tiny")
+
+
+class RandomWeightsWarning(UserWarning):
+    """An encoder runs with random weights: its features, and any captions, are meaningless."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which CNN, which weights ("imagenet", "none" or a state-dict path) and the input size."""
+
+    name: str = "resnet152"
+    weights: str = "imagenet"
+    image_size: int = 448
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EncoderConfig:
+        return cls(str(data["name"]), str(data["weights"]), int(data["image_size"]))
+
+
+class FrozenEncoder(nn.Module):
+    """``forward(images (B, 3, S, S) normalized) -> (B, H*W, C)`` float32 region features.
+
+    On CUDA the CNN runs channels-last under bfloat16 autocast (about twice as fast on tensor
+    cores); the features are returned as float32 either way.
+    """
+
+    def __init__(self, config: EncoderConfig, backbone: nn.Module, weights_id: str):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.weights_id = weights_id
+        self.weights_checksum = _state_checksum(self.backbone)
+        channels, height, width = _output_shape(config.name, config.image_size)
+        self.channels = channels
+        self.grid = (height, width)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        return super().train(False)  # frozen: batch-norm statistics never move
+
+    def to_device(self, device: torch.device | str) -> FrozenEncoder:
+        device = torch.device(device)
+        memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+        return self.to(device=device, memory_format=memory_format)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                maps = self.backbone(images)
+        else:
+            maps = self.backbone(images)
+        return maps.float().flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+
+
+def build_encoder(config: EncoderConfig) -> FrozenEncoder:
+    """The frozen encoder for `config` on the CPU; CaptionerError for unknown names or weights.
+
+    ``weights="none"`` gives a seeded random init and a RandomWeightsWarning (except for "tiny",
+    which has no trained weights and exists for tests and the offline demo).
+    """
+    if config.name not in ENCODER_NAMES:
+        raise CaptionerError(f"unknown encoder {config.name!r}; choose one of {ENCODER_NAMES}")
+    if config.image_size < 32:
+        raise CaptionerError(f"image size {config.image_size} is too small (at least 32 px)")
+    if config.weights == "none":
+        if config.name != "tiny":
+            warnings.warn(
+                f"encoder {config.name} runs with RANDOM weights (--weights none): the features "
+                "carry no ImageNet knowledge and captions trained on them will be meaningless",
+                RandomWeightsWarning,
+                stacklevel=2,
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = _architecture(config.name)
+        return FrozenEncoder(
+            config, _backbone(config.name, model), f"random-seed-{RANDOM_WEIGHTS_SEED}"
+        )
+    if config.weights == "imagenet":
+        return _imagenet_encoder(config)
+    return _local_weights_encoder(config, Path(config.weights))
+
+
+def image_transform(config: EncoderConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize to SxS (the whole picture, no crop: captions describe all of it), then normalize."""
+    size = config.image_size
+    return transforms.Compose(
+        [
+            transforms.Resize((size, size), antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def _imagenet_encoder(config: EncoderConfig) -> FrozenEncoder:
+    if config.name == "tiny":
+        raise CaptionerError("encoder 'tiny' has no ImageNet weights; use weights 'none'")
+    builder, weights_enum, _ = _TORCHVISION[config.name]
+    weights = weights_enum.DEFAULT
+    try:
+        model = builder(weights=weights)
+    except (OSError, RuntimeError) as error:
+        raise CaptionerError(
+            f"cannot get the ImageNet weights of {config.name} ({error}); without internet, pass "
+            "--weights PATH to a local state dict (torchvision keeps the downloaded file in "
+            "~/.cache/torch/hub/checkpoints) or --weights none"
+        ) from None
+    return FrozenEncoder(config, _backbone(config.name, model), str(weights))
+
+
+def _local_weights_encoder(config: EncoderConfig, path: Path) -> FrozenEncoder:
+    """Weights from a state dict file: the full classifier's (as torchvision saves it) or one
+    without its head. Loaded with ``weights_only=True``, so a file cannot run code."""
+    if not path.is_file():
+        raise CaptionerError(
+            f"{path}: weights file not found (--weights takes imagenet, none or a path)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a file that is not a state dict
+        raise CaptionerError(f"{path}: not a PyTorch state dict ({error})") from None
+    if not isinstance(state, dict):
+        raise CaptionerError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    model = _architecture(config.name)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    head = _TORCHVISION[config.name][2] if config.name in _TORCHVISION else None
+    missing = [key for key in missing if not (head and key.startswith(head))]
+    if missing or unexpected:
+        raise CaptionerError(
+            f"{path}: does not fit encoder {config.name} "
+            f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)"
+        )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return FrozenEncoder(config, _backbone(config.name, model), f"file:{path.name}:{digest}")
+
+
+def _architecture(name: str) -> nn.Module:
+    if name == "tiny":
+        return _tiny_cnn()
+    builder, _, _ = _TORCHVISION[name]
+    return builder(weights=None)
+
+
+def _backbone(name: str, model: nn.Module) -> nn.Module:
+    """The convolutional trunk of a classifier: everything before global pooling."""
+    if name.startswith("resnet"):
+        return nn.Sequential(*list(model.children())[:-2])  # drop avgpool and fc
+    if name == "mobilenet_v2":
+        return model.features
+    return model
+
+
+def _tiny_cnn() -> nn.Module:
+    """Five stride-2 convolutions: total stride 32 like a ResNet (64 px -> 2x2, 128 px -> 4x4)."""
+    widths = [3, 16, 32, 64, 64, 64]
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(widths, widths[1:], strict=False):
+        layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _output_shape(name: str, image_size: int) -> tuple[int, int, int]:
+    """(C, H, W) of the trunk's output, found by a shape-only pass on the meta device."""
+    with torch.device("meta"):
+        trunk = _backbone(name, _architecture(name))
+        shape = trunk(torch.empty(1, 3, image_size, image_size)).shape
+    return int(shape[1]), int(shape[2]), int(shape[3])
+
+
+def _state_checksum(module: nn.Module) -> str:
+    """sha256 over parameter and buffer names and bytes: identifies the exact weights used."""
+    digest = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
+    return digest.hexdigest()

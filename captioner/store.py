@@ -1,0 +1,456 @@
+"""The feature store: one self-contained Zarr v3 group per (dataset, encoder settings).
+
+Row i of every per-image array belongs to ``corpus.images[i]`` of the corpus stored inside, so a
+laptop needs only the store to train and evaluate.
+
+| node              | shape      | dtype           | chunking                                  |
+|-------------------|------------|-----------------|-------------------------------------------|
+| spatial           | (N, L, C)  | float16/float32 | inner chunk 1 image, shard S images       |
+| pooled            | (N, C)     | float32         | chunk S images (mean over the L regions)  |
+| status            | (N,)       | uint8           | chunk S: pending / done / failed          |
+| failure           | (N,)       | string          | chunk S: why an image failed, else ""     |
+| image_id, image_path, split | (N,) | string, string, uint8 (names in attrs) |            |
+| captions/text, captions/tokens, captions/image | (M,) | string, string, int32 |           |
+
+Safety rules: a writer owns whole shards (zarr rewrites a shard as a whole, so two writers on
+one shard would lose data); a shard's `status` chunk is written only after its features, so a
+killed run leaves every shard either fully done or pending; zarr writes each chunk file to a
+temporary name and renames it, so no file is ever half-written. Rows that are not done hold NaN,
+never zeros that could pass for features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from captioner import __version__
+from captioner.corpus import (
+    RESTVAL,
+    SPLITS,
+    UNASSIGNED,
+    CaptionRecord,
+    Corpus,
+    ImageRecord,
+    SkippedLine,
+)
+from captioner.encoder import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig
+from captioner.errors import CaptionerError
+
+SCHEMA_VERSION = 1
+STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
+STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_DONE: "done", STATUS_FAILED: "failed"}
+SPLIT_NAMES = (*SPLITS, RESTVAL, UNASSIGNED)
+DTYPES = ("float16", "float32")
+# Chosen by measurement (bench/extract.py, bench/RESULTS.md "extract" section).
+DEFAULT_IMAGES_PER_SHARD = 64
+DEFAULT_COMPRESSION = "zstd"
+COMPRESSIONS = ("none", "zstd", "blosc-lz4")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Everything that decides the stored numbers; a resumed run must match them exactly."""
+
+    encoder: EncoderConfig
+    weights_id: str
+    weights_checksum: str
+    grid: tuple[int, int]
+    channels: int
+    dtype: str = "float16"
+    images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
+    compression: str = DEFAULT_COMPRESSION
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise CaptionerError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.compression not in COMPRESSIONS:
+            raise CaptionerError(f"compression {self.compression!r} is not one of {COMPRESSIONS}")
+        if self.images_per_shard < 1:
+            raise CaptionerError(
+                f"images per shard must be at least 1, not {self.images_per_shard}"
+            )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["encoder"] = self.encoder.to_dict()
+        data["grid"] = list(self.grid)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> StoreSettings:
+        fields = dict(data)
+        fields["encoder"] = EncoderConfig.from_dict(fields["encoder"])
+        fields["grid"] = tuple(int(n) for n in fields["grid"])
+        return cls(**fields)
+
+
+def corpus_digest(corpus: Corpus) -> str:
+    """sha256 of the images (id, path, split) and captions: equal digests, equal corpora."""
+    digest = hashlib.sha256()
+    for image in corpus.images:
+        digest.update(json.dumps([image.id, image.path, image.split]).encode())
+    for caption in corpus.captions:
+        digest.update(json.dumps([caption.image, caption.raw, list(caption.tokens)]).encode())
+    return digest.hexdigest()
+
+
+def store_fingerprint(settings: StoreSettings, image_ids: list[str]) -> str:
+    """Stable hash of the encoder config, its weights checksum and the image ids (in row order):
+    a checkpoint trained on one store can tell whether another store holds the same features."""
+    payload = json.dumps(
+        [settings.encoder.to_dict(), settings.weights_checksum, image_ids], sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+class FeatureStore:
+    """Read access to a feature store (see the module docstring for the schema)."""
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = Path(path)
+        self._group = group
+        self.attrs: dict = dict(group.attrs)
+        self.settings = StoreSettings.from_dict(self.attrs["settings"])
+        self.num_images: int = int(group["status"].shape[0])
+        self.grid: tuple[int, int] = self.settings.grid
+        self.channels: int = self.settings.channels
+        self.dtype: str = self.settings.dtype
+        self.images_per_shard: int = self.settings.images_per_shard
+        self.encoder_config: EncoderConfig = self.settings.encoder
+        self.fingerprint: str = self.attrs["fingerprint"]
+
+    @classmethod
+    def open(cls, path: Path) -> FeatureStore:
+        """Open read-only; CaptionerError if `path` is not a complete feature store."""
+        path = Path(path)
+        try:
+            group = zarr.open_group(str(path), mode="r")
+            if group.attrs.get("schema_version") != SCHEMA_VERSION:
+                raise KeyError("schema_version")
+            return cls(path, group)
+        except (OSError, KeyError, ValueError, TypeError) as error:
+            reason = (
+                "not found" if not path.exists() else f"not a captioner feature store ({error})"
+            )
+            raise CaptionerError(f"{path}: {reason}") from None
+
+    def __reduce__(self):
+        # DataLoader workers may receive a store: send the path, not the open zarr handles.
+        return FeatureStore.open, (self.path,)
+
+    def image_ids(self) -> list[str]:
+        return self._group["image_id"][:].tolist()
+
+    def status(self) -> np.ndarray:
+        """(N,) uint8: STATUS_PENDING, STATUS_DONE or STATUS_FAILED per row."""
+        return np.asarray(self._group["status"][:], dtype=np.uint8)
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """Rows of that split whose features are done, ascending (empty for an unknown split)."""
+        names = self.attrs["split_names"]
+        if split not in names:
+            return np.zeros(0, dtype=np.int64)
+        codes = self._group["split"][:]
+        return np.flatnonzero((codes == names.index(split)) & (self.status() == STATUS_DONE))
+
+    def read_pooled(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """(n, C) float32 mean features of `rows` (all rows when None), in the order given."""
+        if rows is None:
+            return np.asarray(self._group["pooled"][:], dtype=np.float32)
+        return _read_rows(self._group["pooled"], rows)
+
+    def read_spatial(self, rows: np.ndarray) -> np.ndarray:
+        """(n, L, C) region features of `rows` in the stored dtype, in the order given.
+        Rows from few shards read fastest: reading whole shards is the efficient unit."""
+        return _read_rows(self._group["spatial"], rows)
+
+    def corpus(self) -> Corpus:
+        ids = self.image_ids()
+        paths = self._group["image_path"][:].tolist()
+        names = self.attrs["split_names"]
+        splits = [names[code] for code in self._group["split"][:].tolist()]
+        images = [ImageRecord(i, p, s) for i, p, s in zip(ids, paths, splits, strict=True)]
+        captions = [
+            CaptionRecord(int(image), text, tuple(tokens.split()))
+            for image, text, tokens in zip(
+                self._group["captions/image"][:].tolist(),
+                self._group["captions/text"][:].tolist(),
+                self._group["captions/tokens"][:].tolist(),
+                strict=True,
+            )
+        ]
+        skipped = [SkippedLine(*entry) for entry in self.attrs["corpus"]["skipped"]]
+        corpus = self.attrs["corpus"]
+        return Corpus(corpus["format"], list(corpus["sources"]), images, captions, skipped)
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(image id, reason) of every failed row, in row order."""
+        rows = np.flatnonzero(self.status() == STATUS_FAILED)
+        if len(rows) == 0:
+            return []
+        ids = self._group["image_id"][:]
+        reasons = _read_rows(self._group["failure"], rows)
+        return [(str(ids[row]), str(reason)) for row, reason in zip(rows, reasons, strict=True)]
+
+    def size_on_disk(self) -> int:
+        return directory_size(self.path)
+
+    def describe(self, max_failures: int = 20) -> str:
+        """A human-readable summary: shape, dtype, counts by status and split, size, provenance."""
+        status = self.status()
+        codes = self._group["split"][:]
+        names = self.attrs["split_names"]
+        height, width = self.grid
+        lines = [
+            f"store        {self.path}",
+            f"spatial      ({self.num_images}, {height * width}, {self.channels}) {self.dtype}"
+            f"  grid {height}x{width}, {self.images_per_shard} images per shard,"
+            f" {self.settings.compression}",
+            f"size on disk {format_bytes(self.size_on_disk())}",
+            "status       "
+            + ", ".join(
+                f"{name} {int((status == code).sum())}" for code, name in STATUS_NAMES.items()
+            ),
+            "splits       "
+            + ", ".join(
+                f"{name} {int((codes == code).sum())}"
+                f" ({int(((codes == code) & (status == STATUS_DONE)).sum())} done)"
+                for code, name in enumerate(names)
+                if (codes == code).any()
+            ),
+            f"captions     {self._group['captions/text'].shape[0]}",
+            f"encoder      {self.encoder_config.name} at {self.encoder_config.image_size} px,"
+            f" weights {self.settings.weights_id}"
+            f" (sha256 {self.settings.weights_checksum[:16]}...)",
+            f"fingerprint  {self.fingerprint}",
+            f"sources      {', '.join(self.attrs['corpus']['sources']) or '-'}",
+            f"created      {self.attrs['created_at']} with "
+            + ", ".join(f"{k} {v}" for k, v in self.attrs["versions"].items()),
+        ]
+        failures = self.failures()
+        if failures:
+            lines.append(f"failed images ({len(failures)}):")
+            lines += [f"  {image_id}: {reason}" for image_id, reason in failures[:max_failures]]
+            if len(failures) > max_failures:
+                lines.append(f"  ... and {len(failures) - max_failures} more")
+        return "\n".join(lines)
+
+
+class StoreWriter:
+    """Writes features shard by shard into a store made by `create_store`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        group = zarr.open_group(str(self.path), mode="r+")
+        self.settings = StoreSettings.from_dict(group.attrs["settings"])
+        self._spatial = group["spatial"]
+        self._pooled = group["pooled"]
+        self._failure = group["failure"]
+        self._status = group["status"]
+        self.num_images = int(self._status.shape[0])
+        self.images_per_shard = self.settings.images_per_shard
+        self.num_shards = -(-self.num_images // self.images_per_shard)
+
+    def shard_rows(self, shard: int) -> range:
+        start = shard * self.images_per_shard
+        return range(start, min(start + self.images_per_shard, self.num_images))
+
+    def pending_shards(self) -> list[int]:
+        """Shards with any pending row. Status flips per shard, so these are the unwritten ones."""
+        status = np.asarray(self._status[:])
+        return [
+            s for s in range(self.num_shards) if (status[self._slice(s)] == STATUS_PENDING).any()
+        ]
+
+    def write_shard(
+        self, shard: int, spatial: np.ndarray, pooled: np.ndarray, failures: Mapping[int, str]
+    ) -> None:
+        """Store one whole shard: `spatial` (n, L, C), `pooled` (n, C) and the failed rows' reasons
+        keyed by row number. Failed rows are stored as NaN whatever `spatial` holds for them."""
+        rows = self.shard_rows(shard)
+        spatial = np.array(spatial, dtype=self.settings.dtype)
+        pooled = np.array(pooled, dtype=np.float32)
+        reasons = np.full(len(rows), "", dtype=object)
+        status = np.full(len(rows), STATUS_DONE, dtype=np.uint8)
+        for row, reason in failures.items():
+            offset = rows.index(row)
+            spatial[offset] = np.nan
+            pooled[offset] = np.nan
+            reasons[offset] = reason
+            status[offset] = STATUS_FAILED
+        where = self._slice(shard)
+        self._spatial[where] = spatial
+        self._pooled[where] = pooled
+        self._failure[where] = reasons.astype(str)
+        self._status[where] = status  # last: marks the shard durable
+
+    def _slice(self, shard: int) -> slice:
+        rows = self.shard_rows(shard)
+        return slice(rows.start, rows.stop)
+
+
+def create_store(
+    path: Path,
+    corpus: Corpus,
+    settings: StoreSettings,
+    provenance: Mapping | None = None,
+    overwrite: bool = False,
+) -> StoreWriter:
+    """Create an empty store (every row pending) holding `corpus`, and return its writer.
+
+    The store is built under a temporary name and renamed into place, so a crash never leaves a
+    half-made store at `path`. An existing `path` is replaced only with `overwrite`.
+    """
+    path = Path(path)
+    if not corpus.images:
+        raise CaptionerError(f"{path}: the corpus has no images to store")
+    if path.exists() and not overwrite:
+        raise CaptionerError(f"{path}: already exists (pass --overwrite to replace it)")
+    building = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_empty_store(building, corpus, settings, dict(provenance or {}))
+        if path.exists():
+            old = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex[:8]}")
+            os.rename(path, old)
+            os.rename(building, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(building, path)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return StoreWriter(path)
+
+
+def _write_empty_store(
+    path: Path, corpus: Corpus, settings: StoreSettings, provenance: dict
+) -> None:
+    num_images, per_shard = len(corpus.images), settings.images_per_shard
+    regions = settings.grid[0] * settings.grid[1]
+    compressors = _compressors(settings.compression)
+    group = zarr.open_group(str(path), mode="w")
+
+    def array(name: str, shape: tuple, chunks: tuple, dtype, fill_value, **options) -> zarr.Array:
+        return group.create_array(
+            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value, **options
+        )
+
+    array(
+        "spatial",
+        (num_images, regions, settings.channels),
+        (1, regions, settings.channels),
+        settings.dtype,
+        np.nan,
+        shards=(per_shard, regions, settings.channels),
+        compressors=compressors,
+    )
+    array(
+        "pooled",
+        (num_images, settings.channels),
+        (per_shard, settings.channels),
+        "float32",
+        np.nan,
+        compressors=compressors,
+    )
+    array("status", (num_images,), (per_shard,), "uint8", STATUS_PENDING)
+    array("failure", (num_images,), (per_shard,), str, "")
+
+    split_names = list(SPLIT_NAMES) + sorted({i.split for i in corpus.images} - set(SPLIT_NAMES))
+    per_image = {
+        "image_id": (str, [image.id for image in corpus.images]),
+        "image_path": (str, [image.path for image in corpus.images]),
+        "split": ("uint8", [split_names.index(image.split) for image in corpus.images]),
+    }
+    captions = corpus.captions
+    per_caption = {
+        "captions/text": (str, [c.raw for c in captions]),
+        "captions/tokens": (str, [" ".join(c.tokens) for c in captions]),
+        "captions/image": ("int32", [c.image for c in captions]),
+    }
+    for name, (dtype, values) in {**per_image, **per_caption}.items():
+        length = len(values)
+        stored = array(name, (length,), (max(length, 1),), dtype, "" if dtype is str else 0)
+        if length:
+            stored[:] = np.array(values, dtype=str if dtype is str else dtype)
+
+    image_ids = [image.id for image in corpus.images]
+    group.attrs.update(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "settings": settings.to_dict(),
+            "fingerprint": store_fingerprint(settings, image_ids),
+            "split_names": split_names,
+            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "corpus": {
+                "format": corpus.format,
+                "sources": [str(source) for source in corpus.sources],
+                "sha256": corpus_digest(corpus),
+                "skipped": [[s.source, s.line, s.reason] for s in corpus.skipped],
+            },
+            "versions": _library_versions(),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            **provenance,
+        }
+    )
+
+
+def _compressors(name: str) -> tuple:
+    if name == "zstd":
+        return (ZstdCodec(level=3),)
+    if name == "blosc-lz4":
+        return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
+    return ()
+
+
+def _library_versions() -> dict:
+    import torch
+    import torchvision
+
+    return {
+        "captioner": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """Rows in the order given (duplicates allowed), each stored chunk read once."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return np.asarray(array.oindex[unique])[inverse]
+
+
+def remove_partial_files(path: Path) -> None:
+    """Delete the temporary files of a killed writer (zarr writes ``*.partial``, then renames)."""
+    for leftover in Path(path).rglob("*.partial"):
+        leftover.unlink(missing_ok=True)
+
+
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def format_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"

@@ -1,0 +1,76 @@
+"""The frozen encoder: shapes, seeded random weights, local weight files and refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from captioner.encoder import (
+    EncoderConfig,
+    RandomWeightsWarning,
+    build_encoder,
+    image_transform,
+)
+from captioner.errors import CaptionerError
+
+
+def test_tiny_encoder_is_frozen_seeded_and_shaped_like_a_resnet():
+    config = EncoderConfig("tiny", "none", 128)
+    encoder = build_encoder(config)
+    assert encoder.grid == (4, 4) and encoder.channels == 64
+    assert not encoder.training
+    assert all(not p.requires_grad for p in encoder.parameters())
+    images = torch.randn(3, 3, 128, 128)
+    features = encoder(images)
+    assert features.shape == (3, 16, 64) and features.dtype == torch.float32
+    encoder.train()
+    assert not encoder.training  # stays frozen
+    again = build_encoder(config)
+    assert again.weights_checksum == encoder.weights_checksum
+    assert torch.equal(again(images), features)
+    # row r of the regions is grid cell (r // W, r % W) of the CNN's map
+    maps = encoder.backbone(images)
+    assert torch.equal(features[:, 5], maps[:, :, 1, 1])
+
+
+def test_config_round_trips_through_a_dict():
+    config = EncoderConfig("resnet50", "/tmp/w.pt", 224)
+    assert EncoderConfig.from_dict(config.to_dict()) == config
+
+
+def test_resnet152_at_448_px_gives_14x14x2048(tmp_path):
+    Image.new("RGB", (500, 375), (90, 120, 200)).save(tmp_path / "one.jpg")
+    config = EncoderConfig("resnet152", "none", 448)
+    with pytest.warns(RandomWeightsWarning, match="RANDOM weights"):
+        encoder = build_encoder(config)
+    image = image_transform(config)(Image.open(tmp_path / "one.jpg").convert("RGB"))
+    with torch.inference_mode():
+        features = encoder(image[None])
+    assert (encoder.grid, encoder.channels) == ((14, 14), 2048)
+    assert features.shape == (1, 14 * 14, 2048)
+
+
+def test_local_weights_file_is_loaded_and_identified(tmp_path):
+    source = build_encoder(EncoderConfig("tiny", "none", 64))
+    state = {key: value + 1 for key, value in source.backbone.state_dict().items()}
+    torch.save(state, tmp_path / "tiny.pt")
+    loaded = build_encoder(EncoderConfig("tiny", str(tmp_path / "tiny.pt"), 64))
+    assert torch.equal(loaded.backbone[0].weight, state["0.weight"])
+    assert loaded.weights_checksum != source.weights_checksum
+    assert loaded.weights_id.startswith("file:tiny.pt:")
+
+
+def test_bad_requests_are_refused_with_a_clear_message(tmp_path):
+    with pytest.raises(CaptionerError, match="unknown encoder"):
+        build_encoder(EncoderConfig("vgg", "none", 64))
+    with pytest.raises(CaptionerError, match="no ImageNet weights"):
+        build_encoder(EncoderConfig("tiny", "imagenet", 64))
+    with pytest.raises(CaptionerError, match="weights file not found"):
+        build_encoder(EncoderConfig("tiny", str(tmp_path / "nope.pt"), 64))
+    (tmp_path / "junk.pt").write_text("junk")
+    with pytest.raises(CaptionerError, match="not a PyTorch state dict"):
+        build_encoder(EncoderConfig("tiny", str(tmp_path / "junk.pt"), 64))
+    torch.save({"other.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CaptionerError, match="does not fit encoder tiny"):
+        build_encoder(EncoderConfig("tiny", str(tmp_path / "other.pt"), 64))
