@@ -1,0 +1,355 @@
+"""Phase-2 data: batches of images with their captions, read from a feature store.
+
+A batch is a group of IMAGES with some or all of their captions: each image's features are read
+once and shared by its captions through `image_index`. The features are held one of three ways:
+
+- pooled vectors (show-tell): read into RAM at start (all of COCO is 1 GB);
+- spatial maps with `preload`: this rank's part of the split read into RAM at start;
+- spatial maps streamed: whole shards (the store's efficient unit) are read a window of
+  `window_shards` at a time; the shard order and the images within a window are shuffled, so the
+  memory held is a few shards however large the store is.
+
+The order of an epoch is a pure function of (seed, epoch, rank), fixed before any feature is read.
+That is what lets a killed run resume at batch k of an epoch and see exactly the batches an
+uninterrupted run would have seen. Shards are read by `workers` threads and batches are assembled
+`prefetch` steps ahead in a background thread, so the training step does not wait for data.
+Under DistributedDataParallel each rank reads its own disjoint part of the store (images for the
+in-RAM modes, whole shards for streaming) and every rank runs the same number of batches.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from captioner.corpus import Corpus
+from captioner.store import FeatureStore
+from captioner.text import PAD_ID, Vocabulary
+
+T = TypeVar("T")
+R = TypeVar("R")
+_NO_POSITIONS = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class EncodedCaptions:
+    """The captions of a list of images as padded token ids, grouped by image.
+
+    The captions of image i (in the order the images were given) are rows
+    ``first[i]:first[i + 1]`` of `tokens`.
+    """
+
+    tokens: np.ndarray  # (M, T) int64: <start> w.. <end>, then PAD_ID
+    lengths: np.ndarray  # (M,) int64, start and end included
+    first: np.ndarray  # (n_images + 1,) int64
+
+    def count(self, image: int) -> int:
+        return int(self.first[image + 1] - self.first[image])
+
+
+def encode_captions(
+    corpus: Corpus, vocabulary: Vocabulary, images: Sequence[int], max_length: int
+) -> EncodedCaptions:
+    """Encode the captions of `images` (indices into corpus.images), at most `max_length` words."""
+    by_image = corpus.captions_by_image()
+    encoded = [
+        vocabulary.encode(corpus.captions[c].tokens, max_length)
+        for i in images
+        for c in by_image[i]
+    ]
+    counts = [len(by_image[i]) for i in images]
+    lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+    tokens = np.full((len(encoded), int(lengths.max(initial=2))), PAD_ID, dtype=np.int64)
+    for j, ids in enumerate(encoded):
+        tokens[j, : len(ids)] = ids
+    first = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    return EncodedCaptions(tokens, lengths, first)
+
+
+@dataclass
+class Batch:
+    rows: np.ndarray  # (B_img,) store rows of the images
+    features: torch.Tensor  # (B_img, C) pooled or (B_img, L, C) spatial
+    image_index: torch.Tensor  # (B_cap,) row of `features` that each caption describes
+    captions: torch.Tensor  # (B_cap, T) int64, padded with PAD_ID
+    lengths: torch.Tensor  # (B_cap,) int64, start and end included
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    def to(self, device: torch.device) -> Batch:
+        non_blocking = device.type == "cuda"
+        move = [
+            t.to(device, non_blocking=non_blocking)
+            for t in (self.features, self.image_index, self.captions, self.lengths)
+        ]
+        return Batch(self.rows, *move)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    kind: str  # "pooled" | "spatial": the decoder's feature_kind
+    batch_size: int = 32  # captions per batch: a batch holds batch_size // k whole images
+    captions_per_image: int = 0  # k captions drawn per image each epoch; 0 = all of them
+    shuffle: bool = True
+    preload: bool = False  # hold spatial maps in RAM instead of streaming shards
+    window_shards: int = 4  # shards shuffled together when streaming
+    workers: int = 2  # shard-reading threads; 0 = no background threads at all
+    prefetch: int = 4  # batches assembled ahead of the consumer
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    dtype: torch.dtype = torch.float32  # of Batch.features
+    pin_memory: bool = False
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    batches: list[np.ndarray]  # positions (indices into the stream's rows) of each batch
+    reads: list[np.ndarray]  # positions of each shard, in the order streaming reads them
+
+
+class FeatureStream:
+    """Batches over the images `rows` of `store`, whose captions are `captions` (same order)."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        rows: np.ndarray,
+        captions: EncodedCaptions,
+        config: StreamConfig,
+    ) -> None:
+        if config.kind not in ("pooled", "spatial"):
+            raise ValueError(f"unknown feature kind {config.kind!r}")
+        self.store = store
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.captions = captions
+        self.config = config
+        self.in_ram = config.kind == "pooled" or config.preload
+        self.peak_streamed_rows = 0  # most rows read from shards and not yet handed out
+        self._streamed_rows = 0
+        self._lock = threading.Lock()
+
+        counts = np.diff(captions.first)
+        usable = np.flatnonzero(counts > 0)  # an image without captions teaches nothing
+        per_image = config.captions_per_image or max(1, round(float(counts[usable].mean())))
+        self.images_per_batch = max(1, config.batch_size // per_image)
+        rank, world = config.rank, config.world_size
+        if self.in_ram:
+            parts = [usable[r::world] for r in range(world)]
+            self._positions = parts[rank]
+            self._shards: list[np.ndarray] = []
+        else:
+            shard_of = self.rows[usable] // store.images_per_shard
+            groups = [usable[shard_of == s] for s in np.unique(shard_of)]
+            parts = [np.concatenate(groups[r::world] or [_NO_POSITIONS]) for r in range(world)]
+            self._shards = groups[rank::world]
+            self._positions = parts[rank]
+        # Every rank runs the same number of steps (DDP would hang otherwise); the few images a
+        # larger part has beyond that are the last of its epoch order, which changes every epoch.
+        self.num_batches = min(math.ceil(len(part) / self.images_per_batch) for part in parts)
+        self._ram_slot = np.full(len(self.rows), -1, dtype=np.int64)  # position -> RAM row
+        self._ram_features = self._load_into_ram() if self.in_ram else None
+
+    # ---- the epoch order (no feature is read here) ----
+
+    def plan(self, epoch: int) -> EpochPlan:
+        rng = np.random.default_rng([self.config.seed, epoch, self.config.rank])
+        shuffle = self.config.shuffle
+        if self.in_ram:
+            order = rng.permutation(self._positions) if shuffle else self._positions
+            reads: list[np.ndarray] = []
+        else:
+            shard_order = (
+                rng.permutation(len(self._shards)) if shuffle else range(len(self._shards))
+            )
+            reads = [self._shards[s] for s in shard_order]
+            windows = [
+                np.concatenate(reads[w : w + self.config.window_shards])
+                for w in range(0, len(reads), self.config.window_shards)
+            ]
+            order = np.concatenate(
+                [rng.permutation(w) if shuffle else w for w in windows] or [_NO_POSITIONS]
+            )
+        size = self.images_per_batch
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        return EpochPlan(batches[: self.num_batches], reads)
+
+    def num_captions(self, epoch: int) -> int:
+        positions = np.concatenate(self.plan(epoch).batches or [_NO_POSITIONS])
+        counts = np.diff(self.captions.first)[positions]
+        k = self.config.captions_per_image
+        return int(np.minimum(counts, k).sum() if k else counts.sum())
+
+    # ---- iteration ----
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """The batches of `epoch` from batch `start_batch` on (what a resumed run still needs)."""
+        plan = self.plan(epoch)
+        if self.in_ram:
+            produced = self._batches_from_ram(plan, epoch, start_batch)
+        else:
+            produced = self._batches_from_shards(plan, epoch, start_batch)
+        if self.config.workers > 0:
+            produced = _in_background(produced, self.config.prefetch)
+        for batch in produced:
+            if not self.in_ram:
+                self._count_streamed(-len(batch.rows))
+            yield batch
+
+    def _batches_from_ram(self, plan: EpochPlan, epoch: int, start: int) -> Iterator[Batch]:
+        for index in range(start, len(plan.batches)):
+            positions = plan.batches[index]
+            yield self._assemble(
+                positions, self._ram_features[self._ram_slot[positions]], epoch, index
+            )
+
+    def _batches_from_shards(self, plan: EpochPlan, epoch: int, start: int) -> Iterator[Batch]:
+        needed = np.zeros(len(self.rows), dtype=bool)
+        for positions in plan.batches[start:]:
+            needed[positions] = True
+        reads = [group[needed[group]] for group in plan.reads]
+        reads = [group for group in reads if len(group)]
+        loaded = _ordered_map(self._read_shard, reads, self.config.workers)
+        held: dict[int, np.ndarray] = {}  # position -> spatial map, read but not yet batched
+        try:
+            for index in range(start, len(plan.batches)):
+                positions = plan.batches[index]
+                while any(p not in held for p in positions):
+                    group, features = next(loaded)
+                    held.update(zip(group.tolist(), features, strict=True))
+                features = np.stack([held.pop(p) for p in positions.tolist()])
+                yield self._assemble(positions, features, epoch, index)
+        finally:
+            loaded.close()
+
+    def _read_shard(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        features = self.store.read_spatial(self.rows[positions])
+        self._count_streamed(len(positions))
+        return positions, features
+
+    def _count_streamed(self, change: int) -> None:
+        with self._lock:
+            self._streamed_rows += change
+            self.peak_streamed_rows = max(self.peak_streamed_rows, self._streamed_rows)
+
+    def _assemble(
+        self, positions: np.ndarray, features: np.ndarray, epoch: int, index: int
+    ) -> Batch:
+        """One batch: the images' features and their chosen captions, padded to the longest."""
+        k = self.config.captions_per_image
+        rng = np.random.default_rng([self.config.seed, epoch, self.config.rank, index])
+        chosen = []
+        for position in positions:
+            ids = np.arange(self.captions.first[position], self.captions.first[position + 1])
+            if k and len(ids) > k:
+                ids = np.sort(rng.choice(ids, k, replace=False)) if self.config.shuffle else ids[:k]
+            chosen.append(ids)
+        image_index = np.repeat(np.arange(len(positions)), [len(ids) for ids in chosen])
+        chosen = np.concatenate(chosen)
+        lengths = self.captions.lengths[chosen]
+        tokens = self.captions.tokens[chosen, : lengths.max()]
+        features = torch.from_numpy(np.ascontiguousarray(features)).to(self.config.dtype)
+        if self.config.pin_memory:
+            features = features.pin_memory()
+        return Batch(
+            rows=self.rows[positions],
+            features=features,
+            image_index=torch.from_numpy(image_index),
+            captions=torch.from_numpy(tokens),
+            lengths=torch.from_numpy(lengths),
+        )
+
+    def _load_into_ram(self) -> np.ndarray:
+        """This rank's features: pooled vectors, or (preload) spatial maps read shard by shard."""
+        positions = np.sort(self._positions)
+        self._ram_slot[positions] = np.arange(len(positions))
+        rows = self.rows[positions]
+        if self.config.kind == "pooled":
+            return self.store.read_pooled(rows)
+        features = np.empty(
+            (len(rows), self.store.grid[0] * self.store.grid[1], self.store.channels),
+            dtype=self.store.dtype,
+        )
+        shard_of = rows // self.store.images_per_shard
+        for shard in np.unique(shard_of):
+            in_shard = np.flatnonzero(shard_of == shard)
+            features[in_shard] = self.store.read_spatial(rows[in_shard])
+        return features
+
+
+def _ordered_map(function: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """`map(function, items)` with up to `workers` calls running ahead in threads, in order."""
+    if workers <= 0:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) >= workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _in_background(items: Iterator[T], depth: int) -> Iterator[T]:
+    """Run the iterator `items` in a thread up to `depth` items ahead; its errors re-raise here."""
+    out: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    finished = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(finished)
+        except BaseException as error:  # noqa: B036 - handed to the consumer thread
+            put(_Failure(error))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="feature-stream", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is finished:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,165 @@
+"""The phase-2 data stream: coverage, shared feature reads, bounded memory, determinism, ranks."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from factories import make_store
+
+from captioner.batches import FeatureStream, StreamConfig, encode_captions
+from captioner.store import FeatureStore
+from captioner.text import PAD_ID, Vocabulary
+
+
+class CountingStore:
+    """A FeatureStore that counts the rows each read_spatial call asks for."""
+
+    def __init__(self, store: FeatureStore) -> None:
+        self._store = store
+        self.spatial_reads: list[np.ndarray] = []
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def read_spatial(self, rows):
+        self.spatial_reads.append(np.asarray(rows))
+        return self._store.read_spatial(rows)
+
+
+def open_stream(path, split="train", **options):
+    store = CountingStore(FeatureStore.open(path))
+    corpus = store.corpus()
+    vocabulary = Vocabulary.build(corpus.tokens_of_split("train"), min_count=1)
+    rows = store.split_indices(split)
+    captions = encode_captions(corpus, vocabulary, rows.tolist(), max_length=20)
+    config = StreamConfig(kind=options.pop("kind", "spatial"), **options)
+    return FeatureStream(store, rows, captions, config), store, corpus, vocabulary
+
+
+def caption_texts(batch, vocabulary):
+    return [" ".join(vocabulary.decode(row.tolist())) for row in batch.captions]
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    # 40 images, 4 per shard, 3 captions each; train = the first 20 rows (5 shards).
+    return make_store(
+        tmp_path_factory.mktemp("batches") / "store.zarr", images=40, images_per_shard=4,
+        split_fractions=(0.5, 0.25, 0.25),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [dict(kind="pooled"), dict(kind="spatial"), dict(kind="spatial", preload=True)],
+    ids=["pooled", "spatial-streamed", "spatial-preloaded"],
+)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_caption_once_per_epoch_with_its_own_image_features(store_path, mode, workers):
+    stream, store, corpus, vocabulary = open_stream(
+        store_path, batch_size=7, window_shards=2, workers=workers, **mode
+    )
+    train = [c for c in corpus.captions if corpus.images[c.image].split == "train"]
+    expected = Counter((c.image, " ".join(c.tokens)) for c in train)
+    seen = Counter()
+    batches = list(stream.epoch(0))
+    assert len(batches) == stream.num_batches > 1
+    for batch in batches:
+        assert len(set(batch.rows.tolist())) == len(batch.rows)  # one feature row per image
+        assert batch.features.dtype == torch.float32
+        for caption_row, text in zip(
+            batch.image_index.tolist(), caption_texts(batch, vocabulary), strict=True
+        ):
+            seen[(int(batch.rows[caption_row]), text)] += 1
+        stored = (
+            store.read_pooled(batch.rows) if mode["kind"] == "pooled"
+            else store._store.read_spatial(batch.rows)
+        )  # fmt: skip
+        np.testing.assert_allclose(batch.features.numpy(), stored.astype(np.float32))
+        # lengths count start and end; everything past them is padding
+        assert batch.captions.shape[1] == int(batch.lengths.max())
+        for caption, length in zip(batch.captions, batch.lengths, strict=True):
+            assert (caption[length:] == PAD_ID).all() and (caption[:length] != PAD_ID).all()
+    assert seen == expected
+    assert sum(b.num_captions for b in batches) == stream.num_captions(0)
+
+
+def test_streaming_reads_each_image_once_in_whole_shards(store_path):
+    stream, store, _, _ = open_stream(store_path, batch_size=6, window_shards=2, workers=2)
+    list(stream.epoch(3))
+    read_rows = np.concatenate(store.spatial_reads)
+    assert sorted(read_rows.tolist()) == sorted(stream.rows.tolist())  # every image once
+    for rows in store.spatial_reads:  # each read is one whole shard
+        assert len(set((rows // store.images_per_shard).tolist())) == 1
+        assert len(rows) == store.images_per_shard
+
+
+def test_memory_held_while_streaming_does_not_grow_with_the_store(tmp_path):
+    peaks = {}
+    for images in (48, 192):
+        path = make_store(tmp_path / f"s{images}.zarr", images=images, images_per_shard=4,
+                          split_fractions=(1, 0, 0))  # fmt: skip
+        stream, _, _, _ = open_stream(path, batch_size=6, window_shards=2, workers=2, prefetch=2)
+        assert len(list(stream.epoch(0))) == stream.num_batches
+        peaks[images] = stream.peak_streamed_rows
+    # window (2 shards) + reads in flight (2 shards) + queued batches (2 x 2 images) + one batch
+    bound = (2 + 2) * 4 + 3 * 2
+    assert 0 < peaks[48] <= bound and 0 < peaks[192] <= bound
+
+
+def test_epoch_order_is_seeded_and_a_resumed_epoch_continues_it(store_path):
+    def order(stream, epoch, start=0):
+        return [b.rows.tolist() + caption_texts(b, vocabulary) for b in stream.epoch(epoch, start)]
+
+    first, _, _, vocabulary = open_stream(store_path, batch_size=6, seed=5, workers=2)
+    again, _, _, _ = open_stream(store_path, batch_size=6, seed=5, workers=0)
+    assert order(first, 2) == order(again, 2)
+    assert order(first, 2) != order(first, 3)
+    assert order(first, 2)[3:] == order(again, 2, start=3)
+    other_seed, _, _, _ = open_stream(store_path, batch_size=6, seed=6, workers=2)
+    assert order(first, 2) != order(other_seed, 2)
+
+
+def test_captions_per_image_draws_k_captions_and_changes_them_by_epoch(store_path):
+    stream, _, _, vocabulary = open_stream(
+        store_path, kind="pooled", batch_size=8, captions_per_image=2
+    )
+    assert stream.images_per_batch == 4
+    drawn = {}
+    for epoch in (0, 1):
+        for batch in stream.epoch(epoch):
+            assert np.bincount(batch.image_index.numpy()).tolist() == [2] * len(batch.rows)
+            for row, text in zip(
+                batch.image_index.tolist(), caption_texts(batch, vocabulary), strict=True
+            ):
+                drawn.setdefault(epoch, set()).add((int(batch.rows[row]), text))
+    assert drawn[0] != drawn[1]
+
+
+@pytest.mark.parametrize("mode", [dict(kind="pooled"), dict(kind="spatial")])
+def test_ranks_read_disjoint_parts_and_run_the_same_number_of_batches(store_path, mode):
+    parts = []
+    for rank in (0, 1):
+        stream, store, _, _ = open_stream(
+            store_path, batch_size=3, world_size=2, rank=rank, window_shards=1, **mode
+        )
+        batches = list(stream.epoch(0))
+        parts.append({row for b in batches for row in b.rows.tolist()})
+        assert len(batches) == stream.num_batches
+        if mode["kind"] == "spatial":
+            assert {int(r) for rows in store.spatial_reads for r in rows} == parts[-1]
+    assert parts[0] and parts[1] and not parts[0] & parts[1]
+
+
+def test_a_read_error_in_the_background_reaches_the_consumer(store_path):
+    stream, store, _, _ = open_stream(store_path, batch_size=6, workers=2)
+
+    def broken(rows):
+        raise OSError("disk gone")
+
+    store.read_spatial = broken
+    with pytest.raises(OSError, match="disk gone"):
+        list(stream.epoch(0))
