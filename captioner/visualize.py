@@ -1,0 +1,112 @@
+"""Pictures for people: where the attention model looked for each word, and how training went.
+
+Figures are drawn with matplotlib's Agg canvas directly (no pyplot, so no global figure state and
+no display needed) and written atomically, so a viewer never sees a half-written PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+
+DPI = 100
+PANEL_INCHES = 2.0  # one word's panel: 200 x 200 pixels
+MAX_COLUMNS = 5
+IMAGE_SIDE = 224  # the picture is shrunk to at most this many pixels a side before drawing
+
+
+def save_attention_figure(
+    path: Path,
+    words: Sequence[str],
+    alphas: np.ndarray,
+    grid: tuple[int, int],
+    image: Image.Image | None = None,
+) -> None:
+    """One PNG: a panel per word, titled with the word, showing its attention weights.
+
+    `alphas` (len(words), H*W) are the weights over the `grid` (H, W) regions. With `image`,
+    each panel is the image with the grid upsampled over it as a heatmap; without, the grid
+    itself as a heatmap. An empty caption gives one panel saying so.
+    """
+    height, width = grid
+    alphas = np.asarray(alphas, dtype=np.float32)
+    if alphas.shape != (len(words), height * width):
+        raise ValueError(
+            f"alphas of shape {alphas.shape} do not match {len(words)} words on a {grid} grid"
+        )
+    panels = list(zip(words, alphas.reshape(-1, height, width), strict=True))
+    if not panels:
+        panels = [("(empty caption)", None)]
+    picture = _shrunk(image) if image is not None else None
+
+    columns = min(MAX_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(columns * PANEL_INCHES, rows * PANEL_INCHES), dpi=DPI)
+    for number, (word, alpha) in enumerate(panels, start=1):
+        axes = figure.add_subplot(rows, columns, number)
+        axes.set_title(word, fontsize=10)
+        axes.axis("off")
+        if picture is not None:
+            axes.imshow(picture)
+            if alpha is not None:
+                # A spotlight, as in the paper's figures: unattended regions fade to black.
+                axes.imshow(_upsampled(alpha, picture.size), cmap="gray", alpha=0.7)
+        elif alpha is not None:
+            axes.imshow(alpha, cmap="inferno", interpolation="nearest")
+    _save(figure, path)
+
+
+def save_training_curves(path: Path, rows: Sequence[dict]) -> None:
+    """One PNG with train/val loss and val BLEU-4 per epoch, from metrics rows with the keys
+    "epoch", "train_loss", "val_loss", "val_bleu4" (a missing value is left out of its curve)."""
+    figure = Figure(figsize=(10, 4), dpi=DPI)
+    loss_axes, bleu_axes = figure.subplots(1, 2)
+    for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
+        loss_axes.plot(*_series(rows, key), marker="o", label=label)
+    loss_axes.set(xlabel="epoch", ylabel="loss per token", title="Loss")
+    loss_axes.legend()
+    bleu_axes.plot(*_series(rows, "val_bleu4"), marker="o", color="tab:green")
+    bleu_axes.set(xlabel="epoch", ylabel="BLEU-4", title="Validation BLEU-4 (greedy)")
+    for axes in (loss_axes, bleu_axes):
+        axes.grid(alpha=0.3)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def _series(rows: Sequence[dict], key: str) -> tuple[list, list]:
+    points = [(row["epoch"], row[key]) for row in rows if row.get(key) is not None]
+    points = [(epoch, value) for epoch, value in points if math.isfinite(value)]
+    return [epoch for epoch, _ in points], [value for _, value in points]
+
+
+def _shrunk(image: Image.Image) -> Image.Image:
+    picture = image.convert("RGB")
+    picture.thumbnail((IMAGE_SIDE, IMAGE_SIDE))
+    return picture
+
+
+def _upsampled(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The (H, W) grid stretched smoothly over a picture of `size` (width, height). The encoder
+    resizes images to a square, so the grid spans the whole picture whatever its aspect."""
+    return np.asarray(Image.fromarray(alpha).resize(size, Image.Resampling.BILINEAR))
+
+
+def _save(figure: Figure, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    FigureCanvasAgg(figure)
+    try:
+        figure.savefig(temporary, format="png")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -1,0 +1,80 @@
+"""The figures are real PNGs of the expected size, and the heatmaps follow the attention."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.visualize import save_attention_figure, save_training_curves
+
+GRID = (3, 4)
+
+
+def one_hot_alphas(count: int, region: int = 0) -> np.ndarray:
+    alphas = np.full((count, GRID[0] * GRID[1]), 0.01, dtype=np.float32)
+    alphas[:, region] = 1.0
+    return alphas / alphas.sum(1, keepdims=True)
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        return np.asarray(png.convert("RGB"))
+
+
+def test_attention_over_an_image(tmp_path):
+    words = ["a", "red", "ball", "on", "the", "green", "grass"]
+    image = Image.new("RGB", (64, 48), (30, 140, 60))
+    path = tmp_path / "attention" / "sample.png"
+    save_attention_figure(path, words, one_hot_alphas(len(words)), GRID, image)
+    drawn = pixels(path)
+    assert drawn.shape == (2 * 200, 5 * 200, 3)  # 7 words: 5 columns, 2 rows of 200 px panels
+    assert len(np.unique(drawn.reshape(-1, 3), axis=0)) > 50  # image, heatmap, titles
+    assert os.listdir(path.parent) == ["sample.png"]  # no temporary file left
+
+
+def test_attention_grid_without_image_follows_the_weights(tmp_path):
+    left, right = tmp_path / "left.png", tmp_path / "right.png"
+    save_attention_figure(left, ["dog", "runs"], one_hot_alphas(2, region=0), GRID, None)
+    save_attention_figure(right, ["dog", "runs"], one_hot_alphas(2, region=11), GRID, None)
+    assert pixels(left).shape == (200, 400, 3)
+    # Region 0 is the grid's top-left cell, region 11 its bottom-right one: the bright cell moves.
+    (left_y, left_x), (right_y, right_x) = bright_centre(left), bright_centre(right)
+    assert left_x < right_x and left_y < right_y
+
+
+def bright_centre(path) -> tuple[float, float]:
+    """Centre of the heatmap's brightest colour (inferno's pale yellow, not the white background)
+    in the first panel."""
+    panel = pixels(path)[:, :200].astype(int)
+    bright = (panel.sum(2) > 600) & (panel[:, :, 2] < 200)
+    rows, columns = np.nonzero(bright)
+    assert len(rows) > 100
+    return rows.mean(), columns.mean()
+
+
+def test_empty_caption_still_gives_a_figure(tmp_path):
+    path = tmp_path / "empty.png"
+    save_attention_figure(path, [], np.zeros((0, 12), dtype=np.float32), GRID, None)
+    assert pixels(path).shape == (200, 200, 3)
+
+
+def test_alphas_must_match_words_and_grid(tmp_path):
+    with pytest.raises(ValueError, match="do not match 2 words"):
+        save_attention_figure(tmp_path / "bad.png", ["a", "b"], np.zeros((2, 5)), GRID, None)
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_training_curves(tmp_path):
+    rows = [
+        {"epoch": 1, "train_loss": 4.1, "val_loss": 3.9, "val_bleu4": 0.05},
+        {"epoch": 2, "train_loss": 3.2, "val_loss": 3.3, "val_bleu4": 0.11},
+        {"epoch": 3, "train_loss": 2.8, "val_loss": 3.1},  # a row without BLEU-4 is drawn too
+    ]
+    path = tmp_path / "curves.png"
+    save_training_curves(path, rows)
+    drawn = pixels(path)
+    assert drawn.shape == (400, 1000, 3)
+    save_training_curves(path, rows[:1])  # overwritten in place, one epoch is enough
+    assert not np.array_equal(pixels(path), drawn)
