@@ -192,9 +192,16 @@ class FeatureStore:
                 strict=True,
             )
         ]
-        skipped = [SkippedLine(*entry) for entry in self.attrs["corpus"]["skipped"]]
-        corpus = self.attrs["corpus"]
-        return Corpus(corpus["format"], list(corpus["sources"]), images, captions, skipped)
+        stored = self.attrs["corpus"]
+        skipped = [SkippedLine(*entry) for entry in stored["skipped"]]
+        return Corpus(
+            stored["format"],
+            list(stored["sources"]),
+            images,
+            captions,
+            skipped,
+            stored["split_rule"],
+        )
 
     def failures(self) -> list[tuple[str, str]]:
         """(image id, reason) of every failed row, in row order."""
@@ -399,6 +406,7 @@ def _write_empty_store(
                 "sources": [str(source) for source in corpus.sources],
                 "sha256": corpus_digest(corpus),
                 "skipped": [[s.source, s.line, s.reason] for s in corpus.skipped],
+                "split_rule": corpus.split_rule,
             },
             "versions": _library_versions(),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

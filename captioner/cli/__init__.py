@@ -33,6 +33,10 @@ def _register() -> None:
     from captioner.cli.demo_commands import synth
 
     main.add_command(synth)
+    from captioner.cli.extract_commands import extract, features
+
+    main.add_command(extract)
+    main.add_command(features)
 
 
 _register()

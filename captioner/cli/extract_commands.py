@@ -1,0 +1,131 @@
+"""`captioner extract` (phase 1) and `captioner features info`."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import click
+
+from captioner.encoder import ENCODER_NAMES, EncoderConfig, RandomWeightsWarning
+from captioner.errors import CaptionerError
+from captioner.extract import DEVICES, ExtractConfig, extract_features
+from captioner.readers import FORMATS
+from captioner.store import DEFAULT_IMAGES_PER_SHARD, DTYPES, FeatureStore
+
+
+@click.command("extract")
+@click.option(
+    "--captions",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Caption file (repeat for datasets split over several files).",
+)
+@click.option("--images", required=True, type=click.Path(path_type=Path), help="Image folder.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Store (STORE.zarr).")
+@click.option("--format", "format_", type=click.Choice(FORMATS), help="Skip format detection.")
+@click.option(
+    "--splits",
+    "splits_dir",
+    type=click.Path(path_type=Path),
+    help="Folder with Flickr split files (*trainImages.txt, ...); they decide every split.",
+)
+@click.option("--keep-restval", is_flag=True, help="Keep Karpathy's restval apart from train.")
+@click.option("--encoder", default="resnet152", show_default=True, type=click.Choice(ENCODER_NAMES))
+@click.option(
+    "--weights",
+    default="imagenet",
+    show_default=True,
+    help="imagenet (torchvision's weights, downloaded once), none (random: meaningless "
+    "captions, for trials) or PATH to a local state dict.",
+)
+@click.option(
+    "--image-size",
+    default=448,
+    show_default=True,
+    type=click.IntRange(min=32),
+    help="Pictures are resized to this square; 448 gives ResNets a 14x14 grid.",
+)
+@click.option("--gpu", is_flag=True, help="Shorthand for --device cuda.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--workers",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="DataLoader processes that decode and resize pictures.",
+)
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(DTYPES))
+@click.option(
+    "--images-per-shard",
+    default=DEFAULT_IMAGES_PER_SHARD,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per shard file: the unit of writing, resuming and fast reading.",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N images (trials).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store made differently.")
+def extract(
+    captions: tuple[Path, ...],
+    images: Path,
+    out: Path,
+    format_: str | None,
+    splits_dir: Path | None,
+    keep_restval: bool,
+    encoder: str,
+    weights: str,
+    image_size: int,
+    gpu: bool,
+    device: str,
+    batch_size: int,
+    workers: int,
+    dtype: str,
+    images_per_shard: int,
+    limit: int | None,
+    overwrite: bool,
+) -> None:
+    """Run a frozen CNN over the images of a caption dataset into a feature store.
+
+    Interrupted runs resume where they stopped when the same command is run again. Under
+    `torchrun --nproc_per_node=K` the ranks share the work.
+    """
+    if gpu:
+        if device not in ("auto", "cuda"):
+            raise CaptionerError(f"--gpu contradicts --device {device}")
+        device = "cuda"
+    config = ExtractConfig(
+        captions=list(captions),
+        images=images,
+        out=out,
+        encoder=EncoderConfig(encoder, weights, image_size),
+        format=format_,
+        splits_dir=splits_dir,
+        keep_restval=keep_restval,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        dtype=dtype,
+        images_per_shard=images_per_shard,
+        limit=limit,
+        overwrite=overwrite,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RandomWeightsWarning)
+        summary = extract_features(config, progress=True)
+    if summary.is_main_process:
+        click.echo(summary.describe())
+
+
+@click.group("features")
+def features() -> None:
+    """Look into feature stores."""
+
+
+@features.command("info")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--failures", default=20, show_default=True, help="How many failed images to list.")
+def info(store: Path, failures: int) -> None:
+    """Summarize STORE: shape, dtype, counts by status and split, size on disk, provenance."""
+    click.echo(FeatureStore.open(store).describe(max_failures=failures))

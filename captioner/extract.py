@@ -1,0 +1,417 @@
+"""Phase 1: run the frozen CNN once over a dataset and fill a feature store, resumably.
+
+The pipeline: DataLoader workers decode and resize pictures; the main thread only moves batches
+to the device and runs the CNN; a background thread assembles whole shards and writes them, so
+compression and disk writes never stall the accelerator.
+
+Work is cut along shard boundaries, and batches never straddle a shard. That makes three things
+exact: a shard is written by exactly one process (torchrun ranks take shards round-robin), a run
+killed at any moment resumes by redoing only the shards whose status is still pending, and the
+resumed (or distributed) store equals an uninterrupted single-process one, because every image
+is computed in the same batch as it would have been.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from captioner.corpus import Corpus, read_corpus
+from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
+from captioner.errors import CaptionerError
+from captioner.images import ImageDataset, collate_images
+from captioner.store import (
+    DEFAULT_COMPRESSION,
+    DEFAULT_IMAGES_PER_SHARD,
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_PENDING,
+    FeatureStore,
+    StoreSettings,
+    StoreWriter,
+    corpus_digest,
+    create_store,
+    format_bytes,
+    remove_partial_files,
+)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class ExtractConfig:
+    captions: Sequence[Path]
+    images: Path
+    out: Path
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    format: str | None = None
+    splits_dir: Path | None = None
+    keep_restval: bool = False
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 4
+    dtype: str = "float16"
+    images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
+    compression: str = DEFAULT_COMPRESSION
+    limit: int | None = None  # only the first N images of the corpus, for trials
+    overwrite: bool = False
+
+
+@dataclass
+class ExtractSummary:
+    path: Path
+    images: int  # rows in the store
+    done: int
+    failed: int
+    pending: int
+    processed: int  # images this run computed (all ranks together)
+    seconds: float
+    images_per_second: float
+    size_on_disk: int
+    already_complete: bool
+    failures: list[tuple[str, str]]  # (image id, reason) of every failed image in the store
+    is_main_process: bool = True  # rank 0 under torchrun: the one that should report
+
+    def describe(self, max_failures: int = 20) -> str:
+        counts = f"{self.done} done, {self.failed} failed"
+        if self.pending:
+            counts += f", {self.pending} pending"
+        size = format_bytes(self.size_on_disk)
+        if self.already_complete:
+            return f"nothing to do: {self.path} is already complete ({counts}, {size} on disk)"
+        lines = [
+            f"{self.path}: {self.images} images ({counts}), {size} on disk",
+            f"this run: {self.processed} images in {self.seconds:.1f} s"
+            f" ({self.images_per_second:.1f} images/s)",
+        ]
+        if self.failures:
+            lines.append(f"failed images ({len(self.failures)}):")
+            lines += [
+                f"  {image_id}: {reason}" for image_id, reason in self.failures[:max_failures]
+            ]
+            if len(self.failures) > max_failures:
+                lines.append(f"  ... and {len(self.failures) - max_failures} more")
+        return "\n".join(lines)
+
+
+def extract_features(config: ExtractConfig, progress: bool = False) -> ExtractSummary:
+    """Fill `config.out` with the features of every image of the corpus; resume if it exists.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) each rank takes its share of the shards. A store made with
+    other settings or another corpus is refused unless `config.overwrite`.
+    """
+    started = time.perf_counter()
+    if config.batch_size < 1:
+        raise CaptionerError(f"batch size must be at least 1, not {config.batch_size}")
+    ranks = _Ranks.from_environment()
+    device = resolve_device(config.device, ranks.local_rank)
+    if ranks.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _extract(config, ranks, device, progress, started)
+    finally:
+        if ranks.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """ "auto" picks CUDA, then Apple MPS, then the CPU; asking for what is absent is an error."""
+    if name not in DEVICES:
+        raise CaptionerError(f"unknown device {name!r}; choose one of {DEVICES}")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cuda" and not cuda:
+        raise CaptionerError("--gpu / --device cuda: CUDA is not available on this machine")
+    if name == "mps" and not mps:
+        raise CaptionerError("--device mps: Apple MPS is not available on this machine")
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    rank: int
+    world: int
+    local_rank: int
+
+    @classmethod
+    def from_environment(cls) -> _Ranks:
+        """The process's place in a torchrun launch (rank 0 of 1 when not launched by torchrun)."""
+        env = os.environ
+        return cls(
+            int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+        )
+
+    def broadcast(self, value):
+        """Rank 0's `value` on every rank; also a barrier."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def total(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        values: list[int] = [0] * self.world
+        dist.all_gather_object(values, value)
+        return sum(values)
+
+
+def _extract(
+    config: ExtractConfig, ranks: _Ranks, device: torch.device, progress: bool, started: float
+) -> ExtractSummary:
+    corpus = _read_images_corpus(config)
+    encoder = build_encoder(config.encoder).to_device(device)
+    settings = StoreSettings(
+        encoder=config.encoder,
+        weights_id=encoder.weights_id,
+        weights_checksum=encoder.weights_checksum,
+        grid=encoder.grid,
+        channels=encoder.channels,
+        dtype=config.dtype,
+        images_per_shard=config.images_per_shard,
+        compression=config.compression,
+    )
+    # Rank 0 alone creates or checks the store; the others wait for its verdict.
+    refusal = _prepare_store(config, corpus, settings) if ranks.rank == 0 else None
+    refusal = ranks.broadcast(refusal)
+    if refusal:
+        raise CaptionerError(refusal)
+
+    writer = StoreWriter(config.out)
+    pending = writer.pending_shards()
+    mine = [shard for shard in pending if shard % ranks.world == ranks.rank]
+    loop_started = time.perf_counter()
+    processed = _extract_shards(
+        writer, mine, corpus, encoder, device, config, progress and ranks.rank == 0
+    )
+    loop_seconds = time.perf_counter() - loop_started
+    processed = ranks.total(processed)  # also waits until every rank has finished writing
+
+    store = FeatureStore.open(config.out)
+    status = store.status()
+    return ExtractSummary(
+        path=config.out,
+        images=store.num_images,
+        done=int((status == STATUS_DONE).sum()),
+        failed=int((status == STATUS_FAILED).sum()),
+        pending=int((status == STATUS_PENDING).sum()),
+        processed=processed,
+        seconds=time.perf_counter() - started,
+        images_per_second=processed / loop_seconds if loop_seconds > 0 else 0.0,
+        size_on_disk=store.size_on_disk(),
+        already_complete=not pending,
+        failures=store.failures(),
+        is_main_process=ranks.rank == 0,
+    )
+
+
+def _read_images_corpus(config: ExtractConfig) -> Corpus:
+    if not Path(config.images).is_dir():
+        raise CaptionerError(f"{config.images}: image folder not found")
+    corpus = read_corpus(
+        list(config.captions), config.format, config.splits_dir, config.keep_restval
+    )
+    if config.limit is not None:
+        if config.limit < 1:
+            raise CaptionerError(f"--limit must be at least 1, not {config.limit}")
+        corpus = corpus.subset(list(range(min(config.limit, len(corpus.images)))))
+    if not corpus.images:
+        raise CaptionerError(f"{config.captions[0]}: no images in the caption file")
+    first = corpus.images[:100]
+    if not any((Path(config.images) / image.path).is_file() for image in first):
+        raise CaptionerError(
+            f"{config.images}: none of the first {len(first)} images of the caption file is there "
+            f"(e.g. {first[0].path}); is --images the folder that holds them?"
+        )
+    return corpus
+
+
+def _prepare_store(config: ExtractConfig, corpus: Corpus, settings: StoreSettings) -> str | None:
+    """Create the store, or check that the existing one was made by this very command.
+    Returns the reason for refusing, or None (a value every rank can receive)."""
+    out = Path(config.out)
+    try:
+        if config.overwrite or not out.exists():
+            provenance = {"images_root": str(Path(config.images).resolve())}
+            create_store(out, corpus, settings, provenance, overwrite=config.overwrite)
+            return None
+        existing = FeatureStore.open(out)
+    except CaptionerError as error:
+        return f"{error}; choose another --out or pass --overwrite to replace it"
+    differences = _differences(existing.settings.to_dict(), settings.to_dict())
+    if existing.attrs["corpus"]["sha256"] != corpus_digest(corpus):
+        differences.append("the images or captions differ (other caption files, splits or --limit)")
+    if differences:
+        return (
+            f"{out}: was extracted with other settings: {'; '.join(differences)}. "
+            "Pass --overwrite to replace it, or choose another --out"
+        )
+    remove_partial_files(out)  # a killed run's temporary files; nobody is writing yet
+    return None
+
+
+def _differences(stored: dict, requested: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key in stored.keys() | requested.keys():
+        old, new = stored.get(key), requested.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            found.append(f"{prefix}{key} {old} in the store, {new} now")
+    return sorted(found)
+
+
+@dataclass
+class _BatchResult:
+    shard: int
+    good_rows: np.ndarray
+    spatial: torch.Tensor | None  # (G, L, C) in the store's dtype, on the CPU
+    pooled: torch.Tensor | None  # (G, C) float32
+    failures: list[tuple[int, str]]
+    ready: torch.cuda.Event | None = None  # set when the copies from the GPU have landed
+
+
+def _extract_shards(
+    writer: StoreWriter,
+    shards: list[int],
+    corpus: Corpus,
+    encoder: FrozenEncoder,
+    device: torch.device,
+    config: ExtractConfig,
+    progress: bool,
+) -> int:
+    """Compute and write `shards`; returns the number of images processed."""
+    batches = [
+        (shard, list(rows[i : i + config.batch_size]))
+        for shard in shards
+        for rows in [writer.shard_rows(shard)]
+        for i in range(0, len(rows), config.batch_size)
+    ]
+    if not batches:
+        return 0
+    paths = [Path(config.images) / image.path for image in corpus.images]
+    loader = DataLoader(
+        ImageDataset(paths, image_transform(config.encoder)),
+        batch_sampler=[rows for _, rows in batches],
+        num_workers=config.workers,
+        collate_fn=collate_images,
+        pin_memory=device.type == "cuda",
+    )
+    store_dtype = getattr(torch, writer.settings.dtype)
+    total = sum(len(rows) for _, rows in batches)
+    sink = _BackgroundShardWriter(writer, max_batches=4)
+    with tqdm(total=total, unit="img", disable=not progress, desc="extract") as bar:
+        try:
+            with torch.inference_mode():
+                for (shard, _), (_, images, good, failures) in zip(batches, loader, strict=True):
+                    result = _BatchResult(shard, good.numpy(), None, None, failures)
+                    if len(good):
+                        features = encoder(images.to(device, non_blocking=True))
+                        _to_host(result, features, store_dtype)
+                    sink.put(result)
+                    bar.update(len(good) + len(failures))
+        finally:
+            sink.close()
+    return total
+
+
+def _to_host(result: _BatchResult, features: torch.Tensor, dtype: torch.dtype) -> None:
+    """Start the copies of spatial (cast) and pooled (mean of the float32 map) features to the
+    host. On CUDA they run asynchronously and `result.ready` marks their end, so the GPU moves
+    on to the next batch while the writer thread waits for them."""
+    pooled, spatial = features.mean(dim=1), features.to(dtype)
+    if features.is_cuda:
+        result.spatial = torch.empty(spatial.shape, dtype=dtype, pin_memory=True)
+        result.pooled = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=True)
+        result.spatial.copy_(spatial, non_blocking=True)
+        result.pooled.copy_(pooled, non_blocking=True)
+        result.ready = torch.cuda.Event()
+        result.ready.record()
+    else:
+        result.spatial, result.pooled = spatial.cpu(), pooled.cpu()
+
+
+class _ShardBuffer:
+    def __init__(self, writer: StoreWriter, shard: int):
+        rows = writer.shard_rows(shard)
+        settings = writer.settings
+        regions = settings.grid[0] * settings.grid[1]
+        self.first_row, self.remaining = rows.start, len(rows)
+        self.spatial = np.empty((len(rows), regions, settings.channels), dtype=settings.dtype)
+        self.pooled = np.empty((len(rows), settings.channels), dtype=np.float32)
+        self.failures: dict[int, str] = {}
+
+
+class _BackgroundShardWriter:
+    """A thread that gathers batch results into whole shards and writes each one when complete.
+
+    The queue is bounded, so memory stays within a few batches and one shard buffer whatever the
+    dataset size. Incomplete shards are never written: after a crash they are simply redone.
+    """
+
+    def __init__(self, writer: StoreWriter, max_batches: int):
+        self._writer = writer
+        self._queue: queue.Queue[_BatchResult | None] = queue.Queue(maxsize=max_batches)
+        self._buffers: dict[int, _ShardBuffer] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, result: _BatchResult) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self._queue.put(result, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Finish writing what was queued, then stop; re-raises a failure of the thread."""
+        if self._thread.is_alive():
+            self.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing features failed: {self._error}") from self._error
+
+    def _run(self) -> None:
+        try:
+            while (result := self._queue.get()) is not None:
+                self._add(result)
+        except BaseException as error:  # handed to the main thread, which raises it
+            self._error = error
+
+    def _add(self, result: _BatchResult) -> None:
+        buffer = self._buffers.get(result.shard)
+        if buffer is None:
+            buffer = self._buffers[result.shard] = _ShardBuffer(self._writer, result.shard)
+        if result.ready is not None:
+            result.ready.synchronize()
+        if len(result.good_rows):
+            offsets = result.good_rows - buffer.first_row
+            buffer.spatial[offsets] = result.spatial.numpy()
+            buffer.pooled[offsets] = result.pooled.numpy()
+        buffer.failures.update(result.failures)
+        buffer.remaining -= len(result.good_rows) + len(result.failures)
+        if buffer.remaining == 0:
+            self._writer.write_shard(result.shard, buffer.spatial, buffer.pooled, buffer.failures)
+            del self._buffers[result.shard]
