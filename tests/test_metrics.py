@@ -1,10 +1,17 @@
-"""Caption metrics: validation BLEU-4, and parity of the official scores with pycocoevalcap."""
+"""Caption metrics: validation BLEU-4, parity with pycocoevalcap, and the labelled fallback."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from captioner.metrics import corpus_bleu4
+from captioner import metrics
+from captioner.errors import CaptionerError
+from captioner.metrics import COCO, FALLBACK, METRICS, corpus_bleu4, score_captions
+
+FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k"
+IMAGES = 200  # the scorers' Java start-up dominates; a few hundred images keep this test fast
 
 
 def test_corpus_bleu4_is_one_for_a_perfect_match_and_zero_without_overlap():
@@ -25,3 +32,113 @@ def test_corpus_bleu4_rewards_closer_hypotheses():
     close = corpus_bleu4(references, [["a", "dog", "runs", "on", "the", "grass"]])
     far = corpus_bleu4(references, [["a", "cat", "sits", "on", "the", "grass"]])
     assert 0.0 <= far < close < 1.0
+
+
+def flickr8k_human_split() -> tuple[dict[str, list[str]], dict[str, str]]:
+    """For test images: caption #0 as the 'system', captions #1-#4 as the references."""
+    if not (FLICKR8K / "Flickr8k.token.txt").is_file():
+        pytest.skip("Flickr8k fixtures not present")
+    test_images = (FLICKR8K / "Flickr_8k.testImages.txt").read_text().split()[:IMAGES]
+    wanted = set(test_images)
+    captions: dict[str, dict[int, str]] = {}
+    for line in (FLICKR8K / "Flickr8k.token.txt").read_text("utf-8").splitlines():
+        key, _, text = line.partition("\t")
+        image, _, number = key.partition("#")
+        if image in wanted:
+            captions.setdefault(image, {})[int(number)] = text
+    predictions = {image: captions[image][0] for image in test_images}
+    references = {image: [captions[image][n] for n in range(1, 5)] for image in test_images}
+    return references, predictions
+
+
+def pycocoevalcap_directly(references, predictions) -> dict[str, float]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
+    res = tokenizer.tokenize({i: [{"caption": c}] for i, c in predictions.items()})
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    return {
+        "BLEU-1": bleu[0],
+        "BLEU-2": bleu[1],
+        "BLEU-3": bleu[2],
+        "BLEU-4": bleu[3],
+        "METEOR": Meteor().compute_score(gts, res)[0],
+        "ROUGE-L": Rouge().compute_score(gts, res)[0],
+        "CIDEr-D": Cider().compute_score(gts, res)[0],
+    }
+
+
+@pytest.fixture
+def one_meteor_process(monkeypatch):
+    """METEOR 1.5 takes many seconds to start: both sides of a comparison share one process."""
+    from pycocoevalcap.meteor import meteor
+
+    shared = meteor.Meteor()
+    monkeypatch.setattr(meteor, "Meteor", lambda: shared)
+
+
+@pytest.mark.skipif(not metrics.java_available(), reason="the coco-caption metrics need Java")
+def test_scores_equal_pycocoevalcap_on_flickr8k_human_captions(one_meteor_process):
+    references, predictions = flickr8k_human_split()
+    report = score_captions(references, predictions, implementation="auto")
+    assert report.implementation == COCO and not report.fallback
+    assert report.images == IMAGES
+    expected = pycocoevalcap_directly(references, predictions)
+    assert report.scores == expected
+    # Human captions against the other humans: well away from zero and from perfect.
+    assert 0.1 < report.scores["BLEU-4"] < 0.5 and 0.3 < report.scores["CIDEr-D"] < 1.5
+    table = report.format_table()
+    assert "CIDEr-D" in table and "FALLBACK" not in table
+    assert report.to_dict()["metrics"]["METEOR"] == expected["METEOR"]
+
+
+def test_without_java_auto_falls_back_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    monkeypatch.setattr(metrics, "DEBIAN_WORDNET", tmp_path / "no-wordnet")
+    references = {"a": ["A dog runs on the grass.", "A brown dog is running."], "b": ["Two men."]}
+    predictions = {"a": "A dog is running on grass", "b": ""}
+    report = score_captions(references, predictions)
+    assert report.fallback and report.implementation == FALLBACK
+    assert "Java not found" in report.notes[0]
+    assert report.to_dict()["fallback"] is True
+    assert "FALLBACK" in report.format_table()
+    refs = [[["a", "dog", "runs", "on", "the", "grass"], ["a", "brown", "dog", "is", "running"]],
+            [["two", "men"]]]  # fmt: skip
+    hyps = [["a", "dog", "is", "running", "on", "grass"], []]
+    assert report.scores["BLEU-4"] == corpus_bleu4(refs, hyps)
+    assert 0 < report.scores["ROUGE-L"] < 1 and report.scores["CIDEr-D"] > 0
+    assert set(report.scores) == set(METRICS)
+    with pytest.raises(CaptionerError, match="java: not found"):
+        score_captions(references, predictions, implementation=COCO)
+
+
+def test_fallback_meteor_is_unavailable_without_wordnet(monkeypatch, tmp_path):
+    monkeypatch.setattr(metrics, "load_wordnet", lambda: (None, "no WordNet"))
+    report = score_captions({"a": ["a dog runs"]}, {"a": "a dog runs"}, implementation=FALLBACK)
+    assert report.scores["METEOR"] is None
+    assert any("METEOR unavailable" in note for note in report.notes)
+    assert "n/a" in report.format_table()
+    assert report.scores["BLEU-1"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(
+    not (metrics.DEBIAN_WORDNET / "data.noun").is_file(), reason="Debian wordnet-base absent"
+)
+def test_fallback_meteor_uses_debian_wordnet(tmp_path):
+    wordnet, source = metrics.load_wordnet(cache_dir=tmp_path / "wordnet")
+    if source == "NLTK data":
+        pytest.skip("NLTK's own WordNet is installed and takes precedence")
+    assert wordnet.synsets("dog")
+    from nltk.translate.meteor_score import meteor_score
+
+    assert meteor_score([["a", "dog", "runs"]], ["a", "dog", "runs"], wordnet=wordnet) > 0.9
+
+
+def test_references_must_be_present_for_every_image():
+    with pytest.raises(CaptionerError, match="no reference captions"):
+        score_captions({"a": []}, {"a": "a dog"}, implementation=FALLBACK)
