@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from captioner.text import END_ID, PAD_ID, START_ID
+from captioner.text import END_ID, PAD_ID, START_ID, Vocabulary
 
 STRATEGIES = ("beam", "greedy", "sample")
 
@@ -48,6 +48,9 @@ class GeneratedCaption:
     tokens: list[int]  # word ids without <start>/<end>
     log_prob: float  # summed log-probability of the words (and of <end> when the caption ended)
     attention: np.ndarray | None  # (len(tokens), L) for the attention model
+
+    def words(self, vocabulary: Vocabulary) -> list[str]:
+        return [vocabulary.words[token] for token in self.tokens]
 
 
 def generate(decoder, features: Tensor, config: DecodingConfig) -> list[GeneratedCaption]:

@@ -234,3 +234,30 @@ def test_bad_configs_are_refused():
         DecodingConfig(strategy="nucleus")
     with pytest.raises(ValueError):
         DecodingConfig(beam_size=0)
+
+
+@pytest.mark.parametrize("model", ["show-tell", "show-attend-tell"])
+def test_real_decoders_beam_one_is_greedy_and_batched_beam_is_per_image(model):
+    from captioner.models import DecoderConfig, build_decoder
+
+    torch.manual_seed(0)
+    config = DecoderConfig(model, 40, 8, embed_size=16, hidden_size=24, attention_size=12)
+    decoder = build_decoder(config).eval()
+    with torch.no_grad():
+        decoder.head[1].weight.mul_(8.0)  # a random head is nearly uniform; make it opinionated
+    features = features_for(6)
+    if decoder.feature_kind == "pooled":
+        features = features.mean(dim=1)
+    greedy = greedy_decode(decoder, features, max_length=10)
+    beam_one = beam_search(decoder, features, DecodingConfig(beam_size=1, max_length=10))
+    assert [c.tokens for c in beam_one] == [c.tokens for c in greedy]
+    config = DecodingConfig(beam_size=3, max_length=10)
+    batched = beam_search(decoder, features, config)
+    single = [beam_search(decoder, features[i : i + 1], config)[0] for i in range(6)]
+    assert [c.tokens for c in batched] == [c.tokens for c in single]
+    assert [c.log_prob for c in batched] == pytest.approx([c.log_prob for c in single], abs=1e-4)
+    for caption in batched:
+        if model == "show-attend-tell":
+            assert caption.attention.shape == (len(caption.tokens), 4)
+        else:
+            assert caption.attention is None
