@@ -141,7 +141,7 @@ def _coco_report(
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    _check_java()
+    check_java()
     tokenizer = PTBTokenizer()
     with _stderr_silenced():  # the tokenizer reports its speed on stderr
         gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in images})
@@ -226,7 +226,7 @@ def _rouge_l(gts: dict, res: dict) -> float:
     return float(per_image.sum() / len(res))
 
 
-def _check_java() -> None:
+def check_java() -> None:
     """A one-line error instead of a Java stack trace or a silent zero score."""
     if not java_available():
         raise CaptionerError(

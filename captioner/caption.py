@@ -1,0 +1,277 @@
+"""Captioning image files end to end: files, folders and globs -> CNN -> decoder -> CSV or JSONL.
+
+Pictures are decoded in DataLoader workers while the main thread runs the encoder and the decoder
+on whole batches. Every input file gets exactly one row (``path, caption, log_prob, error``); a
+file that cannot be read gets an empty caption and its reason. Rows are flushed batch by batch,
+and a re-run with the same output skips the files it already holds, so a killed run resumes
+without losing or repeating a row (a half-written last line is cut off and redone).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from captioner.checkpoint import load_checkpoint
+from captioner.decode import DecodingConfig, generate
+from captioner.encoder import build_encoder, image_transform
+from captioner.errors import CaptionerError
+from captioner.extract import resolve_device
+from captioner.images import ImageDataset, collate_images
+
+FORMATS = ("csv", "jsonl")
+COLUMNS = ("path", "caption", "log_prob", "error")
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+# A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass
+class CaptionConfig:
+    inputs: Sequence[str | Path]  # files, folders and glob patterns
+    checkpoint: Path
+    out: Path
+    format: str = "csv"  # "csv" | "jsonl"
+    recursive: bool = False
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int = 2
+    weights: str | None = None  # a local encoder weights file instead of the checkpoint's record
+
+
+@dataclass
+class CaptionSummary:
+    out: Path
+    files: int  # input files found
+    skipped: int  # already in the output from an earlier run
+    captioned: int
+    failed: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.captioned + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+
+def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSummary:
+    """Caption every image file the inputs name; see the module docstring."""
+    started = time.perf_counter()
+    if config.format not in FORMATS:
+        raise CaptionerError(f"--format: {config.format!r} is not one of {FORMATS}")
+    if config.batch_size < 1 or config.workers < 0:
+        raise CaptionerError("--batch-size must be >= 1 and --workers >= 0")
+    files = find_images(config.inputs, config.recursive)
+    checkpoint, _ = load_checkpoint(config.checkpoint)
+    output = CaptionOutput(Path(config.out), config.format)
+    done = output.captioned_paths()
+    todo = [path for path in files if _key(path) not in done]
+    summary = CaptionSummary(Path(config.out), len(files), len(files) - len(todo), 0, 0, 0.0)
+    if todo:
+        encoder_config = checkpoint.encoder_config
+        if config.weights is not None:
+            encoder_config = replace(encoder_config, weights=str(config.weights))
+        device = resolve_device(config.device)
+        encoder = build_encoder(encoder_config).to_device(device)
+        decoder = checkpoint.build_decoder(device)
+        loader = DataLoader(
+            ImageDataset(todo, image_transform(encoder_config)),
+            batch_size=config.batch_size,
+            num_workers=config.workers,
+            collate_fn=collate_images,
+            pin_memory=device.type == "cuda",
+        )
+        with output, tqdm(total=len(todo), unit="img", disable=not progress) as bar:
+            for indices, images, good, failures in loader:
+                rows = {index: (str(todo[index]), "", None, reason) for index, reason in failures}
+                if len(good):
+                    with torch.inference_mode():
+                        features = encoder(images.to(device, non_blocking=True))
+                        if decoder.feature_kind == "pooled":
+                            features = features.mean(dim=1)
+                        captions = generate(decoder, features, config.decoding)
+                    for index, caption in zip(good.tolist(), captions, strict=True):
+                        text = " ".join(caption.words(checkpoint.vocabulary))
+                        rows[index] = (str(todo[index]), text, caption.log_prob, None)
+                output.write([rows[index] for index in indices.tolist()])
+                summary.captioned += len(good)
+                summary.failed += len(failures)
+                bar.update(len(indices))
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def find_images(inputs: Iterable[str | Path], recursive: bool = False) -> list[Path]:
+    """The files named, the image files in the folders named (in subfolders too with
+    `recursive`), and the files glob patterns match; sorted within each input, each file once.
+
+    Files named explicitly are kept whatever their suffix (a broken one gets an error row);
+    folders contribute files with an image suffix, hidden files left out.
+    """
+    found: list[Path] = []
+    seen: set[str] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            matches = [p for p in sorted(path.glob(pattern)) if _is_image_file(p, path)]
+        elif path.exists():
+            matches = [path]
+        elif glob.has_magic(str(item)):
+            matches = [Path(p) for p in sorted(glob.glob(str(item), recursive=recursive))]
+            matches = [p for p in matches if p.is_file()]
+            if not matches:
+                raise CaptionerError(f"{item}: no file matches this pattern")
+        else:
+            raise CaptionerError(f"{item}: no such file or folder")
+        for match in matches:
+            if _key(match) not in seen:
+                seen.add(_key(match))
+                found.append(match)
+    return found
+
+
+def spreadsheet_safe(value: str) -> str:
+    """`value` prefixed with ' if a spreadsheet would run it as a formula (it then shows the
+    text as written); plain numbers such as -12.5 stay numbers."""
+    return "'" + value if _is_formula(value) else value
+
+
+def spreadsheet_value(cell: str) -> str:
+    """The value `spreadsheet_safe` wrote into `cell`."""
+    return cell[1:] if cell.startswith("'") and _is_formula(cell[1:]) else cell
+
+
+def _is_formula(value: str) -> bool:
+    if not value.startswith(_FORMULA_STARTS):
+        return False
+    try:
+        float(value)
+        return False
+    except ValueError:
+        return True
+
+
+class CaptionOutput:
+    """The output file: what it already holds, and appending rows to it (flushed per batch)."""
+
+    def __init__(self, path: Path, format: str):
+        self.path = path
+        self.format = format
+        self._file: io.TextIOWrapper | None = None
+
+    def captioned_paths(self) -> set[str]:
+        """Keys of the files already in the output; a half-written last line is cut off first."""
+        if not self.path.exists():
+            return set()
+        _cut_partial_last_line(self.path)
+        text = self.path.read_text("utf-8")
+        if not text:
+            return set()
+        paths = self._csv_paths(text) if self.format == "csv" else self._jsonl_paths(text)
+        return {_key(Path(path)) for path in paths}
+
+    def _csv_paths(self, text: str) -> list[str]:
+        rows = list(csv.reader(io.StringIO(text)))
+        if tuple(rows[0]) != COLUMNS:
+            raise CaptionerError(
+                f"{self.path}: exists and is not a captions CSV (columns {','.join(COLUMNS)}); "
+                "choose another --out"
+            )
+        return [spreadsheet_value(row[0]) for row in rows[1:] if row]
+
+    def _jsonl_paths(self, text: str) -> list[str]:
+        paths = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            try:
+                paths.append(json.loads(line)["path"])
+            except (ValueError, KeyError, TypeError):
+                raise CaptionerError(
+                    f"{self.path}: line {number} is not a captions JSONL row; choose another --out"
+                ) from None
+        return paths
+
+    def __enter__(self) -> CaptionOutput:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._file = open(self.path, "a", encoding="utf-8", newline="")
+        if new and self.format == "csv":
+            self._file.write(",".join(COLUMNS) + "\n")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+
+    def write(self, rows: list[tuple[str, str, float | None, str | None]]) -> None:
+        """Append whole rows and flush, so a killed run loses at most the batch being written."""
+        assert self._file is not None
+        buffer = io.StringIO()
+        if self.format == "csv":
+            writer = csv.writer(buffer, lineterminator="\n")
+            for path, caption, log_prob, error in rows:
+                cells = [path, caption, "" if log_prob is None else f"{log_prob:.4f}", error or ""]
+                writer.writerow([spreadsheet_safe(_one_line(cell)) for cell in cells])
+        else:
+            for path, caption, log_prob, error in rows:
+                entry = {"path": path, "caption": caption, "log_prob": log_prob, "error": error}
+                buffer.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._file.write(buffer.getvalue())
+        self._file.flush()
+
+
+def _cut_partial_last_line(path: Path) -> None:
+    """Drop bytes after the last newline: the row a killed run was writing (it is redone)."""
+    with open(path, "rb+") as file:
+        file.seek(0, os.SEEK_END)
+        size = file.tell()
+        if size == 0:
+            return
+        file.seek(max(0, size - 1))
+        if file.read(1) == b"\n":
+            return
+        block = 1 << 16
+        end = size
+        while end > 0:
+            start = max(0, end - block)
+            file.seek(start)
+            newline = file.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                file.truncate(start + newline + 1)
+                return
+            end = start
+        file.truncate(0)
+
+
+def _one_line(text: str) -> str:
+    """Rows are one line each, which is what makes cutting a half-written row exact."""
+    return " ".join(text.splitlines()) if ("\n" in text or "\r" in text) else text
+
+
+def _key(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def _is_image_file(path: Path, root: Path) -> bool:
+    relative = path.relative_to(root).parts
+    return (
+        path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in relative)
+        and path.is_file()
+    )

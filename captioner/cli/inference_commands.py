@@ -1,0 +1,192 @@
+"""`captioner evaluate`, `captioner score` and `captioner caption`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from captioner.caption import FORMATS, CaptionConfig, caption_images
+from captioner.decode import STRATEGIES, DecodingConfig
+from captioner.evaluate import EvaluateConfig, ScoreConfig, evaluate, score_predictions
+from captioner.extract import DEVICES
+from captioner.metrics import IMPLEMENTATIONS
+from captioner.readers import FORMATS as CAPTION_FORMATS
+
+
+def decoding_options(command: Callable) -> Callable:
+    """The decoding options every command that generates captions takes."""
+    options = [
+        click.option(
+            "--strategy", default="beam", show_default=True, type=click.Choice(STRATEGIES)
+        ),
+        click.option("--beam-size", default=3, show_default=True, type=click.IntRange(min=1)),
+        click.option(
+            "--max-length",
+            default=20,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="Most words in a caption.",
+        ),
+        click.option(
+            "--min-length",
+            default=0,
+            show_default=True,
+            type=click.IntRange(min=0),
+            help="Fewest words before the end token is allowed.",
+        ),
+        click.option(
+            "--length-penalty",
+            default=1.0,
+            show_default=True,
+            help="Beam score = log-prob / length ** penalty (>1 favours longer captions).",
+        ),
+        click.option(
+            "--no-repeat-ngram-size",
+            default=0,
+            show_default=True,
+            type=click.IntRange(min=0),
+            help="Never repeat an n-gram of this size (0: allow).",
+        ),
+        click.option(
+            "--temperature",
+            default=1.0,
+            show_default=True,
+            type=click.FloatRange(min=0, min_open=True),
+            help="Sampling only.",
+        ),
+        click.option(
+            "--top-k",
+            default=0,
+            show_default=True,
+            type=click.IntRange(min=0),
+            help="Sampling only: draw from the k likeliest words (0: all).",
+        ),
+        click.option("--seed", default=0, show_default=True, help="Sampling only."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _decoding(options: dict) -> DecodingConfig:
+    names = (
+        "strategy beam_size max_length min_length length_penalty no_repeat_ngram_size "
+        "temperature top_k seed"
+    ).split()
+    return DecodingConfig(**{name: options.pop(name) for name in names})
+
+
+_metrics_option = click.option(
+    "--metrics",
+    default="auto",
+    show_default=True,
+    type=click.Choice(IMPLEMENTATIONS),
+    help="auto: coco-caption when Java is found, else the labelled NLTK fallback.",
+)
+
+
+@click.command("evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--features", required=True, type=click.Path(path_type=Path), help="STORE.zarr")
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Results folder.")
+@decoding_options
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
+@_metrics_option
+@click.option(
+    "--visualize",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Attention figures (one PNG per image) for the first N images.",
+)
+@click.option(
+    "--images",
+    type=click.Path(path_type=Path),
+    help="Image folder for the figures (default: the one the store was extracted from).",
+)
+def evaluate_command(**options) -> None:
+    """Caption a split of a feature store and report BLEU-1..4, METEOR, ROUGE-L, CIDEr-D."""
+    decoding = _decoding(options)
+    result = evaluate(EvaluateConfig(decoding=decoding, **options), progress=True)
+    click.echo(result.report.format_table())
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {result.out}/metrics.json, captions.csv, results.json")
+    if result.figures:
+        click.echo(f"wrote {result.figures} attention figures to {result.out}/attention/")
+
+
+@click.command("score")
+@click.option(
+    "--predictions",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="CSV with image and caption columns, or a COCO results JSON.",
+)
+@click.option(
+    "--captions",
+    required=True,
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="The reference caption file(s), in any supported format.",
+)
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Results folder.")
+@click.option("--format", "format_", type=click.Choice(CAPTION_FORMATS), help="Caption format.")
+@click.option("--splits", "splits_dir", type=click.Path(path_type=Path), help="Split files.")
+@_metrics_option
+def score_command(
+    predictions: Path,
+    captions: tuple[Path, ...],
+    split: str,
+    out: Path,
+    format_: str | None,
+    splits_dir: Path | None,
+    metrics: str,
+) -> None:
+    """Score any system's captions against a caption dataset, with the same metrics."""
+    config = ScoreConfig(predictions, list(captions), out, split, format_, splits_dir, metrics)
+    result = score_predictions(config)
+    click.echo(result.report.format_table())
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {result.out}/metrics.json")
+
+
+@click.command("caption")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="CSV or JSONL file.")
+@click.option("--format", "format_", default="csv", show_default=True, type=click.Choice(FORMATS))
+@click.option("--recursive", is_flag=True, help="Look into subfolders too.")
+@decoding_options
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="DataLoader processes that decode pictures.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    help="Local encoder weights file (default: the weights the checkpoint records).",
+)
+def caption_command(inputs: tuple[str, ...], format_: str, **options) -> None:
+    """Caption image files, folders and globs into a CSV (path,caption,log_prob,error).
+
+    Re-running with the same --out skips the files it already holds.
+    """
+    decoding = _decoding(options)
+    config = CaptionConfig(inputs=list(inputs), format=format_, decoding=decoding, **options)
+    summary = caption_images(config, progress=True)
+    click.echo(
+        f"{summary.files} files: {summary.captioned} captioned, {summary.failed} unreadable, "
+        f"{summary.skipped} already in {summary.out}; {summary.images_per_second:.1f} images/s"
+    )

@@ -1,0 +1,387 @@
+"""Evaluation: caption a split of a feature store with a checkpoint and score it like the papers.
+
+Outputs in the `out` directory: `metrics.json` (the scores and how they were computed),
+`captions.csv` (image_id, caption, log_prob, references), `results.json` (the COCO results format,
+``[{"image_id", "caption"}]``) and, with `visualize`, `attention/<image>.png`.
+`score_predictions` scores another system's captions against a caption dataset the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from captioner import visualize
+from captioner.caption import spreadsheet_safe, spreadsheet_value
+from captioner.checkpoint import Checkpoint, load_checkpoint
+from captioner.corpus import Corpus, read_corpus
+from captioner.decode import DecodingConfig, GeneratedCaption, generate
+from captioner.errors import CaptionerError
+from captioner.extract import resolve_device
+from captioner.images import ImageError, load_image
+from captioner.metrics import COCO, MetricsReport, check_java, score_captions
+from captioner.store import FeatureStore
+
+# A checkpoint trained on another store is accepted when at least this share of its words occur
+# in this store's captions (the same dataset re-extracted); a vocabulary from another dataset
+# falls far below.
+MIN_VOCABULARY_COVERAGE = 0.9
+REFERENCE_SEPARATOR = " | "
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: Path
+    features: Path
+    out: Path
+    split: str = "test"
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    batch_size: int = 64
+    device: str = "auto"
+    metrics: str = "auto"  # "auto" | "coco-caption" | "nltk-fallback"
+    visualize: int = 0  # attention figures for this many images
+    images: Path | None = None  # image root for the figures; default: the one extraction used
+
+
+@dataclass
+class EvaluationResult:
+    report: MetricsReport
+    out: Path
+    images: int
+    figures: int
+    notes: list[str]
+
+
+@dataclass
+class ScoreConfig:
+    predictions: Path  # CSV with image (or image_id or path) and caption columns, or COCO JSON
+    captions: list[Path]  # the caption dataset, in any format read_corpus reads
+    out: Path
+    split: str = "test"
+    format: str | None = None
+    splits_dir: Path | None = None
+    metrics: str = "auto"
+
+
+@dataclass
+class ScoreResult:
+    report: MetricsReport
+    out: Path
+    notes: list[str]
+
+
+def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult:
+    """Decode the split from stored features, score it, write the outputs (see the module doc)."""
+    if config.batch_size < 1 or config.visualize < 0:
+        raise CaptionerError("--batch-size must be >= 1 and --visualize >= 0")
+    if config.metrics == COCO:
+        check_java()  # before the decoding, not after it
+    checkpoint, _ = load_checkpoint(config.checkpoint)
+    store = FeatureStore.open(config.features)
+    check_compatible(checkpoint, store, config.checkpoint)
+    rows = store.split_indices(config.split)
+    if len(rows) == 0:
+        raise CaptionerError(
+            f"{store.path}: no {config.split!r} images with features "
+            f"(splits in this store: {', '.join(_split_counts(store)) or 'none'})"
+        )
+    device = resolve_device(config.device)
+    decoder = checkpoint.build_decoder(device)
+    captions = decode_rows(
+        decoder, store, rows, config.decoding, config.batch_size, device, progress
+    )
+
+    corpus = store.corpus()
+    ids = store.image_ids()
+    by_image = corpus.captions_by_image()
+    references = {ids[row]: [corpus.captions[c].raw for c in by_image[row]] for row in rows}
+    texts = {
+        ids[row]: " ".join(c.words(checkpoint.vocabulary))
+        for row, c in zip(rows, captions, strict=True)
+    }
+    scored = [image for image in texts if references[image]]
+    if not scored:
+        raise CaptionerError(f"{store.path}: the {config.split!r} images have no captions to score")
+    report = score_captions(
+        {i: references[i] for i in scored}, {i: texts[i] for i in scored}, config.metrics
+    )
+    notes = []
+    if len(scored) < len(texts):
+        notes.append(f"{len(texts) - len(scored)} images without reference captions not scored")
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_probs = {ids[row]: c.log_prob for row, c in zip(rows, captions, strict=True)}
+    _write_captions_csv(out / "captions.csv", texts, log_probs, references)
+    _write_json(
+        out / "results.json", [{"image_id": _coco_id(i), "caption": texts[i]} for i in texts]
+    )
+    summary = {
+        **report.to_dict(),
+        "checkpoint": str(config.checkpoint),
+        "features": str(store.path),
+        "split": config.split,
+        "decoding": asdict(config.decoding),
+        "notes": report.notes + notes,
+    }
+    _write_json(out / "metrics.json", summary)
+    figures = 0
+    if config.visualize:
+        figures, figure_notes = _attention_figures(
+            out / "attention", checkpoint, store, config, rows, captions
+        )
+        notes += figure_notes
+    return EvaluationResult(report, out, len(rows), figures, notes)
+
+
+def check_compatible(checkpoint: Checkpoint, store: FeatureStore, path: Path) -> None:
+    """One-line errors for a checkpoint that cannot caption this store's features meaningfully."""
+    decoder = checkpoint.decoder_config
+    if decoder.feature_size != store.channels:
+        raise CaptionerError(
+            f"{path}: the decoder takes {decoder.feature_size}-channel features but {store.path} "
+            f"holds {store.channels}-channel features ({store.encoder_config.name}); use a store "
+            f"extracted with {checkpoint.encoder_config.name}"
+        )
+    if checkpoint.store_fingerprint == store.fingerprint:
+        return  # the very features it was trained on
+    trained, here = checkpoint.encoder_config, store.encoder_config
+    if (trained.name, trained.image_size) != (here.name, here.image_size):
+        raise CaptionerError(
+            f"{path}: trained on {trained.name} features at {trained.image_size} px, but "
+            f"{store.path} holds {here.name} features at {here.image_size} px"
+        )
+    words = checkpoint.vocabulary.words[4:]
+    seen = {token for caption in store.corpus().captions for token in caption.tokens}
+    coverage = sum(word in seen for word in words) / max(len(words), 1)
+    if coverage < MIN_VOCABULARY_COVERAGE:
+        raise CaptionerError(
+            f"{path}: its vocabulary does not match {store.path}: only {coverage:.0%} of its "
+            f"{len(words)} words occur in the store's captions (trained on another dataset?)"
+        )
+
+
+def decode_rows(
+    decoder,
+    store: FeatureStore,
+    rows: np.ndarray,
+    decoding: DecodingConfig,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = False,
+) -> list[GeneratedCaption]:
+    """Captions for the store `rows` (ascending), decoded `batch_size` images at a time."""
+    captions: list[GeneratedCaption] = []
+    with tqdm(total=len(rows), unit="img", desc="decoding", disable=not progress) as bar:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            if decoder.feature_kind == "pooled":
+                features = store.read_pooled(batch)
+            else:
+                features = store.read_spatial(batch)
+            features = torch.from_numpy(np.asarray(features, dtype=np.float32)).to(device)
+            captions += generate(decoder, features, decoding)
+            bar.update(len(batch))
+    return captions
+
+
+def score_predictions(config: ScoreConfig) -> ScoreResult:
+    """Score another system's captions (CSV or COCO results JSON) against a caption dataset."""
+    if config.metrics == COCO:
+        check_java()
+    corpus = read_corpus(config.captions, config.format, config.splits_dir)
+    rows = corpus.image_indices(config.split)
+    if not rows:
+        raise CaptionerError(
+            f"{config.captions[0]}: no {config.split!r} images "
+            f"(splits: {', '.join(sorted({image.split for image in corpus.images}))})"
+        )
+    predictions = read_predictions(config.predictions)
+    matched, notes = _match_predictions(predictions, corpus, rows, config.predictions)
+    by_image = corpus.captions_by_image()
+    references = {corpus.images[row].id: [corpus.captions[c].raw for c in by_image[row]]
+                  for row in matched}  # fmt: skip
+    missing_references = [image for image, refs in references.items() if not refs]
+    if missing_references:
+        raise CaptionerError(
+            f"{config.captions[0]}: image {missing_references[0]!r} has no reference captions"
+        )
+    texts = {corpus.images[row].id: caption for row, caption in matched.items()}
+    report = score_captions(references, texts, config.metrics)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        **report.to_dict(),
+        "predictions": str(config.predictions),
+        "captions": [str(path) for path in config.captions],
+        "split": config.split,
+        "notes": report.notes + notes,
+    }
+    _write_json(out / "metrics.json", summary)
+    return ScoreResult(report, out, notes)
+
+
+def read_predictions(path: Path) -> list[tuple[str, str, int]]:
+    """(image key, caption, line or entry number) from a CSV or a COCO results JSON file."""
+    path = Path(path)
+    try:
+        text = path.read_text("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CaptionerError(f"{path}: cannot read predictions ({error})") from None
+    if text.lstrip().startswith("["):
+        return _json_predictions(path, text)
+    return _csv_predictions(path, text)
+
+
+def _json_predictions(path: Path, text: str) -> list[tuple[str, str, int]]:
+    try:
+        entries = json.loads(text)
+    except ValueError as error:
+        raise CaptionerError(f"{path}: not valid JSON ({error})") from None
+    predictions = []
+    for number, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or "image_id" not in entry or "caption" not in entry:
+            raise CaptionerError(f"{path}: entry {number} lacks image_id or caption")
+        predictions.append((str(entry["image_id"]), str(entry["caption"]), number))
+    return predictions
+
+
+def _csv_predictions(path: Path, text: str) -> list[tuple[str, str, int]]:
+    reader = csv.DictReader(text.splitlines())
+    columns = reader.fieldnames or []
+    key = next((name for name in ("image", "image_id", "path") if name in columns), None)
+    if key is None or "caption" not in columns:
+        raise CaptionerError(
+            f"{path}: a predictions CSV needs an 'image' (or 'image_id' or 'path') column and a "
+            f"'caption' column; found {columns}"
+        )
+    return [
+        (spreadsheet_value(row[key] or ""), spreadsheet_value(row["caption"] or ""), number)
+        for number, row in enumerate(reader, start=2)
+    ]
+
+
+def _match_predictions(
+    predictions: list[tuple[str, str, int]], corpus: Corpus, rows: list[int], path: Path
+) -> tuple[dict[int, str], list[str]]:
+    """Corpus row -> predicted caption, matching a prediction's key to an image's id, its path,
+    or its file name; notes on what was left out."""
+    in_split = set(rows)
+    lookup: dict[str, int] = {}
+    names: dict[str, list[int]] = {}
+    for row, image in enumerate(corpus.images):
+        lookup.setdefault(image.id, row)
+        lookup.setdefault(image.path, row)
+        names.setdefault(Path(image.path).name, []).append(row)
+    matched: dict[int, str] = {}
+    other_split = unknown = 0
+    for key, caption, number in predictions:
+        row = lookup.get(key)
+        if row is None:
+            candidates = names.get(Path(key).name, [])
+            row = candidates[0] if len(candidates) == 1 else None
+        if row is None:
+            unknown += 1
+        elif row not in in_split:
+            other_split += 1
+        elif row in matched:
+            raise CaptionerError(f"{path}: line {number}: a second caption for image {key!r}")
+        else:
+            matched[row] = caption
+    if not matched:
+        raise CaptionerError(
+            f"{path}: none of its {len(predictions)} predictions name an image of that split"
+        )
+    notes = []
+    if len(matched) < len(rows):
+        notes.append(f"scored {len(matched)} of {len(rows)} images; the rest have no prediction")
+    if other_split:
+        notes.append(f"{other_split} predictions for images of other splits ignored")
+    if unknown:
+        notes.append(f"{unknown} predictions for images not in the dataset ignored")
+    return matched, notes
+
+
+def _attention_figures(
+    folder: Path,
+    checkpoint: Checkpoint,
+    store: FeatureStore,
+    config: EvaluateConfig,
+    rows: np.ndarray,
+    captions: list[GeneratedCaption],
+) -> tuple[int, list[str]]:
+    """One PNG per image for the first `config.visualize` images; the photo when it is found."""
+    if captions[0].attention is None:
+        return 0, [f"{checkpoint.decoder_config.model} has no attention: nothing to visualize"]
+    root = config.images or store.attrs.get("images_root")
+    notes = []
+    if root is None:
+        notes.append("no image folder known (pass --images): attention drawn on the grid only")
+    elif not Path(root).is_dir():
+        notes.append(f"{root}: image folder not reachable: attention drawn on the grid only")
+        root = None
+    corpus = store.corpus()
+    folder.mkdir(parents=True, exist_ok=True)
+    count = min(config.visualize, len(rows))
+    for row, caption in zip(rows[:count], captions[:count], strict=True):
+        image = None
+        if root is not None:
+            try:
+                image = load_image(Path(root) / corpus.images[row].path)
+            except ImageError as error:
+                notes.append(f"{corpus.images[row].path}: {error}; grid only")
+        name = Path(corpus.images[row].path).stem or str(row)
+        visualize.save_attention_figure(
+            folder / f"{name}.png",
+            caption.words(checkpoint.vocabulary),
+            caption.attention,
+            store.grid,
+            image,
+        )
+    return count, notes
+
+
+def _write_captions_csv(
+    path: Path,
+    texts: Mapping[str, str],
+    log_probs: Mapping[str, float],
+    references: Mapping[str, list[str]],
+) -> None:
+    def write(file) -> None:
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerow(["image_id", "caption", "log_prob", "references"])
+        for image, text in texts.items():
+            joined = REFERENCE_SEPARATOR.join(" ".join(r.split()) for r in references[image])
+            cells = [image, text, f"{log_probs[image]:.4f}", joined]
+            writer.writerow([spreadsheet_safe(cell) for cell in cells])
+
+    _atomic_write(path, write)
+
+
+def _write_json(path: Path, data: object) -> None:
+    _atomic_write(path, lambda file: json.dump(data, file, indent=2, ensure_ascii=False))
+
+
+def _atomic_write(path: Path, write) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8", newline="") as file:
+        write(file)
+    os.replace(temporary, path)
+
+
+def _coco_id(image_id: str) -> int | str:
+    """COCO's results format wants its integer image ids as numbers."""
+    return int(image_id) if image_id.isdigit() else image_id
+
+
+def _split_counts(store: FeatureStore) -> list[str]:
+    counts = {split: len(store.split_indices(split)) for split in store.attrs["split_names"]}
+    return [f"{split} {n}" for split, n in counts.items() if n]

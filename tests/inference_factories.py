@@ -1,0 +1,58 @@
+"""Checkpoints for the inference tests: real decoders (random weights) over a test store.
+
+Import as ``from inference_factories import make_checkpoint`` (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from captioner.checkpoint import Checkpoint, save_checkpoint
+from captioner.encoder import EncoderConfig
+from captioner.models import DecoderConfig, build_decoder
+from captioner.store import FeatureStore
+from captioner.text import Vocabulary
+
+
+def make_checkpoint(
+    path: Path,
+    store_path: Path,
+    model: str = "show-attend-tell",
+    *,
+    seed: int = 0,
+    vocabulary: Vocabulary | None = None,
+    feature_size: int | None = None,
+    encoder: EncoderConfig | None = None,
+) -> Path:
+    """A small untrained decoder saved as if trained on the store at `store_path`: vocabulary from
+    its train captions (min count 1), its encoder config, fingerprint and grid. The keyword
+    arguments make deliberately mismatched checkpoints."""
+    store = FeatureStore.open(store_path)
+    corpus = store.corpus()
+    vocabulary = vocabulary or Vocabulary.build(corpus.tokens_of_split("train"), min_count=1)
+    config = DecoderConfig(
+        model,
+        len(vocabulary),
+        feature_size or store.channels,
+        embed_size=16,
+        hidden_size=24,
+        attention_size=12,
+        dropout=0.0,
+    )
+    torch.manual_seed(seed)
+    decoder = build_decoder(config)
+    with torch.no_grad():
+        decoder.head[1].weight.mul_(6.0)  # an untrained head is nearly uniform; make it decisive
+    checkpoint = Checkpoint(
+        decoder_config=config,
+        state_dict=decoder.state_dict(),
+        vocabulary=vocabulary,
+        encoder_config=encoder or store.encoder_config,
+        store_fingerprint=store.fingerprint,
+        grid=store.grid,
+        training={"epoch": 1, "metrics": {}, "options": {}},
+    )
+    save_checkpoint(path, checkpoint)
+    return path
