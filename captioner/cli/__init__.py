@@ -37,6 +37,11 @@ def _register() -> None:
 
     main.add_command(extract)
     main.add_command(features)
+    from captioner.cli.inference_commands import caption_command, evaluate_command, score_command
+
+    main.add_command(evaluate_command)
+    main.add_command(score_command)
+    main.add_command(caption_command)
 
 
 _register()
