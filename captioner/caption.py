@@ -75,6 +75,8 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
     if config.batch_size < 1 or config.workers < 0:
         raise CaptionerError("--batch-size must be >= 1 and --workers >= 0")
     files = find_images(config.inputs, config.recursive)
+    if not files:
+        raise CaptionerError(f"no image files in {', '.join(map(str, config.inputs))}")
     checkpoint, _ = load_checkpoint(config.checkpoint)
     output = CaptionOutput(Path(config.out), config.format)
     done = output.captioned_paths()

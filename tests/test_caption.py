@@ -1,0 +1,300 @@
+"""`captioner caption`: files, folders and globs to one row each, resumable, spreadsheet-safe."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from factories import make_store
+from inference_factories import make_checkpoint
+from PIL import Image
+
+from captioner.caption import (
+    CaptionConfig,
+    caption_images,
+    find_images,
+    spreadsheet_safe,
+    spreadsheet_value,
+)
+from captioner.cli import main
+from captioner.decode import DecodingConfig
+from captioner.encoder import EncoderConfig, build_encoder
+
+FAST = DecodingConfig(beam_size=2, max_length=6)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A decoder over the tiny encoder's features (64 channels, 2x2 grid at 64 px)."""
+    folder = tmp_path_factory.mktemp("model")
+    store = make_store(folder / "s.zarr", images=8, channels=64)
+    return make_checkpoint(folder / "best.pt", store)
+
+
+def write_picture_zoo(folder: Path) -> dict[str, bool]:
+    """Files of every awkward kind; name -> whether it is a readable picture."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "nested" / "deeper").mkdir(parents=True)
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(folder / "rgb.jpg")
+    Image.new("L", (30, 60), 128).save(folder / "gray.png")
+    Image.new("CMYK", (40, 40), (0, 80, 160, 20)).save(folder / "cmyk.jpg")
+    Image.new("RGBA", (40, 40), (0, 0, 255, 100)).save(folder / "alpha.png")
+    Image.new("P", (20, 20)).save(folder / "palette.gif")
+    Image.new("RGB", (40, 40), (0, 120, 0)).save(folder / "nested" / "inner.jpg")
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(folder / "nested" / "deeper" / "deep.JPG")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 3)
+    good = folder / "truncated.jpg"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(good, quality=95)
+    good.write_bytes(good.read_bytes()[:200])
+    (folder / "notes.txt").write_text("not a picture, and not an image suffix: no row")
+    (folder / ".hidden.jpg").write_bytes(b"")
+    return {
+        "rgb.jpg": True,
+        "gray.png": True,
+        "cmyk.jpg": True,
+        "alpha.png": True,
+        "palette.gif": True,
+        "nested/inner.jpg": True,
+        "nested/deeper/deep.JPG": True,
+        "empty.jpg": False,
+        "corrupt.jpg": False,
+        "truncated.jpg": False,
+    }
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_folder_gives_one_row_per_file_with_errors_where_due(tmp_path, checkpoint):
+    zoo = write_picture_zoo(tmp_path / "pics")
+    out = tmp_path / "captions.csv"
+    config = CaptionConfig(
+        [tmp_path / "pics"], checkpoint, out, recursive=True, decoding=FAST, batch_size=3,
+        workers=2, device="cpu",
+    )  # fmt: skip
+    summary = caption_images(config)
+    rows = read_csv(out)
+    assert list(rows[0]) == ["path", "caption", "log_prob", "error"]
+    by_name = {Path(r["path"]).relative_to(tmp_path / "pics").as_posix(): r for r in rows}
+    assert len(rows) == len(by_name) == len(zoo)
+    assert set(by_name) == set(zoo)
+    for name, readable in zoo.items():
+        row = by_name[name]
+        if readable:
+            assert row["caption"] and not row["error"] and float(row["log_prob"]) < 0, name
+        else:
+            assert row["caption"] == "" and row["log_prob"] == "" and row["error"], name
+    assert "empty" in by_name["empty.jpg"]["error"]
+    assert (summary.files, summary.captioned, summary.failed, summary.skipped) == (10, 7, 3, 0)
+
+
+def test_without_recursive_subfolders_are_left_out_and_globs_work(tmp_path):
+    write_picture_zoo(tmp_path / "pics")
+    top = find_images([tmp_path / "pics"])
+    assert not any("nested" in str(path) for path in top) and len(top) == 8
+    pattern = str(tmp_path / "pics" / "**" / "*.jpg")
+    assert {p.name for p in find_images([pattern], recursive=True)} == {
+        "rgb.jpg", "cmyk.jpg", "inner.jpg", "empty.jpg", "corrupt.jpg", "truncated.jpg",
+    }  # fmt: skip
+    # The same file named twice, directly and through its folder, is captioned once.
+    twice = find_images([tmp_path / "pics" / "rgb.jpg", tmp_path / "pics"])
+    assert len(twice) == 8
+
+
+def test_every_image_in_a_batch_gets_the_caption_it_gets_alone(tmp_path, checkpoint):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (48, 48), (40 * i, 255 - 40 * i, (97 * i) % 256)).save(folder / f"{i}.png")
+    batched, alone = tmp_path / "batched.csv", tmp_path / "alone.csv"
+    caption_images(CaptionConfig([folder], checkpoint, batched, decoding=FAST, batch_size=6))
+    caption_images(CaptionConfig([folder], checkpoint, alone, decoding=FAST, batch_size=1))
+    assert [r["caption"] for r in read_csv(batched)] == [r["caption"] for r in read_csv(alone)]
+    assert len({r["caption"] for r in read_csv(batched)}) > 1
+
+
+def test_jsonl_format_and_rerun_skips_what_is_done(tmp_path, checkpoint):
+    zoo = write_picture_zoo(tmp_path / "pics")
+    out = tmp_path / "captions.jsonl"
+    config = CaptionConfig(
+        [tmp_path / "pics"], checkpoint, out, format="jsonl", recursive=True, decoding=FAST
+    )
+    caption_images(config)
+    first = out.read_text()
+    entries = [json.loads(line) for line in first.splitlines()]
+    assert len(entries) == len(zoo)
+    assert set(entries[0]) == {"path", "caption", "log_prob", "error"}
+    assert all((e["error"] is None) == (e["log_prob"] is not None) for e in entries)
+    again = caption_images(config)
+    assert (again.skipped, again.captioned, again.failed) == (len(zoo), 0, 0)
+    assert out.read_text() == first
+
+
+def test_a_half_written_last_row_is_redone(tmp_path, checkpoint):
+    write_picture_zoo(tmp_path / "pics")
+    out = tmp_path / "captions.csv"
+    config = CaptionConfig([tmp_path / "pics"], checkpoint, out, recursive=True, decoding=FAST)
+    caption_images(config)
+    complete = out.read_text()
+    lines = complete.splitlines(keepends=True)
+    out.write_text("".join(lines[:5]) + lines[5][:7])  # killed while writing row 5
+    resumed = caption_images(config)
+    assert (resumed.skipped, resumed.captioned + resumed.failed) == (4, 6)
+    rows = read_csv(out)
+    assert sorted(r["path"] for r in rows) == sorted(r["path"] for r in read_csv_text(complete))
+    assert out.read_text().startswith("".join(lines[:5]))
+
+
+def read_csv_text(text: str) -> list[dict]:
+    return list(csv.DictReader(text.splitlines()))
+
+
+_SLOW_CAPTION = """
+import sys, time
+import captioner.caption as caption
+original = caption.generate
+def slow(*args, **kwargs):
+    time.sleep(0.15)
+    return original(*args, **kwargs)
+caption.generate = slow
+from captioner.cli import main
+main(sys.argv[1:], prog_name="captioner")
+"""
+
+
+def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path, checkpoint):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(30):
+        Image.new("RGB", (40, 40), (8 * i, 100, 255 - 8 * i)).save(folder / f"img{i:02d}.png")
+    out = tmp_path / "captions.csv"
+    options = ["--checkpoint", str(checkpoint), "--batch-size", "2", "--workers", "0"]
+    options += ["--beam-size", "2", "--max-length", "6"]
+    args = [str(folder), "--out", str(out), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CAPTION, "caption", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= 7:  # header + 6 rows
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = read_csv(out)
+    assert 6 <= len(before) < 30
+
+    code, output = run_cli("caption", *args)
+    assert code == 0, output
+    rows = read_csv(out)
+    assert len(rows) == 30 and len({r["path"] for r in rows}) == 30
+    assert rows[: len(before)] == before
+
+    fresh = tmp_path / "fresh.csv"
+    run_cli("caption", folder, "--out", fresh, *options)
+    assert {r["path"]: r["caption"] for r in rows} == {
+        r["path"]: r["caption"] for r in read_csv(fresh)
+    }
+
+
+def test_values_a_spreadsheet_would_run_are_defused(tmp_path, checkpoint):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for name in ("=HYPERLINK(1).png", "+1.png", "-2.png", "@SUM.png", "plain.png"):
+        Image.new("RGB", (32, 32), (10, 20, 30)).save(folder / name)
+    out = tmp_path / "captions.csv"
+    config = CaptionConfig([folder], checkpoint, out, decoding=FAST)
+    caption_images(config)
+    with open(out, newline="", encoding="utf-8") as file:
+        cells = [row[0] for row in csv.reader(file)][1:]
+    names = [Path(spreadsheet_value(cell)).name for cell in cells]
+    assert sorted(names) == sorted(p.name for p in folder.iterdir())
+    # Cells start with the folder path here; as a spreadsheet sees a relative path:
+    assert spreadsheet_safe("=HYPERLINK(1).png") == "'=HYPERLINK(1).png"
+    for value in ("+1.png", "-2.png", "@SUM.png", "\tx", "=1+1"):
+        assert spreadsheet_safe(value).startswith("'")
+        assert spreadsheet_value(spreadsheet_safe(value)) == value
+    assert spreadsheet_safe("-44.5") == "-44.5" and spreadsheet_safe("plain.png") == "plain.png"
+    assert caption_images(config).skipped == 5
+
+    relative = tmp_path / "relative.csv"
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        caption_images(CaptionConfig(["=HYPERLINK(1).png", "-2.png"], checkpoint, relative))
+        again = caption_images(CaptionConfig(["=HYPERLINK(1).png", "-2.png"], checkpoint, relative))
+    finally:
+        os.chdir(cwd)
+    with open(relative, newline="", encoding="utf-8") as file:
+        written = [row[0] for row in csv.reader(file)][1:]
+    assert written == ["'=HYPERLINK(1).png", "'-2.png"]
+    assert again.skipped == 2
+
+
+def test_local_encoder_weights_replace_the_recorded_ones(tmp_path, checkpoint):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (50, 60, 70)).save(folder / "a.png")
+    weights = tmp_path / "tiny.pt"
+    torch.save(build_encoder(EncoderConfig("tiny", "none", 64)).backbone.state_dict(), weights)
+    recorded, local = tmp_path / "recorded.csv", tmp_path / "local.csv"
+    caption_images(CaptionConfig([folder], checkpoint, recorded, decoding=FAST))
+    caption_images(CaptionConfig([folder], checkpoint, local, decoding=FAST, weights=weights))
+    assert read_csv(recorded)[0]["caption"] == read_csv(local)[0]["caption"]
+    code, output = run_cli(
+        "caption", folder, "--checkpoint", checkpoint, "--out", tmp_path / "x.csv",
+        "--weights", tmp_path / "missing.pt",
+    )  # fmt: skip
+    assert_one_line_error(code, output, "missing.pt")
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code: int, output: str, *fragments: str) -> None:
+    lines = output.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, checkpoint):
+    write_picture_zoo(tmp_path / "pics")
+    out = tmp_path / "c.csv"
+    code, output = run_cli("caption", tmp_path / "nope", "--checkpoint", checkpoint, "--out", out)
+    assert_one_line_error(code, output, "nope", "no such file or folder")
+    code, output = run_cli("caption", tmp_path / "*.xyz", "--checkpoint", checkpoint, "--out", out)
+    assert_one_line_error(code, output, "no file matches")
+    code, output = run_cli(
+        "caption", tmp_path / "pics", "--checkpoint", tmp_path / "none.pt", "--out", out
+    )
+    assert_one_line_error(code, output, "none.pt")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    code, output = run_cli(
+        "caption", tmp_path / "pics", "--checkpoint", checkpoint, "--out", tmp_path / "other.csv"
+    )
+    assert_one_line_error(code, output, "not a captions CSV")
+    assert (tmp_path / "other.csv").read_text() == "a,b\n1,2\n"  # never overwritten
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    code, output = run_cli("caption", empty, "--checkpoint", checkpoint, "--out", out)
+    assert_one_line_error(code, output, "no image files")
