@@ -1,0 +1,201 @@
+"""Issue 4 (c): one training step of our Show-Attend-and-Tell decoder vs the straightforward design.
+
+Ours (captioner.models.ShowAttendTell.training_loss): the attention projection of the features is
+computed once per image and shared by the image's captions (index_select), and the whole batch
+runs to its longest caption with the loss masked by length.
+
+Baseline (as in the popular sgrvinod "a-PyTorch-Tutorial-to-Image-Captioning"): one feature map per
+caption, the batch sorted by length, and at every step t the batch shrunk to the captions still
+running and the feature projection recomputed for them; loss on the packed scores.
+
+Both run the same module (same weights, same math: tanh attention, gate, LSTMCell, dropout,
+label smoothing, doubly stochastic penalty) on the same batch, on the same device, alternating,
+with forward + backward + Adam step timed. Before timing, the two losses are checked to agree.
+Caption lengths and vocabulary size come from the real Flickr8k captions when
+../shared/fixtures/flickr8k is present.
+
+    python bench/attention_step.py [--device cpu|cuda] [--repeats 3] [--images 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from captioner.models import DecoderConfig, ShowAttendTell, build_decoder
+from captioner.text import END_ID, START_ID, Vocabulary, tokenize
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k" / "captions.txt"
+MAX_WORDS = 20  # the vocabulary's --max-length: longer captions are cut
+
+
+def caption_shapes(count: int, seed: int) -> tuple[list[int], int, str]:
+    """`count` caption lengths (with start and end), a vocabulary size, and where they came from."""
+    rng = np.random.default_rng(seed)
+    if FIXTURE.is_file():
+        with open(FIXTURE, encoding="utf-8") as file:
+            token_lists = [tokenize(row["caption"]) for row in csv.DictReader(file)]
+        words = [min(len(tokens), MAX_WORDS) for tokens in token_lists]
+        vocab_size = len(Vocabulary.build(token_lists, min_count=5))
+        source = f"Flickr8k captions ({len(words)}), vocabulary min_count=5"
+    else:
+        words = np.clip(rng.normal(11.8, 3.8, 40000).round().astype(int), 1, MAX_WORDS).tolist()
+        vocab_size, source = 3000, "Flickr8k-like normal(11.8, 3.8) lengths (fixture absent)"
+    lengths = [int(n) + 2 for n in rng.choice(words, size=count)]
+    return lengths, vocab_size, source
+
+
+def random_captions(lengths: list[int], vocab_size: int, generator: torch.Generator):
+    captions = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        captions[row, 0] = START_ID
+        captions[row, 1 : length - 1] = torch.randint(
+            4, vocab_size, (length - 2,), generator=generator
+        )
+        captions[row, length - 1] = END_ID
+    return captions, torch.tensor(lengths)
+
+
+def baseline_loss(
+    decoder: ShowAttendTell,
+    caption_features: torch.Tensor,
+    captions: torch.Tensor,
+    lengths: torch.Tensor,
+    label_smoothing: float,
+    alpha_c: float,
+) -> torch.Tensor:
+    """The tutorial's forward + loss, on our module's layers: features per caption, sorted batch,
+    shrinking per step, feature projection recomputed at every step for the running captions."""
+    lengths, order = lengths.sort(descending=True)
+    features, captions = caption_features[order], captions[order]
+    embeddings = decoder.embedding(captions)
+    mean = features.mean(1)
+    h, c = decoder.init_h(mean), decoder.init_c(mean)
+    decode_lengths = (lengths - 1).tolist()
+    steps = max(decode_lengths)
+    predictions = features.new_zeros(len(lengths), steps, decoder.config.vocab_size)
+    alphas = features.new_zeros(len(lengths), steps, features.size(1))
+    for t in range(steps):
+        running = sum(length > t for length in decode_lengths)
+        projection = decoder.attention.project(features[:running])  # recomputed every step
+        context, alpha = decoder.attention(features[:running], projection, h[:running])
+        gated = torch.sigmoid(decoder.gate(h[:running])) * context
+        h, c = decoder.cell(
+            torch.cat([embeddings[:running, t], gated], 1), (h[:running], c[:running])
+        )
+        predictions[:running, t] = decoder.head(h)
+        alphas[:running, t] = alpha
+    scores = pack_padded_sequence(predictions, decode_lengths, batch_first=True).data
+    targets = pack_padded_sequence(captions[:, 1:], decode_lengths, batch_first=True).data
+    loss = F.cross_entropy(scores, targets, label_smoothing=label_smoothing)
+    return loss + alpha_c * ((1.0 - alphas.sum(1)) ** 2).mean()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--captions-per-image", type=int, default=5)
+    parser.add_argument("--grid", type=int, default=14, help="H = W of the region grid")
+    parser.add_argument("--channels", type=int, default=2048)
+    parser.add_argument("--size", type=int, default=512, help="embed = hidden = attention size")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per path (+1 warm-up)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    captions_count = args.images * args.captions_per_image
+    lengths, vocab_size, source = caption_shapes(captions_count, args.seed)
+    regions = args.grid * args.grid
+    config = DecoderConfig(
+        "show-attend-tell", vocab_size, args.channels, args.size, args.size, args.size, dropout=0.5
+    )
+    decoder = build_decoder(config).to(device)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4)
+    features = torch.randn(args.images, regions, args.channels, generator=generator).to(device)
+    image_index = torch.arange(args.images).repeat_interleave(args.captions_per_image).to(device)
+    caption_features = features[image_index]  # the tutorial's per-caption input, built untimed
+    captions, lengths_tensor = random_captions(lengths, vocab_size, generator)
+    captions = captions.to(device)
+    smoothing, alpha_c = 0.1, 1.0
+
+    def ours() -> torch.Tensor:
+        return decoder.training_loss(
+            features, image_index, captions, lengths_tensor, smoothing, alpha_c
+        ).loss
+
+    def baseline() -> torch.Tensor:
+        return baseline_loss(
+            decoder, caption_features, captions, lengths_tensor, smoothing, alpha_c
+        )
+
+    decoder.eval()  # the same function of the weights when dropout is off
+    with torch.no_grad():
+        ours_value, baseline_value = ours().item(), baseline().item()
+    decoder.train()
+    assert abs(ours_value - baseline_value) < 1e-4 * max(1.0, abs(ours_value)), (
+        ours_value,
+        baseline_value,
+    )
+
+    def train_step(loss_of) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_of().backward()
+        optimizer.step()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    timings: dict[str, list[float]] = {"ours": [], "baseline": []}
+    for repeat in range(args.repeats + 1):  # alternate, so drift on a shared machine hits both
+        for name, loss_of in (("ours", ours), ("baseline", baseline)):
+            seconds = train_step(loss_of)
+            if repeat > 0:  # the first round is warm-up
+                timings[name].append(seconds)
+
+    ours_ms = 1000 * statistics.median(timings["ours"])
+    baseline_ms = 1000 * statistics.median(timings["baseline"])
+    print(f"device {device}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(
+        f"batch: {args.images} images x {args.captions_per_image} captions, L={regions}, "
+        f"C={args.channels}, embed=hidden=attention={args.size}, vocabulary {vocab_size}"
+    )
+    print(
+        f"caption lengths from {source}: mean {np.mean(lengths):.1f}, max {max(lengths)} "
+        f"(with <start>/<end>); losses agree: ours {ours_value:.5f}, baseline {baseline_value:.5f}"
+    )
+    running = sum(length - 1 for length in lengths)
+    full = captions_count * (max(lengths) - 1)
+    print(
+        f"attention + LSTM steps computed: ours {full} caption-steps (all to the longest),"
+        f" baseline {running} (shrinking batch); feature projections (L x C -> L x A): ours"
+        f" {args.images} (once per image), baseline {running} (per caption per step)"
+    )
+    print(f"median over {args.repeats} steps (forward + backward + Adam):")
+    for name, label, median in (
+        ("ours", "ours (projection once per image, masked full length)", ours_ms),
+        ("baseline", "baseline (projection every step, sorted + shrinking)", baseline_ms),
+    ):
+        each = ", ".join(f"{1000 * seconds:.0f}" for seconds in timings[name])
+        print(f"  {label}: {median:9.1f} ms/step  (each: {each})")
+    print(f"  speed-up: {baseline_ms / ours_ms:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
