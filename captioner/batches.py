@@ -185,8 +185,9 @@ class FeatureStream:
         batches = [order[i : i + size] for i in range(0, len(order), size)]
         return EpochPlan(batches[: self.num_batches], reads)
 
-    def num_captions(self, epoch: int) -> int:
-        positions = np.concatenate(self.plan(epoch).batches or [_NO_POSITIONS])
+    def num_captions(self, epoch: int, start_batch: int = 0) -> int:
+        """Captions in the batches of `epoch` from `start_batch` on."""
+        positions = np.concatenate(self.plan(epoch).batches[start_batch:] or [_NO_POSITIONS])
         counts = np.diff(self.captions.first)[positions]
         k = self.config.captions_per_image
         return int(np.minimum(counts, k).sum() if k else counts.sum())

@@ -37,6 +37,9 @@ def _register() -> None:
 
     main.add_command(extract)
     main.add_command(features)
+    from captioner.cli.train_commands import train_command
+
+    main.add_command(train_command)
     from captioner.cli.inference_commands import caption_command, evaluate_command, score_command
 
     main.add_command(evaluate_command)

@@ -1,0 +1,75 @@
+"""`captioner train` (and train_decoder.py): phase 2, a decoder trained from a feature store."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from captioner.models import DECODERS
+from captioner.train import DEVICES, TrainConfig, train
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _option(name: str, kind: type | click.ParamType, help: str):
+    """An option whose default is TrainConfig's, so the two can never disagree."""
+    return click.option(
+        f"--{name.replace('_', '-')}", name, type=kind, default=_DEFAULTS[name],
+        show_default=True, help=help,
+    )  # fmt: skip
+
+
+@click.command("train")
+@click.option(
+    "--features", required=True, type=click.Path(path_type=Path),
+    help="Feature store (.zarr) made by `captioner extract`; all that training needs.",
+)  # fmt: skip
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path),
+    help="Run directory (runs/NAME): best.pt, last.pt, metrics.jsonl, curves.png, attention/.",
+)  # fmt: skip
+@_option("model", click.Choice(list(DECODERS)), "Decoder: no attention, or soft attention.")
+@_option("epochs", click.IntRange(min=1), "Epochs to train (in all, counting resumed ones).")
+@_option("batch_size", click.IntRange(min=1), "Captions per batch.")
+@_option(
+    "captions_per_image", click.IntRange(min=0),
+    "Captions drawn per image each epoch (0: all, sharing one feature read).",
+)  # fmt: skip
+@_option("embed_size", click.IntRange(min=1), "Word embedding size.")
+@_option("hidden_size", click.IntRange(min=1), "LSTM hidden size.")
+@_option("attention_size", click.IntRange(min=1), "Attention projection size.")
+@_option("dropout", click.FloatRange(0, 1, max_open=True), "Dropout before the output layer.")
+@_option("lr", click.FloatRange(0, min_open=True), "Adam learning rate.")
+@_option("label_smoothing", click.FloatRange(0, 1, max_open=True), "Label smoothing.")
+@_option("grad_clip", click.FloatRange(0), "Clip the gradient norm to this (0: no clipping).")
+@_option("alpha_c", click.FloatRange(0), "Doubly stochastic attention regularization weight.")
+@_option("min_count", click.IntRange(min=1), "Vocabulary: words seen fewer times become <unk>.")
+@_option("max_length", click.IntRange(min=1), "Words kept per caption; longest greedy decode.")
+@_option("device", click.Choice(DEVICES), "Where to train.")
+@_option("workers", click.IntRange(min=0), "Feature-reading threads (0: read in the loop).")
+@click.option("--preload", is_flag=True, help="Hold the spatial maps in RAM (when they fit).")
+@_option("early_stop", click.IntRange(min=0), "Stop after N epochs without a better BLEU-4.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@_option("seed", int, "Seed of initialization, shuffling and dropout.")
+@click.option(
+    "--captions", type=click.Path(path_type=Path),
+    help="Caption file overriding the store's own corpus (joined to its images by path).",
+)  # fmt: skip
+@_option(
+    "checkpoint_minutes", click.FloatRange(0),
+    "Also write last.pt mid-epoch this often (single process).",
+)  # fmt: skip
+def train_command(**options) -> None:
+    """Train a caption decoder from a feature store (launch with torchrun for several processes)."""
+    result = train(TrainConfig(**options), progress=True)
+    if result.rank != 0 or not result.history:
+        return
+    final = result.history[-1]
+    if result.stopped_early:
+        click.echo(f"stopped early after epoch {final['epoch']}")
+    click.echo(
+        f"best val BLEU-4 {result.best_bleu4:.4f} at epoch {result.best_epoch}: "
+        f"{result.best_checkpoint}\nlast epoch {final['epoch']}: {result.last_checkpoint}"
+    )

@@ -1,0 +1,234 @@
+"""Phase-2 training end to end: the CLI, outputs, checkpoints, exact resume after SIGKILL,
+refusals, early stopping, a caption-file override and 2-process DDP on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from factories import make_store
+
+from captioner.batches import FeatureStream
+from captioner.checkpoint import load_checkpoint
+from captioner.cli import main
+from captioner.decode import greedy_decode
+from captioner.store import FeatureStore
+from captioner.train import TrainConfig, repeated_word, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--embed-size", "16", "--hidden-size", "24", "--attention-size", "8", "--dropout", "0.2",
+    "--min-count", "1", "--batch-size", "12", "--lr", "0.01", "--workers", "1",
+]  # fmt: skip
+TIMING_KEYS = {"captions_per_s", "data_wait", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return make_store(tmp_path_factory.mktemp("train") / "store.zarr", images=24, seed=0)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess | object:
+    return CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def progress_of(run: Path) -> tuple[int, int]:
+    """(epochs done, steps into the next) saved in last.pt; (-1, 0) before the first save."""
+    try:
+        training = torch.load(run / "last.pt", weights_only=True)["training"]
+    except FileNotFoundError:
+        return (-1, 0)
+    return training["epoch"], training["step"]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+@pytest.mark.parametrize("model", ["show-tell", "show-attend-tell"])
+def test_both_models_train_end_to_end_via_the_cli(store, tmp_path, model):
+    run = tmp_path / "run"
+    result = run_cli(
+        "--features", str(store), "--out", str(run), "--model", model, "--epochs", "4", *TINY
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "best val BLEU-4" in result.output
+    rows = metrics(run)
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    train_losses = [row["train_loss"] for row in rows]
+    assert train_losses == sorted(train_losses, reverse=True)  # learning happens
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.2
+    assert all(0.0 <= row["val_bleu4"] <= 1.0 and row["val_ppl"] > 1.0 for row in rows)
+    assert (run / "curves.png").stat().st_size > 0 and (run / "vocab.json").is_file()
+    attention_figures = sorted(p.name for p in (run / "attention").glob("*.png"))
+    expected_figures = [f"epoch_00{e}.png" for e in range(1, 5)]
+    assert attention_figures == (expected_figures if model == "show-attend-tell" else [])
+
+    for name in ("best.pt", "last.pt"):
+        payload = torch.load(run / name, map_location="cpu", weights_only=True)
+        assert payload["store_fingerprint"] == FeatureStore.open(store).fingerprint
+    checkpoint, _ = load_checkpoint(run / "best.pt")
+    assert checkpoint.training["epoch"] == max(rows, key=lambda r: r["val_bleu4"])["epoch"]
+    assert checkpoint.decoder_config.model == model
+    decoder = checkpoint.build_decoder()
+    opened = FeatureStore.open(store)
+    rows_val = opened.split_indices("val")[:2]
+    features = (
+        opened.read_pooled(rows_val) if decoder.feature_kind == "pooled"
+        else opened.read_spatial(rows_val)
+    )  # fmt: skip
+    captions = greedy_decode(decoder, torch.from_numpy(features).float(), max_length=8)
+    assert len(captions) == 2
+
+
+@pytest.fixture
+def one_thread():
+    """Runs in this process and in a subprocess with OMP_NUM_THREADS=1 compute alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(store, tmp_path, one_thread):
+    options = dict(
+        model="show-attend-tell", epochs=4, seed=3, checkpoint_minutes=0.0, embed_size=16,
+        hidden_size=24, attention_size=8, dropout=0.2, min_count=1, batch_size=12, lr=0.01,
+        workers=1,
+    )  # fmt: skip
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train(TrainConfig(features=store, out=whole, **options))
+
+    # The run to kill is a real process (SIGKILL: no cleanup of any kind), started by the CLI.
+    arguments = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train_decoder.py"), f"--features={store}", f"--out={killed}",
+         *arguments],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while progress_of(killed) < (1, 1):  # wait until a step of epoch 2 is saved, then kill
+        assert process.poll() is None and time.monotonic() < deadline, "run ended before the kill"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert progress_of(killed) < (4, 0)
+
+    train(TrainConfig(features=store, out=killed, resume=True, **options))
+    assert without_timing(metrics(killed)) == without_timing(metrics(whole))
+    final = [load_checkpoint(run / "last.pt")[0].state_dict for run in (whole, killed)]
+    assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
+
+
+def test_a_run_that_dies_mid_epoch_resumes_at_that_batch(store, tmp_path, monkeypatch):
+    options = dict(
+        features=store, model="show-tell", epochs=2, seed=1, checkpoint_minutes=0.0,
+        embed_size=8, hidden_size=8, min_count=1, batch_size=6, lr=0.01, workers=0,
+    )  # fmt: skip
+    whole = train(TrainConfig(out=tmp_path / "whole", **options))
+
+    original_epoch = FeatureStream.epoch
+
+    def dies_at_batch_4_of_epoch_2(self, epoch, start_batch=0):
+        for index, batch in enumerate(original_epoch(self, epoch, start_batch), start_batch):
+            if self.config.shuffle and epoch == 1 and index == 4:
+                raise RuntimeError("power cut")
+            yield batch
+
+    monkeypatch.setattr(FeatureStream, "epoch", dies_at_batch_4_of_epoch_2)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(TrainConfig(out=tmp_path / "cut", **options))
+    monkeypatch.setattr(FeatureStream, "epoch", original_epoch)
+    training = load_checkpoint(tmp_path / "cut" / "last.pt")[0].training
+    assert (training["epoch"], training["step"]) == (1, 4)
+
+    resumed = train(TrainConfig(out=tmp_path / "cut", resume=True, **options))
+    assert without_timing(resumed.history) == without_timing(whole.history)
+
+
+def test_resume_against_another_store_is_refused_in_one_line(store, tmp_path):
+    run = tmp_path / "run"
+    options = ["--out", str(run), "--model", "show-tell", *TINY]
+    assert run_cli("--features", str(store), "--epochs", "1", *options).exit_code == 0
+    other = make_store(tmp_path / "other.zarr", images=24, seed=1)
+
+    result = run_cli("--features", str(other), "--epochs", "2", "--resume", *options)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "features do not match the run being resumed" in lines[0]
+
+    again = run_cli("--features", str(store), "--epochs", "2", *options)  # no --resume
+    assert again.exit_code == 1 and "already holds a run" in again.output
+    changed = run_cli(
+        "--features", str(store), "--epochs", "2", "--resume", "--seed", "9", *options
+    )
+    assert changed.exit_code == 1 and "--seed 0 -> 9" in changed.output
+    assert len(metrics(run)) == 1  # nothing was lost or overwritten
+
+
+def test_early_stop_and_the_store_copied_elsewhere(store, tmp_path):
+    copy = tmp_path / "laptop" / "store.zarr"
+    shutil.copytree(store, copy)  # a laptop needs nothing but the store
+    config = TrainConfig(
+        features=copy, out=tmp_path / "run", model="show-tell", epochs=6, early_stop=2,
+        lr=1e-12, embed_size=8, hidden_size=8, min_count=1, batch_size=12, workers=0,
+    )  # fmt: skip
+    result = train(config)
+    assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
+
+
+def test_a_caption_file_overrides_the_store_corpus(store, tmp_path):
+    corpus = FeatureStore.open(store).corpus()
+    lines = ["image,caption,split"] + [
+        f"{image.path},A zebra {word} grazing .,{image.split}"
+        for image in corpus.images
+        for word in "xy"
+    ]
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(lines) + "\n")
+    result = run_cli(
+        "--features", str(store), "--out", str(tmp_path / "run"), "--captions", str(captions),
+        "--model", "show-tell", "--epochs", "1", *TINY,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    words = json.loads((tmp_path / "run" / "vocab.json").read_text())["words"]
+    assert "zebra" in words and "circle" not in words
+
+
+def test_repeated_word_flags_a_collapsing_decoder():
+    assert repeated_word("a dog dog dog runs".split()) == "dog"
+    assert repeated_word("a dog dog runs dog".split()) is None
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun is not installed")  # fmt: skip
+def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path):
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    completed = subprocess.run(
+        [
+            str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "train_decoder.py"),
+            "--features", str(store), "--out", str(run), "--model", "show-attend-tell",
+            "--epochs", "2", "--device", "cpu", *TINY,
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = metrics(run)
+    assert [row["ranks"] for row in rows] == [2, 2]
+    checkpoint, extra = load_checkpoint(run / "last.pt")
+    assert checkpoint.training["epoch"] == 2 and len(extra["rng"]) == 2

@@ -1,0 +1,12 @@
+"""Phase 2 entry point: `python train_decoder.py --features STORE.zarr --model ... --out runs/NAME`.
+
+The same as `captioner train`; launch with `torchrun --nproc_per_node=K train_decoder.py ...` to
+train with DistributedDataParallel.
+"""
+
+import sys
+
+from captioner.cli import main
+
+if __name__ == "__main__":
+    main(["train", *sys.argv[1:]], prog_name="train_decoder.py")
