@@ -43,13 +43,13 @@ from captioner.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from captioner.corpus import UNASSIGNED, CaptionRecord, Corpus, ImageRecord, read_corpus
 from captioner.decode import greedy_decode
 from captioner.errors import CaptionerError
+from captioner.extract import DEVICES, resolve_device
 from captioner.images import ImageError, load_image
 from captioner.metrics import corpus_bleu4
 from captioner.models import DECODERS, CaptionDecoder, DecoderConfig, LossOutput, build_decoder
 from captioner.store import STATUS_DONE, FeatureStore
 from captioner.text import Vocabulary
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 # Options that may change when a run is resumed; any other change is refused (it would silently
 # make the resumed run a different run).
 RESUMABLE_CHANGES = frozenset(
@@ -151,22 +151,14 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bo
 
     torch.manual_seed(config.seed)
     decoder_config = DecoderConfig(
-        config.model,
-        len(vocabulary),
-        store.channels,
-        config.embed_size,
-        config.hidden_size,
-        config.attention_size,
-        config.dropout,
-    )
+        config.model, len(vocabulary), store.channels, config.embed_size, config.hidden_size,
+        config.attention_size, config.dropout,
+    )  # fmt: skip
     decoder = build_decoder(decoder_config).to(device)
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
-    amp = Amp(device)
+    run = _Run(config, ranks, device, store, vocabulary, decoder)
     state = RunState()
     if config.resume:
-        state = _resume(
-            last_path, config, store, vocabulary, decoder, optimizer, amp, ranks, device
-        )
+        state = _resume(run, last_path)
     elif last_path.exists():
         raise CaptionerError(
             f"{out}: already holds a run; pass --resume to continue it or choose another --out"
@@ -177,16 +169,10 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bo
     val_stream = _stream(store, corpus, vocabulary, val_rows, config, kind, device, None)
     by_image = corpus.captions_by_image()
     references = {row: [list(corpus.captions[c].tokens) for c in by_image[row]] for row in val_rows}
-    model: nn.Module = _LossModel(decoder, config.label_smoothing, config.alpha_c)
-    if ranks.world_size > 1:
-        model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
         vocabulary.save(out / "vocab.json")
         _write_metrics(out, state.history)
-    checkpoint = _CheckpointWriter(out, store, vocabulary, decoder, optimizer, amp, config, ranks)
     say(
         f"training {config.model} on {store.path} ({len(train_rows)} train, {len(val_rows)} val"
         f" images, vocabulary {len(vocabulary)}) on {device}"
@@ -194,22 +180,10 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bo
     )
 
     while state.epoch < config.epochs and not state.early_stopped(config.early_stop):
-        timing = _train_epoch(
-            model,
-            decoder,
-            optimizer,
-            amp,
-            train_stream,
-            state,
-            config,
-            device,
-            ranks,
-            checkpoint,
-            progress,
-        )
+        timing = _train_epoch(run, train_stream, state, progress)
         row = None
         if ranks.is_main:
-            validation = validate(decoder, val_stream, references, vocabulary, config, device, amp)
+            validation = _validate(run, val_stream, references)
             row = _epoch_row(state, timing, validation, ranks)
             _record_sample(out, store, corpus, decoder, validation, state.epoch + 1)
         row = ranks.broadcast(row)
@@ -220,10 +194,10 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bo
         if improved:
             state.best_bleu4, state.best_epoch = row["val_bleu4"], row["epoch"]
             state.epochs_without_improvement = 0
-            checkpoint.save(out / "best.pt", state)
+            run.save(out / "best.pt", state)
         else:
             state.epochs_without_improvement += 1
-        checkpoint.save(last_path, state, resumable=True)
+        run.save(last_path, state, resumable=True)
         if ranks.is_main:
             _write_metrics(out, state.history)
             say(_describe(row, improved, config.epochs))
@@ -243,78 +217,58 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bo
     )  # fmt: skip
 
 
-# ---- one epoch of training ----
+# ---- the parts of a run ----
 
 
-@dataclass
-class _EpochTiming:
-    seconds: float
-    data_wait: float  # seconds spent waiting for the next batch
-    captions: int
+class _Run:
+    """What every step of a run uses: its config and process, the decoder and its optimizer,
+    and the store and vocabulary that every checkpoint records."""
 
+    def __init__(
+        self, config: TrainConfig, ranks: Ranks, device: torch.device, store: FeatureStore,
+        vocabulary: Vocabulary, decoder: CaptionDecoder,
+    ) -> None:  # fmt: skip
+        self.config, self.ranks, self.device = config, ranks, device
+        self.store, self.vocabulary, self.decoder = store, vocabulary, decoder
+        self.optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
+        self.amp = Amp(device)
+        # The loss as forward(), which is what DistributedDataParallel synchronizes.
+        self.model: nn.Module = _LossModel(decoder, config.label_smoothing, config.alpha_c)
+        if ranks.world_size > 1:
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
 
-def _train_epoch(
-    model: nn.Module,
-    decoder: CaptionDecoder,
-    optimizer: torch.optim.Optimizer,
-    amp: Amp,
-    stream: FeatureStream,
-    state: RunState,
-    config: TrainConfig,
-    device: torch.device,
-    ranks: Ranks,
-    checkpoint: _CheckpointWriter,
-    progress: bool,
-) -> _EpochTiming:
-    """Train `state.epoch` from batch `state.step` on; updates `state` as it goes."""
-    model.train()
-    sums = torch.tensor([state.loss_sum, state.nll_sum], dtype=torch.float32, device=device)
-    bar = tqdm(
-        total=stream.num_captions(state.epoch, state.step),
-        unit="cap",
-        unit_scale=True,
-        desc=f"epoch {state.epoch + 1}/{config.epochs}",
-        leave=False,
-        disable=not (progress and ranks.is_main),
-    )
-    mid_epoch_saves = ranks.world_size == 1  # ranks would have to agree on when to stop and save
-    started = last_save = time.perf_counter()
-    data_wait, captions = 0.0, 0
-    batches = stream.epoch(state.epoch, start_batch=state.step)
-    while True:
-        waiting = time.perf_counter()
-        batch = next(batches, None)
-        data_wait += time.perf_counter() - waiting
-        if batch is None:
-            break
-        batch = batch.to(device)
-        with amp.autocast():
-            output = model(batch.features, batch.image_index, batch.captions, batch.lengths)
-        optimizer.zero_grad(set_to_none=True)
-        amp.scaler.scale(output.loss).backward()
-        if config.grad_clip > 0:
-            amp.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(decoder.parameters(), config.grad_clip)
-        amp.scaler.step(optimizer)
-        amp.scaler.update()
-
-        sums += torch.stack([output.loss.detach().float() * output.tokens, output.nll_sum.detach()])
-        state.tokens += output.tokens
-        state.step += 1
-        captions += batch.num_captions
-        bar.update(batch.num_captions)
-        if progress and state.step % 25 == 0:
-            bar.set_postfix(loss=f"{output.loss.item():.3f}")
-        now = time.perf_counter()
-        if mid_epoch_saves and now - last_save >= config.checkpoint_minutes * 60:
-            state.loss_sum, state.nll_sum = (float(x) for x in sums.tolist())
-            checkpoint.save(checkpoint.out / "last.pt", state, resumable=True)
-            last_save = time.perf_counter()
-    bar.close()
-    state.loss_sum, state.nll_sum, state.tokens = ranks.sum(
-        [*(float(x) for x in sums.tolist()), state.tokens]
-    )
-    return _EpochTiming(time.perf_counter() - started, data_wait, int(ranks.sum([captions])[0]))
+    def save(self, path: Path, state: RunState, resumable: bool = False) -> None:
+        """Write best.pt / last.pt from rank 0. A resumable (last.pt) checkpoint also holds the
+        optimizer, the loss scaler and every rank's RNG state, so all ranks must call it."""
+        rng_states = self.ranks.gather(_rng_state()) if resumable else []
+        if not self.ranks.is_main:
+            return
+        checkpoint = Checkpoint(
+            decoder_config=self.decoder.config,
+            state_dict=self.decoder.state_dict(),
+            vocabulary=self.vocabulary,
+            encoder_config=self.store.encoder_config,
+            store_fingerprint=self.store.fingerprint,
+            grid=self.store.grid,
+            training={
+                "epoch": state.epoch,
+                "step": state.step,
+                "metrics": state.history[-1] if state.history else {},
+                "options": _options(self.config),
+            },
+        )
+        extra = None
+        if resumable:
+            extra = {
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.amp.scaler.state_dict(),
+                "rng": rng_states,
+                "world_size": self.ranks.world_size,
+                "state": asdict(state),
+            }
+        save_checkpoint(path, checkpoint, extra)
 
 
 class _LossModel(nn.Module):
@@ -333,6 +287,69 @@ class _LossModel(nn.Module):
         )
 
 
+# ---- one epoch of training ----
+
+
+@dataclass
+class _EpochTiming:
+    seconds: float
+    data_wait: float  # seconds spent waiting for the next batch
+    captions: int
+
+
+def _train_epoch(run: _Run, stream: FeatureStream, state: RunState, progress: bool) -> _EpochTiming:
+    """Train `state.epoch` from batch `state.step` on; updates `state` as it goes."""
+    config, ranks, amp, optimizer = run.config, run.ranks, run.amp, run.optimizer
+    run.model.train()
+    sums = torch.tensor([state.loss_sum, state.nll_sum], dtype=torch.float32, device=run.device)
+    bar = tqdm(
+        total=stream.num_captions(state.epoch, state.step),
+        unit="cap",
+        unit_scale=True,
+        desc=f"epoch {state.epoch + 1}/{config.epochs}",
+        leave=False,
+        disable=not (progress and ranks.is_main),
+    )
+    mid_epoch_saves = ranks.world_size == 1  # ranks would have to agree on when to stop and save
+    started = last_save = time.perf_counter()
+    data_wait, captions = 0.0, 0
+    batches = stream.epoch(state.epoch, start_batch=state.step)
+    while True:
+        waiting = time.perf_counter()
+        batch = next(batches, None)
+        data_wait += time.perf_counter() - waiting
+        if batch is None:
+            break
+        batch = batch.to(run.device)
+        with amp.autocast():
+            output = run.model(batch.features, batch.image_index, batch.captions, batch.lengths)
+        optimizer.zero_grad(set_to_none=True)
+        amp.scaler.scale(output.loss).backward()
+        if config.grad_clip > 0:
+            amp.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(run.decoder.parameters(), config.grad_clip)
+        amp.scaler.step(optimizer)
+        amp.scaler.update()
+
+        sums += torch.stack([output.loss.detach().float() * output.tokens, output.nll_sum.detach()])
+        state.tokens += output.tokens
+        state.step += 1
+        captions += batch.num_captions
+        bar.update(batch.num_captions)
+        if progress and state.step % 25 == 0:
+            bar.set_postfix(loss=f"{output.loss.item():.3f}")
+        now = time.perf_counter()
+        if mid_epoch_saves and now - last_save >= config.checkpoint_minutes * 60:
+            state.loss_sum, state.nll_sum = (float(x) for x in sums.tolist())
+            run.save(Path(config.out) / "last.pt", state, resumable=True)
+            last_save = time.perf_counter()
+    bar.close()
+    state.loss_sum, state.nll_sum, state.tokens = ranks.sum(
+        [*(float(x) for x in sums.tolist()), state.tokens]
+    )
+    return _EpochTiming(time.perf_counter() - started, data_wait, int(ranks.sum([captions])[0]))
+
+
 # ---- validation ----
 
 
@@ -346,27 +363,22 @@ class Validation:
 
 
 @torch.no_grad()
-def validate(
-    decoder: CaptionDecoder,
-    stream: FeatureStream,
-    references: dict[int, list[list[str]]],
-    vocabulary: Vocabulary,
-    config: TrainConfig,
-    device: torch.device,
-    amp: Amp,
+def _validate(
+    run: _Run, stream: FeatureStream, references: dict[int, list[list[str]]]
 ) -> Validation:
     """Validation loss and greedy-decode BLEU-4 over every image of `stream` (in row order)."""
+    decoder, vocabulary = run.decoder, run.vocabulary
     decoder.eval()
     nll_sum, tokens = 0.0, 0
     hypotheses: dict[int, list[str]] = {}
     sample: tuple[int, np.ndarray | None] | None = None
     for batch in stream.epoch(0):
-        batch = batch.to(device)
-        with amp.autocast():
+        batch = batch.to(run.device)
+        with run.amp.autocast():
             output = decoder.training_loss(
                 batch.features, batch.image_index, batch.captions, batch.lengths
             )
-            generated = greedy_decode(decoder, batch.features, config.max_length)
+            generated = greedy_decode(decoder, batch.features, run.config.max_length)
         nll_sum, tokens = nll_sum + float(output.nll_sum), tokens + output.tokens
         for row, caption in zip(batch.rows.tolist(), generated, strict=True):
             hypotheses[row] = vocabulary.decode(caption.tokens)
@@ -436,7 +448,7 @@ def _record_sample(
         return
     words = validation.hypotheses[validation.sample_row]
     image = None
-    root = store.attrs.get("image_root")
+    root = store.attrs.get("images_root")
     if root:
         with contextlib.suppress(ImageError, OSError):
             image = load_image(Path(root) / corpus.images[validation.sample_row].path)
@@ -524,68 +536,11 @@ def _stream(
 # ---- checkpoints and resume ----
 
 
-class _CheckpointWriter:
-    """Writes best.pt / last.pt from rank 0. last.pt also carries what resume needs; its RNG
-    states come from every rank, so all ranks must call `save(..., resumable=True)` together."""
-
-    def __init__(
-        self,
-        out: Path,
-        store: FeatureStore,
-        vocabulary: Vocabulary,
-        decoder: CaptionDecoder,
-        optimizer: torch.optim.Optimizer,
-        amp: Amp,
-        config: TrainConfig,
-        ranks: Ranks,
-    ) -> None:
-        self.out, self.store, self.vocabulary, self.decoder = out, store, vocabulary, decoder
-        self.optimizer, self.amp, self.config, self.ranks = optimizer, amp, config, ranks
-
-    def save(self, path: Path, state: RunState, resumable: bool = False) -> None:
-        rng_states = self.ranks.gather(_rng_state()) if resumable else []
-        if not self.ranks.is_main:
-            return
-        checkpoint = Checkpoint(
-            decoder_config=self.decoder.config,
-            state_dict=self.decoder.state_dict(),
-            vocabulary=self.vocabulary,
-            encoder_config=self.store.encoder_config,
-            store_fingerprint=self.store.fingerprint,
-            grid=self.store.grid,
-            training={
-                "epoch": state.epoch,
-                "step": state.step,
-                "metrics": state.history[-1] if state.history else {},
-                "options": _options(self.config),
-            },
-        )
-        extra = None
-        if resumable:
-            extra = {
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.amp.scaler.state_dict(),
-                "rng": rng_states,
-                "world_size": self.ranks.world_size,
-                "state": asdict(state),
-            }
-        save_checkpoint(path, checkpoint, extra)
-
-
-def _resume(
-    path: Path,
-    config: TrainConfig,
-    store: FeatureStore,
-    vocabulary: Vocabulary,
-    decoder: CaptionDecoder,
-    optimizer: torch.optim.Optimizer,
-    amp: Amp,
-    ranks: Ranks,
-    device: torch.device,
-) -> RunState:
+def _resume(run: _Run, path: Path) -> RunState:
     """Load last.pt into the decoder, optimizer and RNGs, after checking it is the same run."""
     if not path.is_file():
-        raise CaptionerError(f"{path}: nothing to resume (no last.pt in {config.out})")
+        raise CaptionerError(f"{path}: nothing to resume (no last.pt in {path.parent})")
+    config, store, ranks = run.config, run.store, run.ranks
     checkpoint, extra = load_checkpoint(path)
     if checkpoint.store_fingerprint != store.fingerprint:
         raise CaptionerError(
@@ -604,7 +559,7 @@ def _resume(
         raise CaptionerError(
             f"{path}: resume with the options the run started with; changed: {', '.join(changed)}"
         )
-    if checkpoint.vocabulary.words != vocabulary.words:
+    if checkpoint.vocabulary.words != run.vocabulary.words:
         raise CaptionerError(
             f"{config.captions or store.path}: the captions give another vocabulary than the run"
             " being resumed"
@@ -613,11 +568,11 @@ def _resume(
         raise CaptionerError(
             f"{path}: the run used {extra['world_size']} processes; resume it with as many"
         )
-    decoder.load_state_dict(checkpoint.state_dict)
-    optimizer.load_state_dict(extra["optimizer"])
-    if amp.scaler.is_enabled() and extra["scaler"]:
-        amp.scaler.load_state_dict(extra["scaler"])
-    _set_rng_state(extra["rng"][ranks.rank], device)
+    run.decoder.load_state_dict(checkpoint.state_dict)
+    run.optimizer.load_state_dict(extra["optimizer"])
+    if run.amp.scaler.is_enabled() and extra["scaler"]:
+        run.amp.scaler.load_state_dict(extra["scaler"])
+    _set_rng_state(extra["rng"][ranks.rank], run.device)
     return RunState(**extra["state"])
 
 
@@ -646,21 +601,7 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.mps.set_rng_state(state["mps"])
 
 
-# ---- devices, precision, processes ----
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto = cuda if present, else mps (Apple), else cpu; torchrun's rank k gets GPU k."""
-    if name == "auto":
-        cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise CaptionerError("--device cuda: no CUDA device is available here")
-        return torch.device("cuda", local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise CaptionerError("--device mps: Apple's MPS backend is not available here")
-    return torch.device(name)
+# ---- precision and processes ----
 
 
 class Amp:
@@ -702,8 +643,6 @@ class Ranks:
 
     def start(self, device: torch.device) -> None:
         if self.world_size > 1:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     def stop(self) -> None:
