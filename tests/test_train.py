@@ -3,6 +3,7 @@ refusals, early stopping, a caption-file override and 2-process DDP on gloo."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,9 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 from factories import make_store
+from PIL import Image
 
+from captioner import visualize
 from captioner.batches import FeatureStream
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
@@ -207,6 +211,27 @@ def test_a_caption_file_overrides_the_store_corpus(store, tmp_path):
     assert result.exit_code == 0, result.output
     words = json.loads((tmp_path / "run" / "vocab.json").read_text())["words"]
     assert "zebra" in words and "circle" not in words
+
+
+def test_attention_maps_overlay_the_image_when_it_is_reachable(tmp_path, monkeypatch):
+    path = make_store(tmp_path / "store.zarr", images=12)
+    images = tmp_path / "images"
+    images.mkdir()
+    for image in FeatureStore.open(path).corpus().images:
+        Image.new("RGB", (40, 30), "orange").save(images / image.path)
+    zarr.open_group(str(path), mode="r+").attrs["images_root"] = str(images)
+    drawn = []
+    monkeypatch.setattr(
+        visualize, "save_attention_figure", lambda *args: drawn.append(args[4])
+    )  # fmt: skip
+    config = TrainConfig(
+        features=path, out=tmp_path / "run", epochs=1, embed_size=8, hidden_size=8,
+        attention_size=4, min_count=1, workers=0,
+    )  # fmt: skip
+    train(config)
+    shutil.rmtree(images)
+    train(dataclasses.replace(config, out=tmp_path / "run2"))
+    assert drawn[0].size == (40, 30) and drawn[1] is None  # overlay, then grid heatmaps
 
 
 def test_repeated_word_flags_a_collapsing_decoder():
