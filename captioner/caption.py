@@ -1,10 +1,11 @@
 """Captioning image files end to end: files, folders and globs -> CNN -> decoder -> CSV or JSONL.
 
-Pictures are decoded in DataLoader workers while the main thread runs the encoder and the decoder
-on whole batches. Every input file gets exactly one row (``path, caption, log_prob, error``); a
-file that cannot be read gets an empty caption and its reason. Rows are flushed batch by batch,
-and a re-run with the same output skips the files it already holds, so a killed run resumes
-without losing or repeating a row (a half-written last line is cut off and redone).
+Pictures are decoded in DataLoader workers; the main thread runs the encoder on whole batches
+while a second thread runs the batched decoding of the batch before. Every input file gets
+exactly one row (``path, caption, log_prob, error``); a file that cannot be read gets an empty
+caption and its reason. Rows are flushed batch by batch, and a re-run with the same output skips
+the files it already holds, so a killed run resumes without losing or repeating a row (a
+half-written last line is cut off and redone).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.checkpoint import load_checkpoint
-from captioner.decode import DecodingConfig, generate
+from captioner.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.encoder import build_encoder, image_transform
 from captioner.errors import CaptionerError
 from captioner.extract import resolve_device
@@ -60,11 +62,14 @@ class CaptionSummary:
     skipped: int  # already in the output from an earlier run
     captioned: int
     failed: int
-    seconds: float
+    seconds: float  # the whole call
+    startup_seconds: float = 0.0  # of which loading the checkpoint and building the models
 
     @property
     def images_per_second(self) -> float:
-        return (self.captioned + self.failed) / self.seconds if self.seconds > 0 else 0.0
+        """Files processed per second once the models are loaded."""
+        working = self.seconds - self.startup_seconds
+        return (self.captioned + self.failed) / working if working > 0 else 0.0
 
 
 def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSummary:
@@ -96,24 +101,47 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
             collate_fn=collate_images,
             pin_memory=device.type == "cuda",
         )
-        with output, tqdm(total=len(todo), unit="img", disable=not progress) as bar:
+        summary.startup_seconds = time.perf_counter() - started
+
+        def decode(features: torch.Tensor | None) -> list[GeneratedCaption]:
+            return [] if features is None else generate(decoder, features, config.decoding)
+
+        def write(batch: tuple[Future, torch.Tensor, torch.Tensor, list]) -> None:
+            captions, indices, good, failures = batch
+            rows = {index: (str(todo[index]), "", None, reason) for index, reason in failures}
+            for index, caption in zip(good.tolist(), captions.result(), strict=True):
+                text = " ".join(caption.words(checkpoint.vocabulary))
+                rows[index] = (str(todo[index]), text, caption.log_prob, None)
+            output.write([rows[index] for index in indices.tolist()])
+            summary.captioned += len(good)
+            summary.failed += len(failures)
+            bar.update(len(indices))
+
+        # The encoder runs here while a second thread decodes the previous batch's features.
+        with (
+            output,
+            tqdm(total=len(todo), unit="img", disable=not progress) as bar,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoding,
+        ):
+            previous = None
             for indices, images, good, failures in loader:
-                rows = {index: (str(todo[index]), "", None, reason) for index, reason in failures}
-                if len(good):
-                    with torch.inference_mode():
-                        features = encoder(images.to(device, non_blocking=True))
-                        if decoder.feature_kind == "pooled":
-                            features = features.mean(dim=1)
-                        captions = generate(decoder, features, config.decoding)
-                    for index, caption in zip(good.tolist(), captions, strict=True):
-                        text = " ".join(caption.words(checkpoint.vocabulary))
-                        rows[index] = (str(todo[index]), text, caption.log_prob, None)
-                output.write([rows[index] for index in indices.tolist()])
-                summary.captioned += len(good)
-                summary.failed += len(failures)
-                bar.update(len(indices))
+                features = _features(encoder, decoder, images, device) if len(good) else None
+                current = (decoding.submit(decode, features), indices, good, failures)
+                if previous is not None:
+                    write(previous)
+                previous = current
+            if previous is not None:
+                write(previous)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+@torch.inference_mode()
+def _features(encoder, decoder, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """What the decoder reads: region features, or their mean for a pooled-feature decoder
+    (as the store's `pooled` is the mean of the float32 map)."""
+    features = encoder(images.to(device, non_blocking=True))
+    return features.mean(dim=1) if decoder.feature_kind == "pooled" else features
 
 
 def find_images(inputs: Iterable[str | Path], recursive: bool = False) -> list[Path]:

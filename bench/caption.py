@@ -1,0 +1,131 @@
+"""`caption_images` over a folder of photos against the bare encoder forward, in one run.
+
+Ours: the whole `captioner caption` path (JPEG decode + resize in DataLoader workers, the
+checkpoint's encoder, batched beam search, rows written as they finish), timed end to end
+(start-up included) and after loading the checkpoint and building the models (the steady rate a
+long run sees). Baseline: the same encoder's forward over ready-made tensors, same batch size
+and device. Repetitions alternate between the two; prints median images/s and the ratio (the
+target is >= 0.90). Encoder weights are random (no downloads here): they cost what trained ones do.
+
+    OMP_NUM_THREADS=1 python bench/caption.py --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from extract import write_photos  # noqa: E402  (bench/extract.py: Flickr-sized JPEGs)
+
+from captioner.caption import CaptionConfig, caption_images  # noqa: E402
+from captioner.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
+from captioner.decode import DecodingConfig  # noqa: E402
+from captioner.encoder import EncoderConfig, build_encoder  # noqa: E402
+from captioner.extract import resolve_device  # noqa: E402
+from captioner.models import DecoderConfig, build_decoder  # noqa: E402
+from captioner.text import SPECIAL_TOKENS, Vocabulary  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--encoder", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--model", default="show-attend-tell")
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=2500)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    encoder_config = EncoderConfig(args.encoder, "none", args.image_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights, on purpose
+        encoder = build_encoder(encoder_config).to_device(device)
+    batches = -(-args.images // args.batch_size)
+    ready = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+
+    def bare_forward() -> float:
+        with torch.inference_mode():
+            encoder(ready.to(device))  # warm-up
+            _synchronize(device)
+            started = time.perf_counter()
+            for _ in range(batches):
+                encoder(ready.to(device, non_blocking=True))
+            _synchronize(device)
+        return batches * args.batch_size / (time.perf_counter() - started)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = write_photos(Path(tmp) / "data", args.images) / "images"
+        checkpoint = _checkpoint(Path(tmp) / "best.pt", args, encoder_config, encoder)
+
+        def captioning(repeat: int) -> float:
+            config = CaptionConfig(
+                [photos], checkpoint, Path(tmp) / f"captions{repeat}.csv",
+                decoding=DecodingConfig(beam_size=args.beam_size), device=str(device),
+                batch_size=args.batch_size, workers=args.workers,
+            )  # fmt: skip
+            started = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                summary = caption_images(config)
+            _synchronize(device)
+            assert summary.captioned == args.images
+            return args.images / (time.perf_counter() - started), summary.images_per_second
+
+        bare_runs, caption_runs, steady_runs = [], [], []
+        for repeat in range(args.repeats):
+            bare_runs.append(bare_forward())
+            end_to_end, steady = captioning(repeat)
+            caption_runs.append(end_to_end)
+            steady_runs.append(steady)
+            print(
+                f"repeat {repeat}: bare {bare_runs[-1]:.2f}, caption {end_to_end:.2f} end to end,"
+                f" {steady:.2f} after loading the models (img/s)"
+            )
+    bare, ours = statistics.median(bare_runs), statistics.median(caption_runs)
+    steady = statistics.median(steady_runs)
+    print(
+        f"{args.encoder} @ {args.image_size} px, {args.model} (vocab {args.vocab}, beam "
+        f"{args.beam_size}) on {device}, batch {args.batch_size}, {args.images} images, "
+        f"{args.workers} workers, torch threads {torch.get_num_threads()}"
+    )
+    print(f"bare encoder forward: {bare:.2f} images/s (median of {args.repeats})")
+    print(f"captioning a folder:  {ours:.2f} images/s end to end (median of {args.repeats})")
+    print(f"                      {steady:.2f} images/s after loading the models")
+    print(f"ratio caption / bare: {ours / bare:.3f} end to end, {steady / bare:.3f} after loading")
+    print("(target >= 0.90)")
+
+
+def _checkpoint(path: Path, args, encoder_config: EncoderConfig, encoder) -> Path:
+    """An untrained decoder of the usual sizes over this encoder's features."""
+    vocabulary = Vocabulary([*SPECIAL_TOKENS, *(f"w{i}" for i in range(args.vocab - 4))])
+    config = DecoderConfig(args.model, len(vocabulary), encoder.channels, dropout=0.0)
+    torch.manual_seed(0)
+    decoder = build_decoder(config)
+    checkpoint = Checkpoint(
+        config, decoder.state_dict(), vocabulary, encoder_config, "bench", encoder.grid, {}
+    )
+    save_checkpoint(path, checkpoint)
+    return path
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
