@@ -11,7 +11,13 @@ from captioner.encoder import ENCODER_NAMES, EncoderConfig, RandomWeightsWarning
 from captioner.errors import CaptionerError
 from captioner.extract import DEVICES, ExtractConfig, extract_features
 from captioner.readers import FORMATS
-from captioner.store import DEFAULT_IMAGES_PER_SHARD, DTYPES, FeatureStore
+from captioner.store import (
+    COMPRESSIONS,
+    DEFAULT_COMPRESSION,
+    DEFAULT_IMAGES_PER_SHARD,
+    DTYPES,
+    FeatureStore,
+)
 
 
 @click.command("extract")
@@ -65,6 +71,13 @@ from captioner.store import DEFAULT_IMAGES_PER_SHARD, DTYPES, FeatureStore
     type=click.IntRange(min=1),
     help="Images per shard file: the unit of writing, resuming and fast reading.",
 )
+@click.option(
+    "--compression",
+    default=DEFAULT_COMPRESSION,
+    show_default=True,
+    type=click.Choice(COMPRESSIONS),
+    help="zstd stores ResNet maps ~30% smaller; none reads about twice as fast.",
+)
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N images (trials).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store made differently.")
 def extract(
@@ -83,6 +96,7 @@ def extract(
     workers: int,
     dtype: str,
     images_per_shard: int,
+    compression: str,
     limit: int | None,
     overwrite: bool,
 ) -> None:
@@ -108,6 +122,7 @@ def extract(
         workers=workers,
         dtype=dtype,
         images_per_shard=images_per_shard,
+        compression=compression,
         limit=limit,
         overwrite=overwrite,
     )
