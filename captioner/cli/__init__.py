@@ -30,9 +30,10 @@ def _register() -> None:
     from captioner.cli.corpus_commands import inspect
 
     main.add_command(inspect)
-    from captioner.cli.demo_commands import synth
+    from captioner.cli.demo_commands import demo, synth
 
     main.add_command(synth)
+    main.add_command(demo)
     from captioner.cli.extract_commands import extract, features
 
     main.add_command(extract)

@@ -1,11 +1,16 @@
-"""`captioner synth`: the synthetic shapes dataset."""
+"""`captioner synth` (the synthetic shapes dataset) and `captioner demo` (everything on it)."""
 
 from collections import Counter
 from pathlib import Path
 
 import click
 
+from captioner.demo import DemoConfig, format_artifacts, format_comparison, run_demo
+from captioner.encoder import ENCODER_NAMES, EncoderConfig
+from captioner.extract import DEVICES
 from captioner.synthetic import split_of, write_synthetic_dataset, write_unlabelled_images
+
+_DEFAULT_ENCODER = DemoConfig().encoder
 
 
 @click.command()
@@ -35,3 +40,43 @@ def synth(out: Path, images: int, seed: int, image_size: int, captions_per_image
     splits = Counter(split_of(index) for index in range(images))
     counts = ", ".join(f"{splits[name]} {name}" for name in ("train", "val", "test"))
     click.echo(f"{caption_file}: {images} images ({counts}), {captions_per_image} captions each")
+
+
+@click.command()
+@click.option("--root", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Folder under which data/, features/, runs/ and results/ are written.")
+@click.option("--name", default=DemoConfig.name, show_default=True,
+              help="Name of this demo's files; use another to keep runs with other settings.")
+@click.option("--images", type=click.IntRange(min=20), default=DemoConfig.images,
+              show_default=True, help="Labelled images to render (80/10/10 train/val/test).")
+@click.option("--epochs", type=click.IntRange(min=1), default=DemoConfig.epochs,
+              show_default=True)
+@click.option("--encoder", "encoder_name", type=click.Choice(ENCODER_NAMES),
+              default=_DEFAULT_ENCODER.name, show_default=True)
+@click.option("--weights", default=_DEFAULT_ENCODER.weights, show_default=True,
+              help="imagenet (needs internet once), none (seeded random init) or a weights file.")
+@click.option("--image-size", type=click.IntRange(min=32), default=_DEFAULT_ENCODER.image_size,
+              show_default=True, help="Encoder input size (the tiny CNN's grid is size / 32).")
+@click.option("--device", type=click.Choice(DEVICES), default=DemoConfig.device,
+              show_default=True)
+def demo(root: Path, name: str, images: int, epochs: int, encoder_name: str, weights: str,
+         image_size: int, device: str) -> None:
+    """Everything end to end on rendered shapes, offline: dataset, features, both decoders
+    trained and evaluated side by side, a folder captioned to CSV, attention maps, curves.
+
+    A re-run reuses every finished phase.
+    """
+    config = DemoConfig(
+        root=root, name=name, images=images, epochs=epochs, device=device,
+        encoder=EncoderConfig(encoder_name, weights, image_size),
+    )  # fmt: skip
+    result = run_demo(config, say=click.echo, progress=True)
+    click.echo("\nBoth decoders on the held-out test images:")
+    click.echo(format_comparison(result))
+    click.echo("\nThe attention model on fresh images (all rows in the CSV below):")
+    for path, caption in result.samples:
+        click.echo(f"  {path}: {caption}")
+    phases = ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in result.seconds.items())
+    click.echo(f"\nTime: {phases}.")
+    click.echo("Artifacts:")
+    click.echo(format_artifacts(result))

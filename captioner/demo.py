@@ -1,0 +1,330 @@
+"""`make demo`: the whole product, offline, on the synthetic shapes dataset, in minutes on a CPU.
+
+Six phases, each calling the library the way a user's commands would, each reusing what an
+earlier run already finished (a finished dataset, a complete store, a trained run, an evaluation
+newer than its checkpoint, captions already in the CSV), so a re-run, or a run after an
+interruption, redoes only what is missing:
+
+1. render the dataset (captioner.synthetic) and a folder of fresh, unlabelled scenes;
+2. extract features with a small CNN whose weights are a seeded random init (nothing can be
+   downloaded here: see RANDOM_WEIGHTS_NOTE);
+3. train Show-and-Tell and Show-Attend-and-Tell from the store;
+4. evaluate both on the test split (beam search, coco-caption metrics) and check their captions
+   against the true scenes (objects named right; relation right where two groups are shown),
+   next to the best a constant caption can do;
+5. caption the fresh folder to CSV with the attention model;
+6. list every artifact.
+
+Everything goes under `root`: data/NAME, data/NAME_fresh, features/NAME_<encoder>.zarr,
+runs/NAME-<model>, results/NAME-<model>, results/NAME_fresh_captions.csv. A run with settings
+that do not match the earlier work under the same NAME is refused by the phase that notices;
+choose another `name` for it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from captioner.caption import CaptionConfig, CaptionSummary, caption_images
+from captioner.decode import DecodingConfig
+from captioner.encoder import EncoderConfig
+from captioner.errors import CaptionerError
+from captioner.evaluate import EvaluateConfig, evaluate
+from captioner.extract import ExtractConfig, ExtractSummary, extract_features
+from captioner.metrics import METRICS, score_captions
+from captioner.store import FeatureStore
+from captioner.synthetic import (
+    read_scenes,
+    scene_accuracy,
+    write_synthetic_dataset,
+    write_unlabelled_images,
+)
+from captioner.text import tokenize
+from captioner.train import TrainConfig, TrainResult, train
+
+MODELS = ("show-tell", "show-attend-tell")
+CONSTANT = "constant caption"
+
+RANDOM_WEIGHTS_NOTE = """\
+Why these captions come from a random-init CNN: pretrained ImageNet weights cannot be downloaded
+here, so the demo extracts features with the small `{name}` CNN and --weights none (a seeded
+random init). Random convolutions keep colour, brightness and some of where things are, so the
+decoders learn to name colours, counts and layout well above chance; shapes they name less
+reliably, because nothing here learns what a star looks like. On a machine with internet, run the
+same pipeline on ImageNet features, e.g.:
+  captioner extract --captions {captions} --images {images} \\
+      --out features/shapes_resnet18.zarr --encoder resnet18 --weights imagenet --image-size 224
+  captioner train --features features/shapes_resnet18.zarr --model show-attend-tell \\
+      --out runs/shapes-resnet18-show-attend-tell
+or simply: captioner demo --name shapes-imagenet --encoder resnet18 --weights imagenet
+(--weights also takes a local state-dict file, for machines without internet)."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    root: Path = Path(".")
+    name: str = "shapes"
+    images: int = 2000  # labelled images: 80% train, 10% val, 10% test
+    fresh_images: int = 24  # unlabelled images captioned to CSV
+    seed: int = 0
+    image_size: int = 96  # rendered size; the encoder resizes to its own
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig("tiny", "none", 96))
+    epochs: int = 10
+    batch_size: int = 100  # captions per batch
+    embed_size: int = 128
+    hidden_size: int = 256
+    attention_size: int = 128
+    dropout: float = 0.3
+    lr: float = 2e-3
+    beam_size: int = 3
+    figures: int = 8  # attention overlays written for test images
+    device: str = "auto"
+    workers: int = 2
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "data" / self.name
+
+    @property
+    def fresh(self) -> Path:
+        return self.root / "data" / f"{self.name}_fresh"
+
+    @property
+    def store(self) -> Path:
+        encoder = self.encoder
+        return self.root / "features" / f"{self.name}_{encoder.name}_{encoder.image_size}.zarr"
+
+    def run(self, model: str) -> Path:
+        return self.root / "runs" / f"{self.name}-{model}"
+
+    def results(self, model: str) -> Path:
+        return self.root / "results" / f"{self.name}-{model}"
+
+    @property
+    def fresh_captions(self) -> Path:
+        return self.root / "results" / f"{self.name}_fresh_captions.csv"
+
+
+@dataclass
+class ModelOutcome:
+    metrics: dict[str, float | None]  # coco-caption scores on the test split
+    scene: dict  # scene_accuracy of its test captions: objects, layout, layout_images
+    training: TrainResult | None = None  # None for the constant caption
+
+
+@dataclass
+class DemoResult:
+    config: DemoConfig
+    caption_file: Path
+    extraction: ExtractSummary
+    outcomes: dict[str, ModelOutcome]  # MODELS and CONSTANT
+    metrics_implementation: str
+    constant_caption: str
+    captioning: CaptionSummary
+    samples: list[tuple[str, str]]  # (fresh image, its caption)
+    seconds: dict[str, float]  # per phase
+
+
+def run_demo(
+    config: DemoConfig, say: Callable[[str], None] = lambda _: None, progress: bool = False
+) -> DemoResult:
+    """Run (or finish) the demo; `say` receives a line at each phase, `progress` shows bars."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        seconds[phase] = time.perf_counter() - clock
+        clock = time.perf_counter()
+
+    say(f"[1/5] dataset: {config.images} rendered scenes in {config.dataset}")
+    caption_file = write_synthetic_dataset(
+        config.dataset, config.images, config.seed, config.image_size, progress=progress
+    )
+    write_unlabelled_images(config.fresh, config.fresh_images, config.seed, config.image_size)
+    lap("dataset")
+
+    say(f"[2/5] features: {config.encoder.name} CNN at {config.encoder.image_size} px")
+    if config.encoder.weights == "none":
+        say(RANDOM_WEIGHTS_NOTE.format(
+            name=config.encoder.name, captions=caption_file, images=config.dataset
+        ))  # fmt: skip
+    extraction = extract_features(
+        ExtractConfig(
+            captions=[caption_file], images=config.dataset, out=config.store,
+            encoder=config.encoder, device=config.device, workers=config.workers,
+            dtype="float32",
+        ),
+        progress=progress,
+    )  # fmt: skip
+    say(extraction.describe())
+    lap("features")
+
+    trained = {}
+    for model in MODELS:
+        say(f"[3/5] training {model} for {config.epochs} epochs: {config.run(model)}")
+        trained[model] = train(_train_config(config, model), progress=progress)
+        say(f"best validation BLEU-4 {trained[model].best_bleu4:.4f} "
+            f"at epoch {trained[model].best_epoch}")  # fmt: skip
+    lap("training")
+
+    say("[4/5] evaluation on the test split")
+    scenes = read_scenes(caption_file)
+    outcomes, implementation = {}, ""
+    for model in MODELS:
+        metrics = _evaluated(config, model, progress)
+        implementation = metrics["implementation"]
+        captions = _test_captions(config.results(model) / "captions.csv")
+        outcomes[model] = ModelOutcome(
+            metrics["metrics"], _scene_accuracy(captions, scenes), trained[model]
+        )
+    constant, constant_metrics = _constant_caption(config)
+    outcomes[CONSTANT] = ModelOutcome(
+        constant_metrics,
+        _scene_accuracy({image: constant for image in _test_captions(
+            config.results(MODELS[0]) / "captions.csv")}, scenes),
+    )  # fmt: skip
+    lap("evaluation")
+
+    say(f"[5/5] captioning the fresh images in {config.fresh}")
+    captioning = caption_images(
+        CaptionConfig(
+            inputs=[config.fresh], checkpoint=config.run(MODELS[-1]) / "best.pt",
+            out=config.fresh_captions, decoding=DecodingConfig(beam_size=config.beam_size),
+            device=config.device, workers=config.workers,
+        ),
+        progress=progress,
+    )  # fmt: skip
+    lap("captioning")
+    return DemoResult(
+        config, caption_file, extraction, outcomes, implementation, constant, captioning,
+        _read_samples(config.fresh_captions, 5), seconds,
+    )  # fmt: skip
+
+
+def _train_config(config: DemoConfig, model: str) -> TrainConfig:
+    out = config.run(model)
+    return TrainConfig(
+        features=config.store, out=out, model=model, epochs=config.epochs,
+        batch_size=config.batch_size, embed_size=config.embed_size,
+        hidden_size=config.hidden_size, attention_size=config.attention_size,
+        dropout=config.dropout, lr=config.lr, min_count=1, device=config.device,
+        workers=config.workers, preload=True, seed=config.seed,
+        resume=(out / "last.pt").exists(),
+    )  # fmt: skip
+
+
+def _evaluated(config: DemoConfig, model: str, progress: bool) -> dict:
+    """metrics.json of the model's test evaluation, evaluating only if it is missing or older
+    than the checkpoint."""
+    checkpoint = config.run(model) / "best.pt"
+    out = config.results(model)
+    metrics_file = out / "metrics.json"
+    if not metrics_file.exists() or metrics_file.stat().st_mtime < checkpoint.stat().st_mtime:
+        figures = config.figures if model == "show-attend-tell" else 0
+        evaluate(
+            EvaluateConfig(
+                checkpoint=checkpoint, features=config.store, out=out, split="test",
+                decoding=DecodingConfig(beam_size=config.beam_size), device=config.device,
+                visualize=figures, images=config.dataset,
+            ),
+            progress=progress,
+        )  # fmt: skip
+    return json.loads(metrics_file.read_text("utf-8"))
+
+
+def _constant_caption(config: DemoConfig) -> tuple[str, dict]:
+    """The train split's most frequent caption, given for every test image, and its scores:
+    what a model that ignores the image would reach."""
+    out = config.results("constant") / "metrics.json"
+    if out.exists():
+        saved = json.loads(out.read_text("utf-8"))
+        return saved["caption"], saved["metrics"]
+    corpus = FeatureStore.open(config.store).corpus()
+    counts = Counter(
+        " ".join(c.tokens) for c in corpus.captions if corpus.images[c.image].split == "train"
+    )
+    caption = min(counts, key=lambda text: (-counts[text], text))
+    by_image = corpus.captions_by_image()
+    references = {
+        image.path: [corpus.captions[c].raw for c in by_image[i]]
+        for i, image in enumerate(corpus.images)
+        if image.split == "test"
+    }
+    report = score_captions(references, {image: caption for image in references})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"caption": caption, "metrics": report.scores}, indent=2), "utf-8")
+    return caption, report.scores
+
+
+def _test_captions(path: Path) -> dict[str, str]:
+    """image id -> generated caption, from an evaluation's captions.csv."""
+    with open(path, newline="", encoding="utf-8") as file:
+        return {row["image_id"]: row["caption"] for row in csv.DictReader(file)}
+
+
+def _scene_accuracy(captions: dict[str, str], scenes: dict) -> dict:
+    names = [Path(image).name for image in captions]
+    missing = [name for name in names if name not in scenes]
+    if missing:
+        raise CaptionerError(f"{missing[0]}: not an image of the synthetic dataset")
+    return scene_accuracy(
+        [tokenize(text) for text in captions.values()], [scenes[name] for name in names]
+    )
+
+
+def _read_samples(path: Path, count: int) -> list[tuple[str, str]]:
+    with open(path, newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    return [(row["path"], row["caption"]) for row in rows[:count]]
+
+
+def format_comparison(result: DemoResult) -> str:
+    """The two decoders and the constant caption side by side (scores x 100)."""
+    columns = [*MODELS, CONSTANT]
+    width = max(len(c) for c in columns) + 2
+    lines = [f"{'test split':<20}" + "".join(f"{c:>{width}}" for c in columns)]
+    for metric in METRICS:
+        cells = [result.outcomes[c].metrics.get(metric) for c in columns]
+        lines.append(f"{metric:<20}" + "".join(_cell(v, width) for v in cells))
+    for key, label in (("objects", "objects right"), ("layout", "layout right")):
+        cells = [result.outcomes[c].scene[key] for c in columns]
+        lines.append(f"{label:<20}" + "".join(_cell(v, width) for v in cells))
+    scene = result.outcomes[MODELS[0]].scene
+    lines.append(
+        f"(x100. Metrics: {result.metrics_implementation}. 'objects right': every object named"
+        " with its count, colour and shape; 'layout right': the stated relation holds, on the"
+        f" {scene['layout_images']} test images with two groups. Constant caption:"
+        f" {result.constant_caption!r})"
+    )
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, width: int) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value * 100:>{width}.1f}"
+
+
+def format_artifacts(result: DemoResult) -> str:
+    """Where everything the demo made lies."""
+    config = result.config
+    attention = config.results("show-attend-tell") / "attention"
+    entries = [
+        ("dataset (Karpathy JSON + images/)", result.caption_file),
+        ("fresh unlabelled images", config.fresh),
+        ("feature store", config.store),
+        *[(f"{model} checkpoint", config.run(model) / "best.pt") for model in MODELS],
+        *[(f"{model} training curves", config.run(model) / "curves.png") for model in MODELS],
+        *[(f"{model} test metrics", config.results(model) / "metrics.json") for model in MODELS],
+        *[(f"{model} test captions", config.results(model) / "captions.csv") for model in MODELS],
+        ("attention overlays (test images)", attention),
+        ("attention during training", config.run("show-attend-tell") / "attention"),
+        ("captions of the fresh images", config.fresh_captions),
+    ]
+    width = max(len(label) for label, _ in entries)
+    return "\n".join(f"  {label:<{width}}  {path}" for label, path in entries)
