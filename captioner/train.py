@@ -114,7 +114,7 @@ class RunState:
 
     epoch: int = 0  # the epoch in progress, 0-based (equals the epochs done at an epoch end)
     step: int = 0  # batches of `epoch` already trained
-    loss_sum: float = 0.0  # training loss of `epoch` so far, summed over target tokens
+    loss_sum: float = 0.0  # training objective of `epoch` so far, summed over target tokens
     nll_sum: float = 0.0  # unsmoothed negative log-likelihood of `epoch` so far
     tokens: int = 0
     history: list[dict] = field(default_factory=list)
@@ -405,7 +405,10 @@ def _epoch_row(state: RunState, timing: _EpochTiming, validation: Validation, ra
     tokens = max(state.tokens, 1)
     return {
         "epoch": state.epoch + 1,
-        "train_loss": state.loss_sum / tokens,
+        # Losses are mean negative log-likelihood per target token, train and val alike; the
+        # objective adds label smoothing and the attention penalty to the train one.
+        "objective": state.loss_sum / tokens,
+        "train_loss": state.nll_sum / tokens,
         "train_ppl": _perplexity(state.nll_sum / tokens),
         "val_loss": validation.loss,
         "val_ppl": _perplexity(validation.loss),
@@ -426,8 +429,8 @@ def _perplexity(mean_nll: float) -> float:
 
 def _describe(row: dict, improved: bool, epochs: int) -> str:
     return (
-        f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.3f}"
-        f" ppl {row['train_ppl']:.1f}"
+        f"epoch {row['epoch']}/{epochs}  objective {row['objective']:.3f}"
+        f"  train loss {row['train_loss']:.3f} ppl {row['train_ppl']:.1f}"
         f"  val loss {row['val_loss']:.3f} ppl {row['val_ppl']:.1f}  BLEU-4 {row['val_bleu4']:.4f}"
         f"{' (best)' if improved else ''}  {row['captions_per_s']:.0f} captions/s"
         f"  data wait {100 * row['data_wait']:.1f}%\n  sample: {row['sample']}"
