@@ -39,8 +39,17 @@ class DecodingConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown decoding strategy {self.strategy!r} (use {STRATEGIES})")
-        if self.beam_size < 1 or self.max_length < 1 or self.temperature <= 0:
-            raise ValueError("beam_size and max_length must be >= 1 and temperature > 0")
+        rules = {
+            "beam_size >= 1": self.beam_size >= 1,
+            "max_length >= 1": self.max_length >= 1,
+            "0 <= min_length <= max_length": 0 <= self.min_length <= self.max_length,
+            "no_repeat_ngram_size >= 0": self.no_repeat_ngram_size >= 0,
+            "temperature > 0": self.temperature > 0,
+            "top_k >= 0": self.top_k >= 0,
+        }
+        broken = [rule for rule, holds in rules.items() if not holds]
+        if broken:
+            raise ValueError(f"decoding options must satisfy {', '.join(broken)}")
 
 
 @dataclass
@@ -195,9 +204,6 @@ def beam_search(decoder, features: Tensor, config: DecodingConfig) -> list[Gener
         top_beam, top_token = top_index // vocab, top_index % vocab
         source_row = top_beam + torch.arange(batch, device=device)[:, None] * beams
         ends = top_token == END_ID
-
-        if alpha is not None:
-            alpha = alpha.float()
         _collect_finished(
             finished, done, ends[:, :beams], top_scores[:, :beams], source_row[:, :beams],
             words, attention, config.length_penalty,
@@ -214,7 +220,7 @@ def beam_search(decoder, features: Tensor, config: DecodingConfig) -> list[Gener
         parents = source_row.gather(1, keep).reshape(-1)
         words = torch.cat([words.index_select(0, parents), tokens[:, None]], dim=1)
         if alpha is not None:
-            history = alpha.index_select(0, parents)[:, None]
+            history = alpha.float().index_select(0, parents)[:, None]
             attention = (
                 history
                 if attention is None

@@ -86,7 +86,8 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
         check_java()  # before the decoding, not after it
     checkpoint, _ = load_checkpoint(config.checkpoint)
     store = FeatureStore.open(config.features)
-    check_compatible(checkpoint, store, config.checkpoint)
+    corpus = store.corpus()
+    check_compatible(checkpoint, store, corpus, config.checkpoint)
     rows = store.split_indices(config.split)
     if len(rows) == 0:
         raise CaptionerError(
@@ -99,7 +100,6 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
         decoder, store, rows, config.decoding, config.batch_size, device, progress
     )
 
-    corpus = store.corpus()
     ids = store.image_ids()
     by_image = corpus.captions_by_image()
     references = {ids[row]: [corpus.captions[c].raw for c in by_image[row]] for row in rows}
@@ -136,13 +136,15 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
     figures = 0
     if config.visualize:
         figures, figure_notes = _attention_figures(
-            out / "attention", checkpoint, store, config, rows, captions
+            out / "attention", checkpoint, store, corpus, config, rows, captions
         )
         notes += figure_notes
     return EvaluationResult(report, out, len(rows), figures, notes)
 
 
-def check_compatible(checkpoint: Checkpoint, store: FeatureStore, path: Path) -> None:
+def check_compatible(
+    checkpoint: Checkpoint, store: FeatureStore, corpus: Corpus, path: Path
+) -> None:
     """One-line errors for a checkpoint that cannot caption this store's features meaningfully."""
     decoder = checkpoint.decoder_config
     if decoder.feature_size != store.channels:
@@ -160,7 +162,7 @@ def check_compatible(checkpoint: Checkpoint, store: FeatureStore, path: Path) ->
             f"{store.path} holds {here.name} features at {here.image_size} px"
         )
     words = checkpoint.vocabulary.words[4:]
-    seen = {token for caption in store.corpus().captions for token in caption.tokens}
+    seen = {token for caption in corpus.captions for token in caption.tokens}
     coverage = sum(word in seen for word in words) / max(len(words), 1)
     if coverage < MIN_VOCABULARY_COVERAGE:
         raise CaptionerError(
@@ -314,6 +316,7 @@ def _attention_figures(
     folder: Path,
     checkpoint: Checkpoint,
     store: FeatureStore,
+    corpus: Corpus,
     config: EvaluateConfig,
     rows: np.ndarray,
     captions: list[GeneratedCaption],
@@ -328,7 +331,6 @@ def _attention_figures(
     elif not Path(root).is_dir():
         notes.append(f"{root}: image folder not reachable: attention drawn on the grid only")
         root = None
-    corpus = store.corpus()
     folder.mkdir(parents=True, exist_ok=True)
     count = min(config.visualize, len(rows))
     for row, caption in zip(rows[:count], captions[:count], strict=True):

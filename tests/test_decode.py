@@ -232,8 +232,10 @@ def test_decoders_without_attention_return_no_maps():
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError):
         DecodingConfig(strategy="nucleus")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="beam_size >= 1"):
         DecodingConfig(beam_size=0)
+    with pytest.raises(ValueError, match="min_length <= max_length"):
+        DecodingConfig(min_length=30, max_length=20)
 
 
 @pytest.mark.parametrize("model", ["show-tell", "show-attend-tell"])

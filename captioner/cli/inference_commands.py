@@ -75,7 +75,10 @@ def _decoding(options: dict) -> DecodingConfig:
         "strategy beam_size max_length min_length length_penalty no_repeat_ngram_size "
         "temperature top_k seed"
     ).split()
-    return DecodingConfig(**{name: options.pop(name) for name in names})
+    try:
+        return DecodingConfig(**{name: options.pop(name) for name in names})
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
 
 
 _metrics_option = click.option(
