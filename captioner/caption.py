@@ -120,7 +120,7 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
         # The encoder runs here while a second thread decodes the previous batch's features.
         with (
             output,
-            tqdm(total=len(todo), unit="img", disable=not progress) as bar,
+            tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress) as bar,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoding,
         ):
             previous = None

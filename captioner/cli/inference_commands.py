@@ -189,7 +189,8 @@ def caption_command(inputs: tuple[str, ...], format_: str, **options) -> None:
     decoding = _decoding(options)
     config = CaptionConfig(inputs=list(inputs), format=format_, decoding=decoding, **options)
     summary = caption_images(config, progress=True)
+    rate = f"; {summary.images_per_second:.1f} images/s" if summary.captioned else ""
     click.echo(
         f"{summary.files} files: {summary.captioned} captioned, {summary.failed} unreadable, "
-        f"{summary.skipped} already in {summary.out}; {summary.images_per_second:.1f} images/s"
+        f"{summary.skipped} already in {summary.out}{rate}"
     )
