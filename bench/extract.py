@@ -32,7 +32,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioner.encoder import EncoderConfig, build_encoder, image_transform  # noqa: E402
+from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform  # noqa: E402
 from captioner.extract import ExtractConfig, extract_features, resolve_device  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.store import directory_size, read_rows  # noqa: E402
@@ -102,12 +102,16 @@ def bench_pipeline(args: argparse.Namespace) -> None:
                 summary = extract_features(run)
             return summary.images_per_second
 
-        bare_runs, pipeline_runs = [], []
+        decode_ms, write_ms = _side_costs(data, config, encoder)
+        bare_runs, pipeline_runs, occupancy = [], [], []
         for repeat in range(args.repeats):
             bare_runs.append(bare_forward())
-            pipeline_runs.append(pipeline(repeat))
+            with _ForwardClock(device) as clock:
+                pipeline_runs.append(pipeline(repeat))
+            occupancy.append(clock.seconds * pipeline_runs[-1] / args.images)
             print(
-                f"repeat {repeat}: bare {bare_runs[-1]:.1f}, pipeline {pipeline_runs[-1]:.1f} img/s"
+                f"repeat {repeat}: bare {bare_runs[-1]:.1f}, pipeline {pipeline_runs[-1]:.1f}"
+                f" img/s, pipeline loop in forward {occupancy[-1]:.1%}"
             )
     bare, piped = statistics.median(bare_runs), statistics.median(pipeline_runs)
     print(
@@ -117,6 +121,66 @@ def bench_pipeline(args: argparse.Namespace) -> None:
     print(f"bare encoder forward: {bare:.1f} images/s (median of {args.repeats})")
     print(f"extraction pipeline:  {piped:.1f} images/s (median of {args.repeats})")
     print(f"ratio pipeline / bare: {piped / bare:.3f}")
+    print(
+        "share of the pipeline's loop spent in the encoder forward:"
+        f" {statistics.median(occupancy):.1%}"
+    )
+    print(
+        f"side work per image, one thread: decode+resize {decode_ms:.1f} ms (DataLoader workers),"
+        f" compress+write {write_ms:.1f} ms (writer thread); forward {1000 / bare:.1f} ms"
+    )
+
+
+class _ForwardClock:
+    """Sums the wall time of FrozenEncoder.forward while active (CPU only: on CUDA the forward is
+    asynchronous, and timing it would need a synchronization that changes the pipeline)."""
+
+    def __init__(self, device: torch.device):
+        self.seconds = float("nan") if device.type == "cuda" else 0.0
+        self._active = device.type != "cuda"
+
+    def __enter__(self) -> _ForwardClock:
+        if self._active:
+            self._forward = FrozenEncoder.forward
+
+            def timed(encoder, images):
+                start = time.perf_counter()
+                try:
+                    return self._forward(encoder, images)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            FrozenEncoder.forward = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._active:
+            FrozenEncoder.forward = self._forward
+
+
+def _side_costs(data: Path, config: EncoderConfig, encoder) -> tuple[float, float]:
+    """Milliseconds per image of the work the pipeline hides behind the forward pass."""
+    transform = image_transform(config)
+    paths = sorted((data / "images").glob("*.jpg"))[:16]
+    start = time.perf_counter()
+    for path in paths:
+        transform(load_image(path))
+    decode = (time.perf_counter() - start) / len(paths) * 1000
+    regions, channels = encoder.grid[0] * encoder.grid[1], encoder.channels
+    maps = np.abs(np.random.default_rng(0).normal(size=(64, regions, channels))).astype(np.float16)
+    with tempfile.TemporaryDirectory() as tmp:
+        array = zarr.create_array(
+            store=tmp,
+            shape=maps.shape,
+            chunks=(1, regions, channels),
+            shards=maps.shape,
+            dtype="float16",
+            compressors=(ZstdCodec(level=1),),
+        )
+        start = time.perf_counter()
+        array[:] = maps
+        write = (time.perf_counter() - start) / len(maps) * 1000
+    return decode, write
 
 
 def _sync(device: torch.device) -> None:
