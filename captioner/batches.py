@@ -142,7 +142,8 @@ class FeatureStream:
 
         counts = np.diff(captions.first)
         usable = np.flatnonzero(counts > 0)  # an image without captions teaches nothing
-        per_image = config.captions_per_image or max(1, round(float(counts[usable].mean())))
+        mean_count = float(counts[usable].mean()) if len(usable) else 1.0
+        per_image = config.captions_per_image or max(1, round(mean_count))
         self.images_per_batch = max(1, config.batch_size // per_image)
         rank, world = config.rank, config.world_size
         if self.in_ram:
@@ -151,7 +152,9 @@ class FeatureStream:
             self._shards: list[np.ndarray] = []
         else:
             shard_of = self.rows[usable] // store.images_per_shard
-            groups = [usable[shard_of == s] for s in np.unique(shard_of)]
+            by_shard = np.argsort(shard_of, kind="stable")
+            boundaries = np.flatnonzero(np.diff(shard_of[by_shard])) + 1
+            groups = np.split(usable[by_shard], boundaries) if len(usable) else []
             parts = [np.concatenate(groups[r::world] or [_NO_POSITIONS]) for r in range(world)]
             self._shards = groups[rank::world]
             self._positions = parts[rank]
