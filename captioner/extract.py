@@ -116,17 +116,19 @@ def extract_features(config: ExtractConfig, progress: bool = False) -> ExtractSu
         raise CaptionerError(f"batch size must be at least 1, not {config.batch_size}")
     ranks = _Ranks.from_environment()
     device = resolve_device(config.device, ranks.local_rank)
-    if ranks.world > 1 and not dist.is_initialized():
+    joined = ranks.world > 1 and not dist.is_initialized()
+    if joined:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _extract(config, ranks, device, progress, started)
     finally:
-        if ranks.world > 1 and dist.is_initialized():
+        if joined:
             dist.destroy_process_group()
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """ "auto" picks CUDA, then Apple MPS, then the CPU; asking for what is absent is an error."""
+    """The device called `name`; "auto" picks CUDA, then Apple MPS, then the CPU. Asking for a
+    device this machine lacks is an error. Under torchrun each rank takes GPU `local_rank`."""
     if name not in DEVICES:
         raise CaptionerError(f"unknown device {name!r}; choose one of {DEVICES}")
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
