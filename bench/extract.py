@@ -32,8 +32,9 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from captioner.devices import resolve_device  # noqa: E402
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform  # noqa: E402
-from captioner.extract import ExtractConfig, extract_features, resolve_device  # noqa: E402
+from captioner.extract import ExtractConfig, extract_features  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.store import directory_size, read_rows  # noqa: E402
 

@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from captioner.checkpoint import load_checkpoint
 from captioner.decode import DecodingConfig, GeneratedCaption, generate
+from captioner.devices import resolve_device
 from captioner.encoder import build_encoder, image_transform
 from captioner.errors import CaptionerError
-from captioner.extract import resolve_device
 from captioner.images import ImageDataset, collate_images
 
 FORMATS = ("csv", "jsonl")

@@ -24,8 +24,8 @@ from captioner.caption import spreadsheet_safe, spreadsheet_value
 from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.corpus import Corpus, read_corpus
 from captioner.decode import DecodingConfig, GeneratedCaption, generate
+from captioner.devices import resolve_device
 from captioner.errors import CaptionerError
-from captioner.extract import resolve_device
 from captioner.images import ImageError, load_image
 from captioner.metrics import COCO, MetricsReport, check_java, score_captions
 from captioner.store import FeatureStore

@@ -13,7 +13,6 @@ is computed in the same batch as it would have been.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -23,11 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.corpus import Corpus, read_corpus
+
+# DEVICES is re-exported for captioner/cli/demo_commands.py, which still imports it from here.
+from captioner.devices import DEVICES as DEVICES
+from captioner.devices import resolve_device
+from captioner.distributed import Ranks, process_group
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
 from captioner.images import ImageDataset, collate_images
@@ -45,8 +48,6 @@ from captioner.store import (
     format_bytes,
     remove_partial_files,
 )
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass
@@ -114,68 +115,14 @@ def extract_features(config: ExtractConfig, progress: bool = False) -> ExtractSu
     started = time.perf_counter()
     if config.batch_size < 1:
         raise CaptionerError(f"batch size must be at least 1, not {config.batch_size}")
-    ranks = _Ranks.from_environment()
+    ranks = Ranks.from_environment()
     device = resolve_device(config.device, ranks.local_rank)
-    joined = ranks.world > 1 and not dist.is_initialized()
-    if joined:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
+    with process_group(ranks, device):
         return _extract(config, ranks, device, progress, started)
-    finally:
-        if joined:
-            dist.destroy_process_group()
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device called `name`; "auto" picks CUDA, then Apple MPS, then the CPU. Asking for a
-    device this machine lacks is an error. Under torchrun each rank takes GPU `local_rank`."""
-    if name not in DEVICES:
-        raise CaptionerError(f"unknown device {name!r}; choose one of {DEVICES}")
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if name == "cuda" and not cuda:
-        raise CaptionerError("--gpu / --device cuda: CUDA is not available on this machine")
-    if name == "mps" and not mps:
-        raise CaptionerError("--device mps: Apple MPS is not available on this machine")
-    if name == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
-@dataclass(frozen=True)
-class _Ranks:
-    rank: int
-    world: int
-    local_rank: int
-
-    @classmethod
-    def from_environment(cls) -> _Ranks:
-        """The process's place in a torchrun launch (rank 0 of 1 when not launched by torchrun)."""
-        env = os.environ
-        return cls(
-            int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-        )
-
-    def broadcast(self, value):
-        """Rank 0's `value` on every rank; also a barrier."""
-        if self.world == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def total(self, value: int) -> int:
-        if self.world == 1:
-            return value
-        values: list[int] = [0] * self.world
-        dist.all_gather_object(values, value)
-        return sum(values)
 
 
 def _extract(
-    config: ExtractConfig, ranks: _Ranks, device: torch.device, progress: bool, started: float
+    config: ExtractConfig, ranks: Ranks, device: torch.device, progress: bool, started: float
 ) -> ExtractSummary:
     corpus = _read_images_corpus(config)
     encoder = build_encoder(config.encoder).to_device(device)
@@ -190,20 +137,20 @@ def _extract(
         compression=config.compression,
     )
     # Rank 0 alone creates or checks the store; the others wait for its verdict.
-    refusal = _prepare_store(config, corpus, settings) if ranks.rank == 0 else None
+    refusal = _prepare_store(config, corpus, settings) if ranks.is_main else None
     refusal = ranks.broadcast(refusal)
     if refusal:
         raise CaptionerError(refusal)
 
     writer = StoreWriter(config.out)
     pending = writer.pending_shards()
-    mine = [shard for shard in pending if shard % ranks.world == ranks.rank]
+    mine = [shard for shard in pending if shard % ranks.world_size == ranks.rank]
     loop_started = time.perf_counter()
     processed = _extract_shards(
-        writer, mine, corpus, encoder, device, config, progress and ranks.rank == 0
+        writer, mine, corpus, encoder, device, config, progress and ranks.is_main
     )
     loop_seconds = time.perf_counter() - loop_started
-    processed = ranks.total(processed)  # also waits until every rank has finished writing
+    (processed,) = ranks.sum([processed])  # also waits until every rank has finished writing
 
     store = FeatureStore.open(config.out)
     status = store.status()
@@ -219,7 +166,7 @@ def _extract(
         size_on_disk=store.size_on_disk(),
         already_complete=not pending,
         failures=store.failures(),
-        is_main_process=ranks.rank == 0,
+        is_main_process=ranks.is_main,
     )
 
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -42,8 +41,9 @@ from captioner.batches import FeatureStream, StreamConfig, encode_captions
 from captioner.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from captioner.corpus import UNASSIGNED, CaptionRecord, Corpus, ImageRecord, read_corpus
 from captioner.decode import greedy_decode
+from captioner.devices import DEVICES, resolve_device
+from captioner.distributed import Ranks, process_group
 from captioner.errors import CaptionerError
-from captioner.extract import DEVICES, resolve_device
 from captioner.images import ImageError, load_image
 from captioner.metrics import corpus_bleu4
 from captioner.models import DECODERS, CaptionDecoder, DecoderConfig, LossOutput, build_decoder
@@ -131,11 +131,8 @@ def train(config: TrainConfig, progress: bool = False) -> TrainResult:
     _check_options(config)
     ranks = Ranks.from_environment()
     device = resolve_device(config.device, ranks.local_rank)
-    ranks.start(device)
-    try:
+    with process_group(ranks, device):
         return _train(config, ranks, device, progress)
-    finally:
-        ranks.stop()
 
 
 def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bool) -> TrainResult:
@@ -621,55 +618,6 @@ class Amp:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.dtype)
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place among torchrun's processes (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_environment(cls) -> Ranks:
-        environ = os.environ
-        return cls(
-            int(environ.get("RANK", 0)),
-            int(environ.get("WORLD_SIZE", 1)),
-            int(environ.get("LOCAL_RANK", 0)),
-        )
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def start(self, device: torch.device) -> None:
-        if self.world_size > 1:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    def stop(self) -> None:
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-    def gather(self, value: object) -> list:
-        """`value` of every rank, in rank order."""
-        if self.world_size == 1:
-            return [value]
-        values: list = [None] * self.world_size
-        dist.all_gather_object(values, value)
-        return values
-
-    def sum(self, values: list[float]) -> list[float]:
-        return [sum(column) for column in zip(*self.gather(values), strict=True)]
-
-    def broadcast(self, value: object) -> object:
-        """Rank 0's `value` on every rank."""
-        if self.world_size == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 def _check_options(config: TrainConfig) -> None:

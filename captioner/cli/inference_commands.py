@@ -9,8 +9,8 @@ import click
 
 from captioner.caption import FORMATS, CaptionConfig, caption_images
 from captioner.decode import STRATEGIES, DecodingConfig
+from captioner.devices import DEVICES
 from captioner.evaluate import EvaluateConfig, ScoreConfig, evaluate, score_predictions
-from captioner.extract import DEVICES
 from captioner.metrics import IMPLEMENTATIONS
 from captioner.readers import FORMATS as CAPTION_FORMATS
 

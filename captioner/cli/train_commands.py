@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
+from captioner.devices import DEVICES
 from captioner.models import DECODERS
-from captioner.train import DEVICES, TrainConfig, train
+from captioner.train import TrainConfig, train
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 

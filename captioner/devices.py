@@ -1,0 +1,27 @@
+"""The device a command computes on: the `--device` choices and how "auto" picks one."""
+
+from __future__ import annotations
+
+import torch
+
+from captioner.errors import CaptionerError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device called `name`; "auto" picks CUDA, then Apple MPS, then the CPU. Asking for a
+    device this machine lacks is an error. Under torchrun each rank takes GPU `local_rank`."""
+    if name not in DEVICES:
+        raise CaptionerError(f"unknown device {name!r}; choose one of {DEVICES}")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cuda" and not cuda:
+        raise CaptionerError("--gpu / --device cuda: CUDA is not available on this machine")
+    if name == "mps" and not mps:
+        raise CaptionerError("--device mps: Apple MPS is not available on this machine")
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
