@@ -26,7 +26,8 @@ from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.decode import greedy_decode
 from captioner.store import FeatureStore
-from captioner.train import TrainConfig, repeated_word, train
+from captioner.train import TrainConfig, train
+from captioner.training.validation import repeated_word
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

@@ -1,0 +1,82 @@
+"""What a run trains and validates on: the corpus, the store rows of each split, and the
+feature streams over them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from captioner.batches import FeatureStream, StreamConfig, encode_captions
+from captioner.corpus import UNASSIGNED, CaptionRecord, Corpus, ImageRecord, read_corpus
+from captioner.distributed import Ranks
+from captioner.errors import CaptionerError
+from captioner.store import STATUS_DONE, FeatureStore
+from captioner.text import Vocabulary
+
+if TYPE_CHECKING:
+    from captioner.train import TrainConfig
+
+
+def training_corpus(store: FeatureStore, captions: Path | None) -> Corpus:
+    """The store's corpus, or the caption file `captions` joined to the store's rows by image path
+    (the images keep the store's row order; store images the file lacks get no captions)."""
+    corpus = store.corpus()
+    if captions is None:
+        return corpus
+    override = read_corpus([Path(captions)])
+    row_of = {image.path: row for row, image in enumerate(corpus.images)}
+    split_of = {image.path: image.split for image in override.images}
+    images = [
+        ImageRecord(image.id, image.path, split_of.get(image.path, UNASSIGNED))
+        for image in corpus.images
+    ]
+    joined = [
+        CaptionRecord(row_of[override.images[c.image].path], c.raw, c.tokens)
+        for c in override.captions
+        if override.images[c.image].path in row_of
+    ]
+    if not joined:
+        raise CaptionerError(f"{captions}: none of its images are in the store {store.path}")
+    return Corpus(override.format, override.sources, images, joined, override.skipped)
+
+
+def split_rows(corpus: Corpus, store: FeatureStore, split: str) -> np.ndarray:
+    """Rows of `split` whose features are done and that have at least one caption."""
+    done = store.status() == STATUS_DONE
+    captioned = np.zeros(len(corpus.images), dtype=bool)
+    captioned[[c.image for c in corpus.captions]] = True
+    in_split = np.array([image.split == split for image in corpus.images], dtype=bool)
+    return np.flatnonzero(done & captioned & in_split)
+
+
+def feature_stream(
+    store: FeatureStore,
+    corpus: Corpus,
+    vocabulary: Vocabulary,
+    rows: np.ndarray,
+    config: TrainConfig,
+    kind: str,
+    device: torch.device,
+    ranks: Ranks | None,
+) -> FeatureStream:
+    """The training stream (this rank's shuffled part) or, with `ranks` None, the validation one."""
+    training = ranks is not None
+    stream_config = StreamConfig(
+        kind=kind,
+        batch_size=config.batch_size,
+        captions_per_image=config.captions_per_image if training else 0,
+        shuffle=training,
+        preload=config.preload,
+        workers=config.workers,
+        seed=config.seed,
+        rank=ranks.rank if training else 0,
+        world_size=ranks.world_size if training else 1,
+        # Half-precision maps cross to a GPU at half the bytes; the decoders upcast them there.
+        dtype=torch.float16 if device.type == "cuda" and kind == "spatial" else torch.float32,
+        pin_memory=device.type == "cuda",
+    )
+    captions = encode_captions(corpus, vocabulary, rows.tolist(), config.max_length)
+    return FeatureStream(store, rows, captions, stream_config)

@@ -1,0 +1,72 @@
+"""The metrics log of a run: one row per epoch, kept in metrics.jsonl and drawn in curves.png,
+and the line printed for each epoch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from captioner import visualize
+from captioner.training.resume import RunState
+from captioner.training.validation import Validation
+
+
+@dataclass
+class EpochTiming:
+    seconds: float
+    data_wait: float  # seconds spent waiting for the next batch
+    captions: int
+
+
+def epoch_row(
+    state: RunState, timing: EpochTiming, validation: Validation, world_size: int
+) -> dict:
+    """The metrics.jsonl row of the epoch `state` has just trained and `validation` measured."""
+    repeating = validation.repeating()
+    tokens = max(state.tokens, 1)
+    return {
+        "epoch": state.epoch + 1,
+        # Losses are mean negative log-likelihood per target token, train and val alike; the
+        # objective adds label smoothing and the attention penalty to the train one.
+        "objective": state.loss_sum / tokens,
+        "train_loss": state.nll_sum / tokens,
+        "train_ppl": _perplexity(state.nll_sum / tokens),
+        "val_loss": validation.loss,
+        "val_ppl": _perplexity(validation.loss),
+        "val_bleu4": validation.bleu4,
+        "sample": " ".join(validation.hypotheses[validation.sample_row]),
+        "repeating_captions": len(repeating),
+        "repeating_example": " ".join(repeating[0]) if repeating else "",
+        "captions_per_s": timing.captions / max(timing.seconds, 1e-9),
+        "data_wait": timing.data_wait / max(timing.seconds, 1e-9),  # of rank 0
+        "seconds": timing.seconds,
+        "ranks": world_size,
+    }
+
+
+def describe_epoch(row: dict, improved: bool, epochs: int) -> str:
+    """The lines printed after an epoch: its losses, BLEU-4, speed and sample caption."""
+    return (
+        f"epoch {row['epoch']}/{epochs}  objective {row['objective']:.3f}"
+        f"  train loss {row['train_loss']:.3f} ppl {row['train_ppl']:.1f}"
+        f"  val loss {row['val_loss']:.3f} ppl {row['val_ppl']:.1f}  BLEU-4 {row['val_bleu4']:.4f}"
+        f"{' (best)' if improved else ''}  {row['captions_per_s']:.0f} captions/s"
+        f"  data wait {100 * row['data_wait']:.1f}%\n  sample: {row['sample']}"
+    )
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    """metrics.jsonl and curves.png from the whole history (rewritten atomically each epoch, so a
+    run killed between two writes never leaves a duplicate or a missing row after resume)."""
+    temporary = out / ".metrics.jsonl.tmp"
+    temporary.write_text("".join(json.dumps(row) + "\n" for row in history), "utf-8")
+    os.replace(temporary, out / "metrics.jsonl")
+    if history:
+        visualize.save_training_curves(out / "curves.png", history)
+
+
+def _perplexity(mean_nll: float) -> float:
+    return math.exp(min(mean_nll, 50.0))

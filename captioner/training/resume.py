@@ -1,0 +1,155 @@
+"""best.pt and last.pt: what they hold, writing them, and resuming a run from last.pt.
+
+Both hold the decoder's weights with everything captioning needs (captioner.checkpoint). last.pt
+adds what makes resume exact: the optimizer and loss-scaler state, every rank's RNG state, and
+the RunState (where in which epoch the run stands, and its history). A resumed run must be the
+same run, so the store, the vocabulary, the number of processes and every option outside
+RESUMABLE_CHANGES must match the ones last.pt was written with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from captioner.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from captioner.errors import CaptionerError
+from captioner.training.run import Run
+
+if TYPE_CHECKING:
+    from captioner.train import TrainConfig
+
+# Options that may change when a run is resumed; any other change is refused (it would silently
+# make the resumed run a different run).
+RESUMABLE_CHANGES = frozenset(
+    {
+        "features",
+        "out",
+        "epochs",
+        "early_stop",
+        "device",
+        "workers",
+        "preload",
+        "resume",
+        "captions",
+        "checkpoint_minutes",
+    }
+)
+
+
+@dataclass
+class RunState:
+    """Where a run stands: what last.pt records besides the weights and the optimizer."""
+
+    epoch: int = 0  # the epoch in progress, 0-based (equals the epochs done at an epoch end)
+    step: int = 0  # batches of `epoch` already trained
+    loss_sum: float = 0.0  # training objective of `epoch` so far, summed over target tokens
+    nll_sum: float = 0.0  # unsmoothed negative log-likelihood of `epoch` so far
+    tokens: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_bleu4: float = -1.0
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+
+    def early_stopped(self, patience: int) -> bool:
+        return patience > 0 and self.epochs_without_improvement >= patience
+
+
+def save_run(run: Run, path: Path, state: RunState, resumable: bool = False) -> None:
+    """Write best.pt / last.pt from rank 0. A resumable (last.pt) checkpoint also holds the
+    optimizer, the loss scaler and every rank's RNG state, so all ranks must call it."""
+    rng_states = run.ranks.gather(_rng_state()) if resumable else []
+    if not run.ranks.is_main:
+        return
+    checkpoint = Checkpoint(
+        decoder_config=run.decoder.config,
+        state_dict=run.decoder.state_dict(),
+        vocabulary=run.vocabulary,
+        encoder_config=run.store.encoder_config,
+        store_fingerprint=run.store.fingerprint,
+        grid=run.store.grid,
+        training={
+            "epoch": state.epoch,
+            "step": state.step,
+            "metrics": state.history[-1] if state.history else {},
+            "options": _options(run.config),
+        },
+    )
+    extra = None
+    if resumable:
+        extra = {
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.amp.scaler.state_dict(),
+            "rng": rng_states,
+            "world_size": run.ranks.world_size,
+            "state": asdict(state),
+        }
+    save_checkpoint(path, checkpoint, extra)
+
+
+def resume_run(run: Run, path: Path) -> RunState:
+    """Load last.pt into the decoder, optimizer and RNGs, after checking it is the same run."""
+    if not path.is_file():
+        raise CaptionerError(f"{path}: nothing to resume (no last.pt in {path.parent})")
+    config, store, ranks = run.config, run.store, run.ranks
+    checkpoint, extra = load_checkpoint(path)
+    if checkpoint.store_fingerprint != store.fingerprint:
+        raise CaptionerError(
+            f"{store.path}: its features do not match the run being resumed ({path} was trained"
+            f" on store {checkpoint.store_fingerprint}, this store is {store.fingerprint})"
+        )
+    if "state" not in extra:
+        raise CaptionerError(f"{path}: holds no resume state (was it copied from a best.pt?)")
+    saved, current = checkpoint.training["options"], _options(config)
+    changed = [
+        f"--{name.replace('_', '-')} {saved.get(name)} -> {current[name]}"
+        for name in current
+        if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]
+    ]
+    if changed:
+        raise CaptionerError(
+            f"{path}: resume with the options the run started with; changed: {', '.join(changed)}"
+        )
+    if checkpoint.vocabulary.words != run.vocabulary.words:
+        raise CaptionerError(
+            f"{config.captions or store.path}: the captions give another vocabulary than the run"
+            " being resumed"
+        )
+    if extra["world_size"] != ranks.world_size:
+        raise CaptionerError(
+            f"{path}: the run used {extra['world_size']} processes; resume it with as many"
+        )
+    run.decoder.load_state_dict(checkpoint.state_dict)
+    run.optimizer.load_state_dict(extra["optimizer"])
+    if run.amp.scaler.is_enabled() and extra["scaler"]:
+        run.amp.scaler.load_state_dict(extra["scaler"])
+    _set_rng_state(extra["rng"][ranks.rank], run.device)
+    return RunState(**extra["state"])
+
+
+def _options(config: TrainConfig) -> dict:
+    """The config as plain values (paths as text), as checkpoints store it."""
+    return {
+        name: str(value) if isinstance(value, Path) else value
+        for name, value in asdict(config).items()
+    }
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])

@@ -1,0 +1,70 @@
+"""The decoder under training and what each optimizer step needs with it: the optimizer, mixed
+precision, and (under torchrun) the DistributedDataParallel wrapper."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from captioner.distributed import Ranks
+from captioner.models import CaptionDecoder, LossOutput
+from captioner.store import FeatureStore
+from captioner.text import Vocabulary
+
+if TYPE_CHECKING:
+    from captioner.train import TrainConfig
+
+
+class Run:
+    """What every step of a run uses: its config and process, the decoder and its optimizer,
+    and the store and vocabulary that every checkpoint records."""
+
+    def __init__(
+        self, config: TrainConfig, ranks: Ranks, device: torch.device, store: FeatureStore,
+        vocabulary: Vocabulary, decoder: CaptionDecoder,
+    ) -> None:  # fmt: skip
+        self.config, self.ranks, self.device = config, ranks, device
+        self.store, self.vocabulary, self.decoder = store, vocabulary, decoder
+        self.optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
+        self.amp = Amp(device)
+        self.model: nn.Module = LossModel(decoder, config.label_smoothing, config.alpha_c)
+        if ranks.world_size > 1:
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+
+class LossModel(nn.Module):
+    """The training loss as `forward`, which is what DistributedDataParallel synchronizes."""
+
+    def __init__(self, decoder: CaptionDecoder, label_smoothing: float, alpha_c: float) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.label_smoothing, self.alpha_c = label_smoothing, alpha_c
+
+    def forward(
+        self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
+    ) -> LossOutput:
+        return self.decoder.training_loss(
+            features, image_index, captions, lengths, self.label_smoothing, self.alpha_c
+        )
+
+
+class Amp:
+    """Mixed precision on CUDA only: bfloat16 where supported (no loss scaling needed), else
+    float16 with a gradient scaler. Elsewhere both are no-ops."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.dtype = None
+        if device.type == "cuda":
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.dtype)
