@@ -3,6 +3,9 @@
 A classifier's last convolutional map is kept (its average pool and classifier are dropped), so
 a ResNet at 448 px gives a 14x14 grid of 2048-channel vectors: the regions that attention
 decoders look at. The encoder is never trained here, so it is built in eval mode without grads.
+
+torchvision is imported only inside the functions that build its models and transforms: importing
+it takes seconds, which every `captioner` command and every torchrun rank would otherwise pay.
 """
 
 from __future__ import annotations
@@ -12,25 +15,29 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
-from torchvision import models, transforms
 
 from captioner.errors import CaptionerError
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_WEIGHTS_SEED = 0
 
-# name -> (torchvision builder, weights enum, prefix of the classifier-head keys in its state dict)
+# name -> (torchvision.models builder, its weights enum, prefix of the classifier-head keys in its
+# state dict), by attribute name so that torchvision is imported only when one is built.
 _TORCHVISION = {
-    "resnet152": (models.resnet152, models.ResNet152_Weights, "fc."),
-    "resnet101": (models.resnet101, models.ResNet101_Weights, "fc."),
-    "resnet50": (models.resnet50, models.ResNet50_Weights, "fc."),
-    "resnet18": (models.resnet18, models.ResNet18_Weights, "fc."),
-    "mobilenet_v2": (models.mobilenet_v2, models.MobileNet_V2_Weights, "classifier."),
+    "resnet152": ("resnet152", "ResNet152_Weights", "fc."),
+    "resnet101": ("resnet101", "ResNet101_Weights", "fc."),
+    "resnet50": ("resnet50", "ResNet50_Weights", "fc."),
+    "resnet18": ("resnet18", "ResNet18_Weights", "fc."),
+    "mobilenet_v2": ("mobilenet_v2", "MobileNet_V2_Weights", "classifier."),
 }
 ENCODER_NAMES = (*_TORCHVISION, "tiny")
 
@@ -122,6 +129,8 @@ def build_encoder(config: EncoderConfig) -> FrozenEncoder:
 
 def image_transform(config: EncoderConfig) -> Callable[[Image.Image], torch.Tensor]:
     """Resize to SxS (the whole picture, no crop: captions describe all of it), then normalize."""
+    from torchvision import transforms
+
     size = config.image_size
     return transforms.Compose(
         [
@@ -135,7 +144,7 @@ def image_transform(config: EncoderConfig) -> Callable[[Image.Image], torch.Tens
 def _imagenet_encoder(config: EncoderConfig) -> FrozenEncoder:
     if config.name == "tiny":
         raise CaptionerError("encoder 'tiny' has no ImageNet weights; use weights 'none'")
-    builder, weights_enum, _ = _TORCHVISION[config.name]
+    builder, weights_enum = _torchvision_classifier(config.name)
     weights = weights_enum.DEFAULT
     try:
         model = builder(weights=weights)
@@ -177,8 +186,16 @@ def _local_weights_encoder(config: EncoderConfig, path: Path) -> FrozenEncoder:
 def _architecture(name: str) -> nn.Module:
     if name == "tiny":
         return _tiny_cnn()
-    builder, _, _ = _TORCHVISION[name]
+    builder, _ = _torchvision_classifier(name)
     return builder(weights=None)
+
+
+def _torchvision_classifier(name: str) -> tuple[Callable[..., nn.Module], type[WeightsEnum]]:
+    """torchvision's builder of the classifier `name` and the enum of its pretrained weights."""
+    from torchvision import models
+
+    builder, weights_enum, _ = _TORCHVISION[name]
+    return getattr(models, builder), getattr(models, weights_enum)
 
 
 def _backbone(name: str, model: nn.Module) -> nn.Module:

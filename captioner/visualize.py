@@ -1,7 +1,9 @@
 """Pictures for people: where the attention model looked for each word, and how training went.
 
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot, so no global figure state and
-no display needed) and written atomically, so a viewer never sees a half-written PNG.
+no display needed) and written atomically, so a viewer never sees a half-written PNG. matplotlib
+is imported inside the drawing functions: it takes a noticeable time to import, and every
+`captioner` command would pay it at start-up.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from PIL import Image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 100
 PANEL_INCHES = 2.0  # one word's panel: 200 x 200 pixels
@@ -36,6 +39,8 @@ def save_attention_figure(
     each panel is the image with the grid upsampled over it as a heatmap; without, the grid
     itself as a heatmap. An empty caption gives one panel saying so.
     """
+    from matplotlib.figure import Figure
+
     height, width = grid
     alphas = np.asarray(alphas, dtype=np.float32)
     if alphas.shape != (len(words), height * width):
@@ -67,6 +72,9 @@ def save_attention_figure(
 def save_training_curves(path: Path, rows: Sequence[dict]) -> None:
     """One PNG with train/val loss and val BLEU-4 per epoch, from metrics rows with the keys
     "epoch", "train_loss", "val_loss", "val_bleu4" (a missing value is left out of its curve)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     figure = Figure(figsize=(10, 4), dpi=DPI)
     loss_axes, bleu_axes = figure.subplots(1, 2)
     for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
@@ -101,6 +109,8 @@ def _upsampled(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _save(figure: Figure, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")

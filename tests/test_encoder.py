@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from PIL import Image
@@ -74,3 +77,17 @@ def test_bad_requests_are_refused_with_a_clear_message(tmp_path):
     torch.save({"other.weight": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CaptionerError, match="does not fit encoder tiny"):
         build_encoder(EncoderConfig("tiny", str(tmp_path / "other.pt"), 64))
+
+
+def test_the_command_line_and_the_tiny_encoder_start_without_torchvision_or_matplotlib():
+    """Both take seconds to import: every command and every torchrun rank would pay them."""
+    code = (
+        "import sys, captioner.cli\n"
+        "from captioner.encoder import EncoderConfig, build_encoder\n"
+        "build_encoder(EncoderConfig('tiny', 'none', 64))\n"
+        "print(sorted({'torchvision', 'matplotlib'} & sys.modules.keys()))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert completed.stdout.strip() == "[]"
