@@ -20,6 +20,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 from nltk.translate.bleu_score import corpus_bleu
@@ -206,11 +207,25 @@ def _meteor_1_5(meteor, gts: dict, res: dict) -> float:
 
 
 def _nltk_bleu(references: list[list[list[str]]], hypotheses: list[list[str]], n: int) -> float:
+    """NLTK corpus BLEU-n without smoothing, exactly 0.0 when some n-gram order has no match.
+
+    NLTK's own no-smoothing puts the smallest float in place of such a zero precision, which
+    turns the score into about 1e-232 instead of 0 (and a curve axis into 1e-232). Its smoothing
+    hook sees the precisions, so it is used here only to notice a zero one.
+    """
     if not hypotheses:
         return 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NLTK warns when some n-gram order has no match at all
-        return float(corpus_bleu(references, hypotheses, weights=(1.0 / n,) * n))
+    unmatched_orders = 0
+
+    def no_smoothing(precisions: list[Fraction], *args: object, **kwargs: object) -> list:
+        nonlocal unmatched_orders
+        unmatched_orders = sum(precision.numerator == 0 for precision in precisions)
+        return precisions
+
+    bleu = corpus_bleu(
+        references, hypotheses, weights=(1.0 / n,) * n, smoothing_function=no_smoothing
+    )
+    return 0.0 if unmatched_orders else float(bleu)
 
 
 def _rouge_l(gts: dict, res: dict) -> float:

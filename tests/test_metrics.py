@@ -25,6 +25,16 @@ def test_corpus_bleu4_is_one_for_a_perfect_match_and_zero_without_overlap():
     assert corpus_bleu4([], []) == 0.0
 
 
+def test_corpus_bleu4_is_exactly_zero_when_no_4_gram_matches():
+    references = [[["a", "dog", "runs", "on", "the", "grass"]]]
+    # Words, pairs and triples match but no 4-gram does: NLTK alone gives about 1e-78 here.
+    assert corpus_bleu4(references, [["a", "dog", "runs", "in", "the", "grass"]]) == 0.0
+    # Only words match: about 1e-232 from NLTK alone.
+    assert corpus_bleu4(references, [["a", "cat", "sits", "in", "the", "park"]]) == 0.0
+    # One 4-gram match is enough for a real score.
+    assert corpus_bleu4(references, [["a", "dog", "runs", "on", "a", "lawn"]]) > 0.5
+
+
 def test_corpus_bleu4_rewards_closer_hypotheses():
     references = [
         [["a", "dog", "runs", "on", "the", "green", "grass"], ["a", "dog", "is", "running"]]
