@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from factories import make_store
+from flickr8k_fixture import flickr8k_test_captions
 from inference_factories import make_checkpoint
 from PIL import Image
 
@@ -22,7 +23,6 @@ from captioner.evaluate import EvaluateConfig, ScoreConfig, evaluate, score_pred
 from captioner.store import FeatureStore
 from captioner.text import SPECIAL_TOKENS, Vocabulary
 
-FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k"
 FALLBACK = "nltk-fallback"  # no Java start-up: these tests are about evaluate, not the scorers
 
 
@@ -199,24 +199,15 @@ def test_evaluate_py_entry_point_runs_the_same_command(tmp_path, store_path, che
 def flickr8k_references_without_caption_zero(folder: Path, images: int) -> tuple[Path, dict]:
     """A Kaggle-style captions.txt with captions #1-#4 of the first test images (all 'test' by
     the split file beside it), and caption #0 of each as a system's prediction."""
-    if not (FLICKR8K / "Flickr8k.token.txt").is_file():
-        pytest.skip("Flickr8k fixtures not present")
-    test_images = (FLICKR8K / "Flickr_8k.testImages.txt").read_text().split()[:images]
-    wanted = set(test_images)
-    captions: dict[str, dict[int, str]] = {}
-    for line in (FLICKR8K / "Flickr8k.token.txt").read_text("utf-8").splitlines():
-        key, _, text = line.partition("\t")
-        image, _, number = key.partition("#")
-        if image in wanted:
-            captions.setdefault(image, {})[int(number)] = text
+    captions = flickr8k_test_captions(images)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "captions.txt", "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file, lineterminator="\n")
         writer.writerow(["image", "caption"])
-        for image in test_images:
-            writer.writerows([image, captions[image][n]] for n in range(1, 5))
-    (folder / "Flickr_8k.testImages.txt").write_text("\n".join(test_images) + "\n")
-    return folder / "captions.txt", {image: captions[image][0] for image in test_images}
+        for image, texts in captions.items():
+            writer.writerows([image, text] for text in texts[1:])
+    (folder / "Flickr_8k.testImages.txt").write_text("\n".join(captions) + "\n")
+    return folder / "captions.txt", {image: texts[0] for image, texts in captions.items()}
 
 
 @pytest.mark.skipif(not metrics.java_available(), reason="the coco-caption metrics need Java")

@@ -4,15 +4,14 @@ a fresh clone does not have them)."""
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from flickr8k_fixture import FLICKR8K
 
 from captioner.corpus import Corpus, read_corpus
 from captioner.corpus_stats import corpus_stats
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k"
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"{FIXTURES} is absent")
+pytestmark = pytest.mark.skipif(not FLICKR8K.is_dir(), reason=f"{FLICKR8K} is absent")
 
 MALFORMED_KEY = "2258277193_586949ec62.jpg.1"
 ITS_IMAGE = "2258277193_586949ec62.jpg"  # has 4 good captions in the token file
@@ -20,12 +19,12 @@ ITS_IMAGE = "2258277193_586949ec62.jpg"  # has 4 good captions in the token file
 
 @pytest.fixture(scope="module")
 def token() -> Corpus:
-    return read_corpus([FIXTURES / "Flickr8k.token.txt"])
+    return read_corpus([FLICKR8K / "Flickr8k.token.txt"])
 
 
 @pytest.fixture(scope="module")
 def kaggle() -> Corpus:
-    return read_corpus([FIXTURES / "captions.txt"])
+    return read_corpus([FLICKR8K / "captions.txt"])
 
 
 def captions_by_path(corpus: Corpus) -> dict[str, list[str]]:
@@ -60,7 +59,7 @@ def test_standard_split_is_6000_1000_1000(token: Corpus, kaggle: Corpus) -> None
     assert Counter(i.split for i in kaggle.images) == {
         "train": 6000, "val": 1000, "test": 1000, "unassigned": 91
     }  # fmt: skip
-    listed = (FIXTURES / "Flickr_8k.testImages.txt").read_text().split()
+    listed = (FLICKR8K / "Flickr_8k.testImages.txt").read_text().split()
     split_of = {image.path: image.split for image in token.images}
     assert {split_of[name] for name in listed} == {"test"}
 
@@ -80,8 +79,8 @@ def test_the_two_formats_agree_on_the_images_they_share(token: Corpus, kaggle: C
 
 
 def test_statistics_with_the_real_images(token: Corpus) -> None:
-    stats = corpus_stats(token, min_count=5, images_dir=FIXTURES / "images")
-    on_disk = len(list((FIXTURES / "images").glob("*.jpg")))
+    stats = corpus_stats(token, min_count=5, images_dir=FLICKR8K / "images")
+    on_disk = len(list((FLICKR8K / "images").glob("*.jpg")))
     assert stats.missing is not None
     assert stats.missing.images == 8092 - on_disk
     assert stats.captions_per_image == {"min": 4, "mean": 5.0, "max": 5}

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from flickr8k_fixture import flickr8k_test_captions
 
 from captioner import metrics
 from captioner.errors import CaptionerError
 from captioner.metrics import COCO, FALLBACK, METRICS, corpus_bleu4, score_captions
 
-FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k"
 IMAGES = 200  # the scorers' Java start-up dominates; a few hundred images keep this test fast
 
 
@@ -46,18 +44,9 @@ def test_corpus_bleu4_rewards_closer_hypotheses():
 
 def flickr8k_human_split() -> tuple[dict[str, list[str]], dict[str, str]]:
     """For test images: caption #0 as the 'system', captions #1-#4 as the references."""
-    if not (FLICKR8K / "Flickr8k.token.txt").is_file():
-        pytest.skip("Flickr8k fixtures not present")
-    test_images = (FLICKR8K / "Flickr_8k.testImages.txt").read_text().split()[:IMAGES]
-    wanted = set(test_images)
-    captions: dict[str, dict[int, str]] = {}
-    for line in (FLICKR8K / "Flickr8k.token.txt").read_text("utf-8").splitlines():
-        key, _, text = line.partition("\t")
-        image, _, number = key.partition("#")
-        if image in wanted:
-            captions.setdefault(image, {})[int(number)] = text
-    predictions = {image: captions[image][0] for image in test_images}
-    references = {image: [captions[image][n] for n in range(1, 5)] for image in test_images}
+    captions = flickr8k_test_captions(IMAGES)
+    predictions = {image: texts[0] for image, texts in captions.items()}
+    references = {image: texts[1:] for image, texts in captions.items()}
     return references, predictions
 
 
