@@ -22,13 +22,15 @@ _WORDS = RegexpTokenizer(r"[^\W_]+")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased words with punctuation removed: ``"A dog's ball."`` -> ``["a", "dog", "s", "ball"]``."""
+    """Lower-cased words with punctuation removed:
+    ``"A dog's ball."`` -> ``["a", "dog", "s", "ball"]``."""
     return _WORDS.tokenize(text.lower())
 
 
 @dataclass
 class Vocabulary:
-    """Words by id. Ids 0-3 are the special tokens; the rest are sorted by count, then alphabetically."""
+    """Words by id. Ids 0-3 are the special tokens; the rest are sorted by count, then
+    alphabetically."""
 
     words: list[str]
     index: dict[str, int] = field(init=False, repr=False)
