@@ -14,7 +14,9 @@ from captioner.errors import CaptionerError
 from captioner.synthetic import (
     CAPTION_FILE,
     check_caption,
+    find_mentions,
     make_scene,
+    mirror_relation,
     read_scenes,
     scene_accuracy,
     split_of,
@@ -70,9 +72,30 @@ def test_every_reference_caption_checks_out_against_its_scene():
     assert len(wordings) > 15  # the references vary in wording, not only in their objects
 
 
+def test_only_the_picture_tells_which_relation_word_comes():
+    """Which group is named first is drawn per caption, so "left" and "right" (etc.) are equally
+    likely after any prefix; a caption's mirror keeps its objects but states the wrong layout."""
+    first_named, opening_words = Counter(), Counter()
+    for index in _SCENES:
+        scene, _, captions = make_scene(3, index)
+        if scene.relation is None:
+            continue
+        for raw in captions:
+            tokens = tokenize(raw)
+            first = find_mentions(tokens)[0]
+            first_named[(first.color, first.shape) == scene.groups[0].kind] += 1
+            opening_words[next(w for w in tokens if w in ("left", "right", "top", "bottom",
+                                                         "above", "below", "over", "under"))] += 1
+            mirrored = check_caption(mirror_relation(tokens), scene)
+            assert mirrored.objects and mirrored.layout is False, raw
+    assert 0.4 < first_named[True] / sum(first_named.values()) < 0.6
+    for word, opposite in (("left", "right"), ("above", "below"), ("over", "under")):
+        assert 0.35 < opening_words[word] / (opening_words[word] + opening_words[opposite]) < 0.65
+
+
 def test_left_and_right_in_the_captions_match_the_object_positions():
-    """Independent of the caption parser: read "X ... left of/right of ... Y" with a regex and
-    compare with where the objects' pixels are."""
+    """Independent of the caption parser: read "X ... left/right ... Y" with a regex and compare
+    with where the objects' pixels are."""
     checked = 0
     for index in _SCENES:
         scene, image, captions = make_scene(11, index)
@@ -85,11 +108,11 @@ def test_left_and_right_in_the_captions_match_the_object_positions():
         x_of = {(g.color, g.shape): np.mean([c[0] for c in g.centers]) for g in scene.groups}
         for raw in captions:
             text = raw.lower()
-            side = "left" if " left " in text else "right" if " right " in text else None
+            side = re.search(r"\b(left|right)\b", text)  # the first one says where X is
             if side is None:
                 continue
             first, second = [tuple(m) for m in _KIND.findall(text)]
-            assert (x_of[first] < x_of[second]) == (side == "left"), raw
+            assert (x_of[first] < x_of[second]) == (side.group(1) == "left"), raw
             checked += 1
     assert checked > 200
 

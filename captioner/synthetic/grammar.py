@@ -1,8 +1,8 @@
 """Captions for a scene, and the reverse: reading a caption back to check it against the scene.
 
 The grammar states what a person would say: the count, (sometimes) the size, the color and the
-shape of each group, and for two groups where one is relative to the other. Each reference caption
-of an image uses a different wording template, so the references vary the way human ones do
+shape of each group, and for two groups where one is relative to the other. The references of an
+image cycle through the wording templates, so they vary the way human ones do
 ("a red circle to the left of a blue square" / "a blue square to the right of a red circle").
 
 `check_caption` parses a generated caption with the same vocabulary, so a model can be scored on
@@ -31,20 +31,21 @@ _SINGLE_TEMPLATES = (
     "a picture of {a}",
     "an image of {a}",
 )
-_PAIR_TEMPLATES = {  # {a} is groups[0], {b} is groups[1]
+# For two groups: which group is named first is drawn per caption, and the relation words are
+# chosen to match, so the words ("left"/"right", ...) can only be predicted from the picture.
+# {0} and {1} take the pair of words in this order when groups[0] is named first, else swapped.
+_PAIR_TEMPLATES = {
     "left of": (
-        "{a} to the left of {b}",
-        "{a} left of {b}",
-        "{b} to the right of {a}",
-        "{a} on the left and {b} on the right",
-        "{b} on the right of {a}",
+        ("{x} to the {0} of {y}", ("left", "right")),
+        ("{x} {0} of {y}", ("left", "right")),
+        ("{x} on the {0} of {y}", ("left", "right")),
+        ("{x} on the {0} and {y} on the {1}", ("left", "right")),
     ),
     "above": (
-        "{a} above {b}",
-        "{b} below {a}",
-        "{b} under {a}",
-        "{a} at the top and {b} at the bottom",
-        "{a} over {b}",
+        ("{x} {0} {y}", ("above", "below")),
+        ("{x} {0} {y}", ("over", "under")),
+        ("{x} at the {0} and {y} at the {1}", ("top", "bottom")),
+        ("{x} {verb} {0} {y}", ("above", "below")),
     ),
 }
 # Words between two object mentions that say where the first one is relative to the second.
@@ -54,10 +55,12 @@ _RELATION_WORDS = {
     "below": "below", "under": "below", "beneath": "below", "bottom": "below",
 }
 _INVERSE = {"right of": "left of", "below": "above"}
+_MIRRORED = {"left": "right", "above": "below", "over": "under", "top": "bottom"}
+_MIRRORED.update({b: a for a, b in list(_MIRRORED.items())})
 
 
 def describe(scene: Scene, rng: np.random.Generator, count: int = 5) -> list[str]:
-    """`count` distinct reference captions, each from a different template while templates last."""
+    """`count` distinct reference captions, cycling through the templates in a random order."""
     templates = (
         _SINGLE_TEMPLATES if scene.relation is None else _PAIR_TEMPLATES[scene.relation]
     )
@@ -67,24 +70,41 @@ def describe(scene: Scene, rng: np.random.Generator, count: int = 5) -> list[str
         if len(captions) == count:
             break
         template = order[attempt % len(order)]
-        text = _fill(template, scene, rng)
+        fill = _fill if scene.relation is None else _fill_pair
+        text = fill(template, scene, rng)
         if text not in captions:
             captions.append(text)
     return [text[0].upper() + text[1:] + "." for text in captions]
 
 
 def _fill(template: str, scene: Scene, rng: np.random.Generator) -> str:
-    phrases = [_noun_phrase(group, with_size=rng.random() < 0.5, rng=rng) for group in scene.groups]
-    first = scene.groups[0]
-    text = template.format(
-        a=phrases[0],
-        b=phrases[-1],
-        verb="is" if first.count == 1 else "are",
+    (group,) = scene.groups
+    return template.format(
+        a=_noun_phrase(group, with_size=rng.random() < 0.5, rng=rng),
+        verb=_verb(group),
         background=scene.background,
     )
-    if scene.relation is not None and rng.random() < 0.2:
+
+
+def _fill_pair(
+    template: tuple[str, tuple[str, str]], scene: Scene, rng: np.random.Generator
+) -> str:
+    text, words = template
+    first = int(rng.integers(2))
+    x, y = scene.groups[first], scene.groups[1 - first]
+    text = text.format(
+        *(words if first == 0 else words[::-1]),
+        x=_noun_phrase(x, with_size=rng.random() < 0.5, rng=rng),
+        y=_noun_phrase(y, with_size=rng.random() < 0.5, rng=rng),
+        verb=_verb(x),
+    )
+    if rng.random() < 0.2:
         text += f" on a {scene.background} background"
     return text
+
+
+def _verb(group: ObjectGroup) -> str:
+    return "is" if group.count == 1 else "are"
 
 
 def _noun_phrase(group: ObjectGroup, with_size: bool, rng: np.random.Generator) -> str:
@@ -94,6 +114,14 @@ def _noun_phrase(group: ObjectGroup, with_size: bool, rng: np.random.Generator) 
     if number == "a" and words[0][0] in "aeiou":
         number = "an"
     return " ".join([number, *words])
+
+
+def mirror_relation(tokens: Sequence[str]) -> list[str] | None:
+    """The caption with every relation word swapped for its opposite ("left" <-> "right",
+    "above" <-> "below", ...): the same words saying the opposite layout. None if it has none."""
+    if not any(word in _MIRRORED for word in tokens):
+        return None
+    return [_MIRRORED.get(word, word) for word in tokens]
 
 
 @dataclass(frozen=True)

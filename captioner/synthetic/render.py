@@ -36,8 +36,8 @@ def _background(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     angle = rng.uniform(0, 2 * math.pi)
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     gradient = math.cos(angle) * ramp[None, :] + math.sin(angle) * ramp[:, None]
-    pixels = base + gradient[..., None] * rng.uniform(5, 20)
-    pixels += rng.normal(0.0, rng.uniform(2, 7), size=(size, size, 3))
+    pixels = base + gradient[..., None] * rng.uniform(3, 12)
+    pixels += rng.normal(0.0, rng.uniform(1, 4), size=(size, size, 3))
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 

@@ -13,14 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SHAPES = ("circle", "square", "triangle", "star", "cross")
+SHAPES = ("circle", "square", "triangle", "star")
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
     "blue": (40, 80, 225),
     "yellow": (245, 215, 40),
-    "purple": (150, 60, 190),
-    "orange": (245, 140, 30),
 }
 # Background names share no word with the object colors, so a caption's words stay unambiguous.
 BACKGROUNDS = {"white": (238, 238, 235), "gray": (128, 128, 130), "black": (22, 22, 26)}
@@ -28,7 +26,7 @@ SIZES = ("small", "large")
 RELATIONS = ("left of", "above")  # groups[0] RELATION groups[1]; "right of"/"below" are the swaps
 
 # Object radius as a fraction of the image side, per size class (min, max).
-_RADIUS = {"small": (0.075, 0.095), "large": (0.13, 0.165)}
+_RADIUS = {"small": (0.11, 0.13), "large": (0.18, 0.22)}
 _GAP = 0.03  # least empty space between two objects, as a fraction of the image side
 _TRIES = 200
 
@@ -92,10 +90,10 @@ def sample_scene(rng: np.random.Generator, image_size: int) -> Scene:
     """A random scene: half are a single group, half two groups in a stated relation."""
     background = str(rng.choice(list(BACKGROUNDS)))
     if rng.random() < 0.5:
-        count = int(rng.choice([1, 2, 3], p=[0.6, 0.2, 0.2]))
+        count = int(rng.choice([1, 2, 3], p=[0.7, 0.2, 0.1]))
         kind = _random_kind(rng)
         return Scene(image_size, background, (_place_alone(rng, image_size, kind, count),), None)
-    counts = [(1, 1), (2, 1), (1, 2)][int(rng.choice(3, p=[0.6, 0.2, 0.2]))]
+    counts = [(1, 1), (2, 1), (1, 2)][int(rng.choice(3, p=[0.8, 0.1, 0.1]))]
     first_kind = _random_kind(rng)
     second_kind = _random_kind(rng)
     while second_kind[:2] == first_kind[:2]:
