@@ -40,7 +40,12 @@ from captioner.errors import CaptionerError
 from captioner.models import DECODERS, DecoderConfig, build_decoder
 from captioner.store import FeatureStore
 from captioner.text import Vocabulary
-from captioner.training.data import feature_stream, split_rows, training_corpus
+from captioner.training.data import (
+    feature_statistics,
+    feature_stream,
+    split_rows,
+    training_corpus,
+)
 from captioner.training.metrics_log import EpochTiming, describe_epoch, epoch_row, write_metrics
 from captioner.training.resume import RunState, resume_run, save_run
 from captioner.training.run import Run
@@ -117,7 +122,9 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bo
         config.model, len(vocabulary), store.channels, config.embed_size, config.hidden_size,
         config.attention_size, config.dropout,
     )  # fmt: skip
-    decoder = build_decoder(decoder_config).to(device)
+    decoder = build_decoder(decoder_config)
+    decoder.set_feature_statistics(*feature_statistics(store, train_rows, decoder.feature_kind))
+    decoder = decoder.to(device)
     run = Run(config, ranks, device, store, vocabulary, decoder)
     state = RunState()
     if config.resume:

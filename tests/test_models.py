@@ -243,3 +243,22 @@ def test_loss_output_fields():
     assert isinstance(output, LossOutput)
     assert output.loss.requires_grad and output.loss.dim() == 0
     assert isinstance(output.tokens, int)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_feature_statistics_standardize_what_the_decoder_reads(model):
+    """A decoder with statistics (mean, std) reads x as one without them reads (x - mean) / std,
+    in training and in decoding alike, and keeps them in its weights."""
+    plain, standardizing = make_decoder(model).eval(), make_decoder(model).eval()
+    mean, std = torch.linspace(-3, 3, CHANNELS), torch.linspace(0.5, 40, CHANNELS)
+    standardizing.set_feature_statistics(mean, std)
+    features = make_features(plain, 3) * std + mean
+    captions, lengths = pad_captions(WORDS)
+    torch.testing.assert_close(
+        standardizing.training_loss(features, IMAGE_INDEX, captions, lengths).loss,
+        plain.training_loss((features - mean) / std, IMAGE_INDEX, captions, lengths).loss,
+    )
+    assert greedy(standardizing, features) == greedy(plain, (features - mean) / std)
+    reloaded = make_decoder(model)
+    reloaded.load_state_dict(standardizing.state_dict())
+    torch.testing.assert_close(reloaded.feature_std, std)

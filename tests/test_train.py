@@ -27,6 +27,7 @@ from captioner.cli import main
 from captioner.decode import greedy_decode
 from captioner.store import FeatureStore
 from captioner.train import TrainConfig, train
+from captioner.training.data import feature_statistics
 from captioner.training.validation import repeated_word
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,3 +259,36 @@ def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path)
     assert [row["ranks"] for row in rows] == [2, 2]
     checkpoint, extra = load_checkpoint(run / "last.pt")
     assert checkpoint.training["epoch"] == 2 and len(extra["rng"]) == 2
+
+
+def test_training_standardizes_features_with_the_train_split_statistics(store, tmp_path):
+    run = tmp_path / "run"
+    config = TrainConfig(features=store, out=run, model="show-tell", epochs=1, batch_size=12,
+                         embed_size=16, hidden_size=24, min_count=1, workers=0)  # fmt: skip
+    train(config)
+    decoder = load_checkpoint(run / "best.pt")[0].build_decoder()
+    opened = FeatureStore.open(store)
+    pooled = opened.read_pooled(opened.split_indices("train"))
+    torch.testing.assert_close(decoder.feature_mean, torch.from_numpy(pooled.mean(0)))
+    torch.testing.assert_close(decoder.feature_std, torch.from_numpy(pooled.std(0)))
+
+
+def test_spatial_statistics_cover_every_region_and_floor_dead_channels(store):
+    opened = FeatureStore.open(store)
+    rows = opened.split_indices("train")
+    maps = opened.read_spatial(rows).astype("float64")
+    maps = maps.reshape(-1, maps.shape[-1])
+    mean, std = feature_statistics(opened, rows, "spatial")
+    torch.testing.assert_close(mean, torch.from_numpy(maps.mean(0)).float())
+    torch.testing.assert_close(std, torch.from_numpy(maps.std(0)).float())
+
+    class DeadChannel:  # the store with its first channel always zero
+        images_per_shard = opened.images_per_shard
+
+        def read_spatial(self, rows):
+            maps = opened.read_spatial(rows).copy()
+            maps[..., 0] = 0
+            return maps
+
+    _, std = feature_statistics(DeadChannel(), rows, "spatial")
+    assert float(std[0]) == pytest.approx(0.1 * float(std[1:].median()), rel=0.2)

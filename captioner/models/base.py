@@ -100,6 +100,24 @@ class CaptionDecoder(nn.Module):
         self.head = nn.Sequential(
             nn.Dropout(config.dropout), nn.Linear(config.hidden_size, config.vocab_size)
         )
+        # Per-channel statistics of the training features (set by `set_feature_statistics`,
+        # saved with the weights); identity until set.
+        self.register_buffer("feature_mean", torch.zeros(config.feature_size))
+        self.register_buffer("feature_std", torch.ones(config.feature_size))
+
+    def set_feature_statistics(self, mean: Tensor, std: Tensor) -> None:
+        """Standardize every feature channel with the training split's `mean` and `std` (C,).
+
+        Frozen-CNN channels differ in scale and offset by orders of magnitude (a random-init CNN's
+        by more than ImageNet ones'); fed raw, the few large channels drown the rest and a decoder
+        can learn to ignore the image altogether. Standardized, every channel starts equal.
+        """
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+
+    def standardize(self, features: Tensor) -> Tensor:
+        """float32 features (..., C) with the training statistics applied."""
+        return (features.float() - self.feature_mean) / self.feature_std
 
     # --- the step API used by all decoding ---------------------------------------------------
 

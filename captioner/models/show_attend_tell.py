@@ -61,7 +61,7 @@ class ShowAttendTell(CaptionDecoder):
 
     def encode(self, features: Tensor) -> Memory:
         """Spatial features (B, L, C) -> memory (features, attention projection (B, L, A))."""
-        features = features.float()
+        features = self.standardize(features)
         return features, self.attention.project(features)
 
     def init_state(self, memory: Memory) -> State:

@@ -32,7 +32,7 @@ class ShowTell(CaptionDecoder):
 
     def encode(self, features: Tensor) -> Memory:
         """Pooled features (B, C) -> the image embedding (B, E), the LSTM's first input."""
-        return (self.image_projection(features.float()),)
+        return (self.image_projection(self.standardize(features)),)
 
     def init_state(self, memory: Memory) -> State:
         """Run the LSTM over the image embedding from a zero state: state (h, c), each (B, H)."""

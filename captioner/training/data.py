@@ -52,6 +52,37 @@ def split_rows(corpus: Corpus, store: FeatureStore, split: str) -> np.ndarray:
     return np.flatnonzero(done & captioned & in_split)
 
 
+STATISTICS_IMAGES = 512  # spatial statistics come from this many evenly spaced training images
+
+
+def feature_statistics(
+    store: FeatureStore, rows: np.ndarray, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (C,) of what a decoder of `kind` reads from the training images
+    `rows`: their pooled vectors, or every region of up to STATISTICS_IMAGES of their maps.
+
+    A channel that barely varies gets a tenth of the median std instead of its own, so that a
+    channel dead in training cannot be blown up on a new image.
+    """
+    if kind == "pooled":
+        values = store.read_pooled(rows).astype(np.float64)
+        count, total, squares = len(values), values.sum(0), (values**2).sum(0)
+    else:
+        picks = np.linspace(0, len(rows) - 1, min(len(rows), STATISTICS_IMAGES)).round()
+        sample = np.unique(rows[picks.astype(np.int64)])
+        count, total, squares = 0, 0.0, 0.0
+        for start in range(0, len(sample), store.images_per_shard):
+            maps = store.read_spatial(sample[start : start + store.images_per_shard])
+            values = maps.reshape(-1, maps.shape[-1]).astype(np.float64)
+            count, total, squares = (
+                count + len(values), total + values.sum(0), squares + (values**2).sum(0)
+            )  # fmt: skip
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    std = np.maximum(std, 0.1 * np.median(std) + 1e-12)
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+
+
 def feature_stream(
     store: FeatureStore,
     corpus: Corpus,
