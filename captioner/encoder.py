@@ -207,12 +207,25 @@ def _backbone(name: str, model: nn.Module) -> nn.Module:
     return model
 
 
+TINY_WIDTHS = (3, 16, 32, 64, 128, 128)
+
+
 def _tiny_cnn() -> nn.Module:
-    """Five stride-2 convolutions: total stride 32 like a ResNet (64 px -> 2x2, 128 px -> 4x4)."""
-    widths = [3, 16, 32, 64, 64, 64]
+    """The offline encoder of the tests and the demo: five VGG-style blocks (3x3 convolution, ReLU,
+    2x2 max pool), total stride 32 like a ResNet (64 px -> 2x2, 96 px -> 3x3).
+
+    It only ever runs with random weights, so it is built to keep what the picture holds: He
+    initialization keeps the signal's scale through the layers, stride-1 convolutions see every
+    pixel, and max pooling carries the strongest response (an object's edge, its colour) down to
+    the grid where PyTorch's default init and strided convolutions wash it out. Zero padding at
+    every layer leaves each cell a trace of where it lies, which attention can use.
+    """
     layers: list[nn.Module] = []
-    for c_in, c_out in zip(widths, widths[1:], strict=False):
-        layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+    for c_in, c_out in zip(TINY_WIDTHS, TINY_WIDTHS[1:], strict=False):
+        conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.ReLU(), nn.MaxPool2d(2)]
     return nn.Sequential(*layers)
 
 

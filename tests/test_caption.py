@@ -34,9 +34,9 @@ FAST = DecodingConfig(beam_size=2, max_length=6)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A decoder over the tiny encoder's features (64 channels, 2x2 grid at 64 px)."""
+    """A decoder over the tiny encoder's features (128 channels, 2x2 grid at 64 px)."""
     folder = tmp_path_factory.mktemp("model")
-    store = make_store(folder / "s.zarr", images=8, channels=64)
+    store = make_store(folder / "s.zarr", images=8, channels=128)
     return make_checkpoint(folder / "best.pt", store)
 
 

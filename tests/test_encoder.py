@@ -21,12 +21,12 @@ from captioner.errors import CaptionerError
 def test_tiny_encoder_is_frozen_seeded_and_shaped_like_a_resnet():
     config = EncoderConfig("tiny", "none", 128)
     encoder = build_encoder(config)
-    assert encoder.grid == (4, 4) and encoder.channels == 64
+    assert encoder.grid == (4, 4) and encoder.channels == 128
     assert not encoder.training
     assert all(not p.requires_grad for p in encoder.parameters())
     images = torch.randn(3, 3, 128, 128)
     features = encoder(images)
-    assert features.shape == (3, 16, 64) and features.dtype == torch.float32
+    assert features.shape == (3, 16, 128) and features.dtype == torch.float32
     encoder.train()
     assert not encoder.training  # stays frozen
     again = build_encoder(config)
