@@ -176,100 +176,126 @@ def beam_search(decoder, features: Tensor, config: DecodingConfig) -> list[Gener
     Per step each image keeps the `beam_size` best continuations that do not end; continuations
     that end (ranked within the best `beam_size`) become finished hypotheses, scored
     ``log_prob / (words + 1) ** length_penalty`` (the +1 counts the end token). An image is done
-    once it has `beam_size` finished hypotheses (HuggingFace's ``early_stopping=True``); at
-    `max_length` its running beams join the finished ones, so a beam that never ends still returns
-    its best hypothesis. With ``beam_size == 1`` this is exactly greedy decoding.
+    once it has `beam_size` finished hypotheses (HuggingFace's ``early_stopping=True``) and then
+    leaves the batch, so the work per step follows the images still searching. At `max_length`
+    the running beams join the finished ones, so a beam that never ends still returns its best
+    hypothesis. With ``beam_size == 1`` this is exactly greedy decoding.
     """
     device = features.device
-    batch, beams = features.shape[0], config.beam_size
-    rows = torch.arange(batch, device=device).repeat_interleave(beams)
-    memory = tuple(m.index_select(0, rows) for m in decoder.encode(features))
-    state = decoder.init_state(memory)
-    tokens = torch.full((batch * beams,), START_ID, dtype=torch.long, device=device)
-    words = tokens.new_empty((batch * beams, 0))
-    attention: Tensor | None = None
-    # Only the first beam of each image is alive at the start, so the first step does not pick
-    # the same word k times.
-    scores = torch.full((batch, beams), float("-inf"), device=device)
-    scores[:, 0] = 0.0
-    finished: list[list[_Hypothesis]] = [[] for _ in range(batch)]
-    done = [False] * batch
+    beams = config.beam_size
+    search = _BeamBatch.start(decoder, features, beams)
+    finished: list[list[_Hypothesis]] = [[] for _ in range(features.shape[0])]
 
     for _ in range(config.max_length):
-        log_probs, state, alpha = decoder.step(tokens, state, memory)
-        log_probs = _forbid(log_probs, words, config.min_length, config.no_repeat_ngram_size)
-        vocab = log_probs.shape[1]
-        candidates = (scores.reshape(-1, 1) + log_probs).reshape(batch, beams * vocab)
+        log_probs, state, alpha = decoder.step(search.tokens, search.state, search.memory)
+        log_probs = _forbid(log_probs, search.words, config.min_length,
+                            config.no_repeat_ngram_size)  # fmt: skip
+        images, vocab = search.scores.shape[0], log_probs.shape[1]
+        candidates = (search.scores.reshape(-1, 1) + log_probs).reshape(images, beams * vocab)
         top_scores, top_index = candidates.topk(min(2 * beams, beams * vocab), dim=1)
         top_beam, top_token = top_index // vocab, top_index % vocab
-        source_row = top_beam + torch.arange(batch, device=device)[:, None] * beams
+        source_row = top_beam + torch.arange(images, device=device)[:, None] * beams
         ends = top_token == END_ID
-        _collect_finished(
-            finished, done, ends[:, :beams], top_scores[:, :beams], source_row[:, :beams],
-            words, attention, config.length_penalty,
+        search.collect_finished(
+            finished, ends[:, :beams], top_scores[:, :beams], source_row[:, :beams],
+            config.length_penalty,
         )  # fmt: skip
-        for image in range(batch):
-            done[image] = done[image] or len(finished[image]) >= beams
-        if all(done):
+        searching = [i for i, image in enumerate(search.images) if len(finished[image]) < beams]
+        if not searching:
             break
-
         # Each beam has one end token, so the 2k best hold at least k that go on; keep the first k.
         keep = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :beams]
-        scores = top_scores.gather(1, keep)
-        tokens = top_token.gather(1, keep).reshape(-1)
-        parents = source_row.gather(1, keep).reshape(-1)
-        words = torch.cat([words.index_select(0, parents), tokens[:, None]], dim=1)
-        if alpha is not None:
-            history = alpha.float().index_select(0, parents)[:, None]
-            attention = (
-                history
-                if attention is None
-                else torch.cat([attention.index_select(0, parents), history], dim=1)
-            )
-        state = tuple(s.index_select(0, parents) for s in state)
-
+        search.advance(
+            top_scores.gather(1, keep), top_token.gather(1, keep).reshape(-1),
+            source_row.gather(1, keep).reshape(-1), state, alpha,
+        )  # fmt: skip
+        if len(searching) < images:
+            search.keep_images(searching)
     else:
-        _collect_running(finished, done, scores, words, attention, config.length_penalty)
+        search.collect_running(finished, config.length_penalty)
     return [max(hypotheses, key=lambda h: h.score).caption for hypotheses in finished]
 
 
-def _collect_finished(
-    finished: list[list[_Hypothesis]],
-    done: list[bool],
-    ends: Tensor,
-    scores: Tensor,
-    source_row: Tensor,
-    words: Tensor,
-    attention: Tensor | None,
-    length_penalty: float,
-) -> None:
-    """Record the candidates that end now as hypotheses of their (not yet done) images."""
-    for image, rank in torch.nonzero(ends & torch.isfinite(scores)).tolist():
-        if done[image]:
-            continue
-        row = int(source_row[image, rank])
-        finished[image].append(
-            _hypothesis(words[row], float(scores[image, rank]), attention, row, length_penalty, 1)
-        )
+@dataclass
+class _BeamBatch:
+    """The rows of the images still searching: ``beams`` consecutive rows per image."""
 
+    images: list[int]  # the original index of each image in the batch
+    beams: int
+    scores: Tensor  # (images, beams) summed log-probs; -inf for a beam not (yet) alive
+    tokens: Tensor  # (rows,) the last word of each row
+    words: Tensor  # (rows, t) the words so far
+    attention: Tensor | None  # (rows, t, L) for the attention model
+    state: tuple[Tensor, ...]
+    memory: tuple[Tensor, ...]
 
-def _collect_running(
-    finished: list[list[_Hypothesis]],
-    done: list[bool],
-    scores: Tensor,
-    words: Tensor,
-    attention: Tensor | None,
-    length_penalty: float,
-) -> None:
-    """At the length limit, the running beams of unfinished images become hypotheses too."""
-    beams = scores.shape[1]
-    for image, beam in torch.nonzero(torch.isfinite(scores)).tolist():
-        if done[image]:
-            continue
-        row = image * beams + beam
-        finished[image].append(
-            _hypothesis(words[row], float(scores[image, beam]), attention, row, length_penalty, 0)
-        )
+    @classmethod
+    def start(cls, decoder, features: Tensor, beams: int) -> _BeamBatch:
+        device, batch = features.device, features.shape[0]
+        rows = torch.arange(batch, device=device).repeat_interleave(beams)
+        memory = tuple(m.index_select(0, rows) for m in decoder.encode(features))
+        tokens = torch.full((batch * beams,), START_ID, dtype=torch.long, device=device)
+        # Only the first beam of each image is alive at the start, so the first step does not
+        # pick the same word k times.
+        scores = torch.full((batch, beams), float("-inf"), device=device)
+        scores[:, 0] = 0.0
+        return cls(list(range(batch)), beams, scores, tokens, tokens.new_empty((len(rows), 0)),
+                   None, decoder.init_state(memory), memory)  # fmt: skip
+
+    def advance(
+        self, scores: Tensor, tokens: Tensor, parents: Tensor, state: tuple, alpha: Tensor | None
+    ) -> None:
+        """Each row continues row `parents[row]` with `tokens[row]`."""
+        self.scores, self.tokens = scores, tokens
+        self.words = torch.cat([self.words.index_select(0, parents), tokens[:, None]], dim=1)
+        if alpha is not None:
+            history = alpha.float().index_select(0, parents)[:, None]
+            self.attention = (
+                history
+                if self.attention is None
+                else torch.cat([self.attention.index_select(0, parents), history], dim=1)
+            )
+        self.state = tuple(s.index_select(0, parents) for s in state)
+
+    def keep_images(self, positions: list[int]) -> None:
+        """Drop every image but those at `positions` (their rows leave every tensor)."""
+        device = self.scores.device
+        kept = torch.tensor(positions, device=device)
+        rows = (kept[:, None] * self.beams + torch.arange(self.beams, device=device)).reshape(-1)
+        self.images = [self.images[i] for i in positions]
+        self.scores = self.scores.index_select(0, kept)
+        self.tokens = self.tokens.index_select(0, rows)
+        self.words = self.words.index_select(0, rows)
+        if self.attention is not None:
+            self.attention = self.attention.index_select(0, rows)
+        self.state = tuple(s.index_select(0, rows) for s in self.state)
+        self.memory = tuple(m.index_select(0, rows) for m in self.memory)
+
+    def collect_finished(
+        self,
+        finished: list[list[_Hypothesis]],
+        ends: Tensor,
+        scores: Tensor,
+        source_row: Tensor,
+        length_penalty: float,
+    ) -> None:
+        """Record the candidates that end now as hypotheses of their images."""
+        for position, rank in torch.nonzero(ends & torch.isfinite(scores)).tolist():
+            row = int(source_row[position, rank])
+            finished[self.images[position]].append(
+                _hypothesis(self.words[row], float(scores[position, rank]), self.attention, row,
+                            length_penalty, 1)
+            )  # fmt: skip
+
+    def collect_running(self, finished: list[list[_Hypothesis]], length_penalty: float) -> None:
+        """At the length limit, the running beams of the images still searching become
+        hypotheses too."""
+        for position, beam in torch.nonzero(torch.isfinite(self.scores)).tolist():
+            row = position * self.beams + beam
+            finished[self.images[position]].append(
+                _hypothesis(self.words[row], float(self.scores[position, beam]), self.attention,
+                            row, length_penalty, 0)
+            )  # fmt: skip
 
 
 def _hypothesis(

@@ -104,6 +104,28 @@ def test_batched_beam_equals_one_image_at_a_time():
         np.testing.assert_allclose(b.attention, s.attention, atol=1e-5)
 
 
+def test_finished_images_leave_the_batch():
+    """The rows stepped shrink as images finish, and the captions are those of a full batch."""
+
+    class CountingDecoder(FakeAttentionDecoder):
+        def __init__(self):
+            super().__init__()
+            self.rows: list[int] = []
+
+        def step(self, tokens, state, memory):
+            self.rows.append(len(tokens))
+            return super().step(tokens, state, memory)
+
+    decoder = CountingDecoder()
+    features = features_for(10)
+    config = DecodingConfig(beam_size=3, max_length=12)
+    batched = beam_search(decoder, features, config)
+    assert decoder.rows[0] == 30 and decoder.rows == sorted(decoder.rows, reverse=True)
+    assert decoder.rows[-1] < 30  # some images were done before the last step
+    single = [beam_search(decoder, features[i : i + 1], config)[0] for i in range(10)]
+    assert [c.tokens for c in batched] == [c.tokens for c in single]
+
+
 def test_a_wide_enough_beam_finds_the_most_likely_caption():
     """With more beams than prefixes the search is exhaustive: compare with brute force."""
     import itertools
