@@ -29,7 +29,8 @@ from captioner.cli import main
 from captioner.decode import DecodingConfig
 from captioner.encoder import EncoderConfig, build_encoder
 
-FAST = DecodingConfig(beam_size=2, max_length=6)
+# min_length: an untrained decoder may end a caption at once, and readable pictures need words
+FAST = DecodingConfig(beam_size=2, min_length=1, max_length=6)
 
 
 @pytest.fixture(scope="module")

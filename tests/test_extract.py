@@ -99,7 +99,7 @@ def test_store_schema_provenance_and_features(dataset, reference):
     assert (store.num_images, store.grid, store.channels, store.dtype) == (
         14,
         (2, 2),
-        64,
+        encoder.channels,
         "float16",
     )
     assert store.corpus() == corpus
@@ -108,15 +108,17 @@ def test_store_schema_provenance_and_features(dataset, reference):
     attrs = store.attrs
     assert attrs["settings"]["encoder"] == {"name": "tiny", "weights": "none", "image_size": 64}
     assert attrs["settings"]["weights_checksum"] == encoder.weights_checksum
-    assert attrs["settings"]["grid"] == [2, 2] and attrs["settings"]["channels"] == 64
+    assert attrs["settings"]["grid"] == [2, 2] and attrs["settings"]["channels"] == encoder.channels
     assert attrs["normalization"]["mean"] == [0.485, 0.456, 0.406]
     assert {"torch", "torchvision", "zarr", "numpy", "captioner"} <= attrs["versions"].keys()
     assert attrs["corpus"]["sources"] == [str(dataset / "captions.txt")]
     assert attrs["images_root"] == str((dataset / "images").resolve())
 
     group = zarr.open_group(str(reference), mode="r")
-    assert group["spatial"].shape == (14, 4, 64) and group["spatial"].dtype == np.float16
-    assert group["spatial"].shards == (4, 4, 64) and group["spatial"].chunks == (1, 4, 64)
+    channels = encoder.channels
+    assert group["spatial"].shape == (14, 4, channels) and group["spatial"].dtype == np.float16
+    assert group["spatial"].shards == (4, 4, channels)
+    assert group["spatial"].chunks == (1, 4, channels)
     assert group["pooled"].dtype == np.float32
 
     # failures are data: the three broken files, with reasons; odd modes were converted instead
@@ -135,8 +137,10 @@ def test_store_schema_provenance_and_features(dataset, reference):
     pictures = torch.stack([transform(load_image(dataset / "images" / i)) for i in good_ids])
     with torch.inference_mode():
         expected = encoder(pictures).numpy()
-    np.testing.assert_array_equal(store.read_spatial(good), expected.astype(np.float16))
-    np.testing.assert_allclose(store.read_pooled(good), expected.mean(1), rtol=1e-6, atol=1e-7)
+    # float32 sums over batches of other shapes can round to the neighbouring float16 value
+    np.testing.assert_allclose(store.read_spatial(good), expected, rtol=1e-3, atol=1e-3)
+    # pooled comes from the float32 map: far closer than float16's 2**-11 (batch shapes aside)
+    np.testing.assert_allclose(store.read_pooled(good), expected.mean(1), rtol=1e-4, atol=1e-6)
     spatial = store.read_spatial(good).astype(np.float32)
     # float16 keeps 11 significant bits: each value is within 2**-11 relative of the float32 one
     np.testing.assert_allclose(store.read_pooled(good), spatial.mean(1), rtol=2**-10, atol=1e-4)
@@ -145,7 +149,7 @@ def test_store_schema_provenance_and_features(dataset, reference):
 def test_features_info_lists_counts_and_failures(reference):
     result = CliRunner().invoke(main, ["features", "info", str(reference)])
     assert result.exit_code == 0, result.output
-    assert "(14, 4, 64) float16" in result.output
+    assert "(14, 4, 128) float16" in result.output
     assert "done 11, failed 3" in result.output
     assert "img_002.jpg: empty file (0 bytes)" in result.output
 
@@ -186,8 +190,10 @@ def test_overwrite_replaces_the_store(dataset, reference, tmp_path):
     store = FeatureStore.open(copy)
     assert (summary.processed, store.num_images, store.dtype) == (6, 6, "float32")
     good = np.flatnonzero(store.status() == STATUS_DONE)
-    np.testing.assert_array_equal(
-        store.read_spatial(good).astype(np.float16), read_arrays(reference)["spatial"][good]
+    # The same features, up to the float16 rounding of the reference (float32 sums in batches
+    # of other shapes may round to the neighbouring half-precision value).
+    np.testing.assert_allclose(
+        store.read_spatial(good), read_arrays(reference)["spatial"][good], rtol=1e-3, atol=1e-3
     )
     np.testing.assert_allclose(store.read_pooled(good), store.read_spatial(good).mean(1), rtol=1e-6)
 
