@@ -23,7 +23,7 @@ from captioner.models import CaptionDecoder, DecoderConfig, build_decoder
 from captioner.text import Vocabulary
 
 FORMAT = "captioner-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: decoders carry the training features' statistics (feature_mean, feature_std)
 
 
 @dataclass
@@ -93,15 +93,20 @@ def load_checkpoint(path: Path) -> tuple[Checkpoint, dict]:
         raise CaptionerError(f"{path}: not a readable checkpoint ({_reason(error)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CaptionerError(f"{path}: not a captioner checkpoint (a torch file of another kind)")
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in (1, VERSION):
         raise CaptionerError(
             f"{path}: checkpoint format version {payload.get('version')!r} is not supported "
-            f"(this captioner reads version {VERSION})"
+            f"(this captioner reads versions 1 and {VERSION})"
         )
     try:
+        decoder_config = DecoderConfig.from_dict(payload["decoder_config"])
+        state_dict = dict(payload["state_dict"])
+        if payload["version"] == 1:  # trained on raw features: identity statistics
+            state_dict["feature_mean"] = torch.zeros(decoder_config.feature_size)
+            state_dict["feature_std"] = torch.ones(decoder_config.feature_size)
         checkpoint = Checkpoint(
-            decoder_config=DecoderConfig.from_dict(payload["decoder_config"]),
-            state_dict=dict(payload["state_dict"]),
+            decoder_config=decoder_config,
+            state_dict=state_dict,
             vocabulary=Vocabulary(list(payload["vocabulary"])),
             encoder_config=EncoderConfig.from_dict(payload["encoder_config"]),
             store_fingerprint=str(payload["store_fingerprint"]),

@@ -137,3 +137,18 @@ def test_bad_files_give_one_clear_line(tmp_path, monkeypatch, content, message):
     assert str(caught.value).startswith(f"{path}: ")
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_version_1_checkpoint_loads_with_identity_feature_statistics(tmp_path):
+    """Version 1 predates feature statistics: its decoder read raw features, as zeros/ones do."""
+    checkpoint = make_checkpoint()
+    path = tmp_path / "v1.pt"
+    save_checkpoint(path, checkpoint)
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = 1
+    for name in ("feature_mean", "feature_std"):
+        del payload["state_dict"][name]
+    torch.save(payload, path)
+    decoder = load_checkpoint(path)[0].build_decoder()
+    torch.testing.assert_close(decoder.feature_mean, torch.zeros(8))
+    torch.testing.assert_close(decoder.feature_std, torch.ones(8))
