@@ -292,3 +292,12 @@ def test_spatial_statistics_cover_every_region_and_floor_dead_channels(store):
 
     _, std = feature_statistics(DeadChannel(), rows, "spatial")
     assert float(std[0]) == pytest.approx(0.1 * float(std[1:].median()), rel=0.2)
+
+    class MostlyDead(DeadChannel):  # all channels but one always zero: the median std is 0
+        def read_spatial(self, rows):
+            maps = opened.read_spatial(rows).copy()
+            maps[..., 1:] = 0
+            return maps
+
+    _, std = feature_statistics(MostlyDead(), rows, "spatial")
+    assert float(std[1:].min()) == pytest.approx(0.1 * float(std[0]))

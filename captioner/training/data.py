@@ -59,28 +59,29 @@ def feature_statistics(
     store: FeatureStore, rows: np.ndarray, kind: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std (C,) of what a decoder of `kind` reads from the training images
-    `rows`: their pooled vectors, or every region of up to STATISTICS_IMAGES of their maps.
+    `rows`: all their pooled vectors, or every region of up to STATISTICS_IMAGES of their maps.
 
-    A channel that barely varies gets a tenth of the median std instead of its own, so that a
-    channel dead in training cannot be blown up on a new image.
+    Read a shard's worth of images at a time and summed in float64, so memory stays flat for
+    any store. A channel that barely varies gets a tenth of the typical (median non-zero) std
+    instead of its own, so that a channel dead in training cannot be blown up on a new image.
     """
     if kind == "pooled":
-        values = store.read_pooled(rows).astype(np.float64)
-        count, total, squares = len(values), values.sum(0), (values**2).sum(0)
+        sample, read = rows, store.read_pooled
     else:
         picks = np.linspace(0, len(rows) - 1, min(len(rows), STATISTICS_IMAGES)).round()
-        sample = np.unique(rows[picks.astype(np.int64)])
-        count, total, squares = 0, 0.0, 0.0
-        for start in range(0, len(sample), store.images_per_shard):
-            maps = store.read_spatial(sample[start : start + store.images_per_shard])
-            values = maps.reshape(-1, maps.shape[-1]).astype(np.float64)
-            count, total, squares = (
-                count + len(values), total + values.sum(0), squares + (values**2).sum(0)
-            )  # fmt: skip
+        sample, read = np.unique(rows[picks.astype(np.int64)]), store.read_spatial
+    count, total, squares = 0, 0.0, 0.0
+    for start in range(0, len(sample), store.images_per_shard):  # a bound on memory only
+        values = read(sample[start : start + store.images_per_shard])
+        values = values.reshape(-1, values.shape[-1]).astype(np.float64)
+        count += len(values)
+        total = total + values.sum(0)
+        squares = squares + np.einsum("ij,ij->j", values, values)
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
-    std = np.maximum(std, 0.1 * np.median(std) + 1e-12)
-    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+    varying = std[std > 0]
+    typical = float(np.median(varying)) if len(varying) else 1.0
+    return torch.from_numpy(mean).float(), torch.from_numpy(np.maximum(std, 0.1 * typical)).float()
 
 
 def feature_stream(
