@@ -2,8 +2,8 @@
 
 Every strategy runs a whole batch of images at once through the decoders' step API
 (`encode` once per image, then `step` once per word for all rows together). State and memory are
-tuples of batch-first tensors, so beam search keeps ``images x beams`` rows in one batch and follows
-the surviving beams with ``index_select(0, ...)``.
+tuples of batch-first tensors, so beam search keeps ``images x beams`` rows in one batch, follows
+the surviving beams with ``index_select(0, ...)`` and drops the rows of images that are done.
 
 Lengths count words: `max_length` is the most words a caption gets (a caption cut there has no
 end token and its log-probability no end term); `min_length` is the fewest before the end token.
@@ -190,11 +190,13 @@ def beam_search(decoder, features: Tensor, config: DecodingConfig) -> list[Gener
         log_probs, state, alpha = decoder.step(search.tokens, search.state, search.memory)
         log_probs = _forbid(log_probs, search.words, config.min_length,
                             config.no_repeat_ngram_size)  # fmt: skip
-        images, vocab = search.scores.shape[0], log_probs.shape[1]
-        candidates = (search.scores.reshape(-1, 1) + log_probs).reshape(images, beams * vocab)
+        searching_now, vocab = search.scores.shape[0], log_probs.shape[1]
+        candidates = (search.scores.reshape(-1, 1) + log_probs).reshape(
+            searching_now, beams * vocab
+        )
         top_scores, top_index = candidates.topk(min(2 * beams, beams * vocab), dim=1)
         top_beam, top_token = top_index // vocab, top_index % vocab
-        source_row = top_beam + torch.arange(images, device=device)[:, None] * beams
+        source_row = top_beam + torch.arange(searching_now, device=device)[:, None] * beams
         ends = top_token == END_ID
         search.collect_finished(
             finished, ends[:, :beams], top_scores[:, :beams], source_row[:, :beams],
@@ -209,8 +211,8 @@ def beam_search(decoder, features: Tensor, config: DecodingConfig) -> list[Gener
             top_scores.gather(1, keep), top_token.gather(1, keep).reshape(-1),
             source_row.gather(1, keep).reshape(-1), state, alpha,
         )  # fmt: skip
-        if len(searching) < images:
-            search.keep_images(searching)
+        if len(searching) < searching_now:
+            search.keep_positions(searching)
     else:
         search.collect_running(finished, config.length_penalty)
     return [max(hypotheses, key=lambda h: h.score).caption for hypotheses in finished]
@@ -257,8 +259,9 @@ class _BeamBatch:
             )
         self.state = tuple(s.index_select(0, parents) for s in state)
 
-    def keep_images(self, positions: list[int]) -> None:
-        """Drop every image but those at `positions` (their rows leave every tensor)."""
+    def keep_positions(self, positions: list[int]) -> None:
+        """Keep only the images at batch `positions` (indices into `images`, in order); the
+        rows of the others leave every tensor."""
         device = self.scores.device
         kept = torch.tensor(positions, device=device)
         rows = (kept[:, None] * self.beams + torch.arange(self.beams, device=device)).reshape(-1)
@@ -279,7 +282,8 @@ class _BeamBatch:
         source_row: Tensor,
         length_penalty: float,
     ) -> None:
-        """Record the candidates that end now as hypotheses of their images."""
+        """Record the candidates that end now as hypotheses of their images. `scores` are the
+        candidates' (not the running beams'); `source_row` is a row of the current batch."""
         for position, rank in torch.nonzero(ends & torch.isfinite(scores)).tolist():
             row = int(source_row[position, rank])
             finished[self.images[position]].append(

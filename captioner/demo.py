@@ -125,7 +125,7 @@ class ModelOutcome:
     metrics: dict[str, float | None]  # coco-caption scores on the test split
     scene: dict  # scene_accuracy of its test captions: objects, layout, layout_images
     # share of two-group test captions it finds likelier than their left/right mirror
-    layout_preference: float | None = None  # None for the constant caption
+    layout_preference: float | None = None  # None: constant caption, or no two-group image
     training: TrainResult | None = None  # None for the constant caption
 
 
@@ -155,9 +155,17 @@ def run_demo(
         clock = time.perf_counter()
 
     say(f"[1/5] dataset: {config.images} rendered scenes in {config.dataset}")
-    caption_file = write_synthetic_dataset(
-        config.dataset, config.images, config.seed, config.image_size, progress=progress
-    )
+    try:
+        caption_file = write_synthetic_dataset(
+            config.dataset, config.images, config.seed, config.image_size, progress=progress
+        )
+    except CaptionerError as error:  # a demo made earlier with other settings
+        raise CaptionerError(
+            f"{error} (for `captioner synth`); for the demo: run it under another --name, or "
+            "delete that demo's files "
+            f"(data/{config.name}*, features/{config.name}_*, runs/{config.name}-*, "
+            f"results/{config.name}*) under {config.root}"
+        ) from None
     write_unlabelled_images(config.fresh, config.fresh_images, config.seed, config.image_size)
     lap("dataset")
 

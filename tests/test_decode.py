@@ -124,6 +124,9 @@ def test_finished_images_leave_the_batch():
     assert decoder.rows[-1] < 30  # some images were done before the last step
     single = [beam_search(decoder, features[i : i + 1], config)[0] for i in range(10)]
     assert [c.tokens for c in batched] == [c.tokens for c in single]
+    assert [c.log_prob for c in batched] == pytest.approx([c.log_prob for c in single], abs=1e-4)
+    for b, s in zip(batched, single, strict=True):
+        np.testing.assert_allclose(b.attention, s.attention, atol=1e-5)
 
 
 def test_a_wide_enough_beam_finds_the_most_likely_caption():

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from captioner.cli import main
 from captioner.corpus import read_corpus
+from captioner.demo import DemoConfig, run_demo
 from captioner.errors import CaptionerError
 from captioner.synthetic import (
     CAPTION_FILE,
@@ -172,3 +173,10 @@ def test_the_synth_command(tmp_path):
         main, ["synth", "--out", str(tmp_path / "u"), "--images", "3", "--unlabelled"]
     )
     assert result.exit_code == 0 and len(list((tmp_path / "u").iterdir())) == 3
+
+
+def test_the_demo_refuses_a_dataset_made_with_other_settings_and_says_what_to_do(tmp_path):
+    config = DemoConfig(root=tmp_path, images=20)
+    write_synthetic_dataset(config.dataset, 30, config.seed, config.image_size)
+    with pytest.raises(CaptionerError, match="another --name, or delete that demo's files"):
+        run_demo(config)

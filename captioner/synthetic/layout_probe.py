@@ -28,7 +28,7 @@ def layout_preference(
     scenes: dict[str, Scene],
     split: str = "test",
     batch_size: int = 256,
-) -> tuple[float, int]:
+) -> tuple[float | None, int]:
     """(share of captions preferred over their mirror, number of captions compared) on the
     two-group images of `split`. `scenes` maps image file names to scenes (`read_scenes`)."""
     loaded, _ = load_checkpoint(checkpoint)
@@ -60,7 +60,7 @@ def layout_preference(
         true = _log_likelihood(decoder, image_features, image_index, [c for _, c, _ in chunk])
         mirror = _log_likelihood(decoder, image_features, image_index, [m for _, _, m in chunk])
         wins += int((true > mirror).sum())
-    return (wins / len(pairs) if pairs else 0.0), len(pairs)
+    return (wins / len(pairs) if pairs else None), len(pairs)
 
 
 def _log_likelihood(decoder, features, image_index, captions: list[list[int]]) -> torch.Tensor:
