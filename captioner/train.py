@@ -123,7 +123,8 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bo
         config.attention_size, config.dropout,
     )  # fmt: skip
     decoder = build_decoder(decoder_config)
-    decoder.set_feature_statistics(*feature_statistics(store, train_rows, decoder.feature_kind))
+    if not config.resume:  # a resumed run takes its statistics from the checkpoint
+        decoder.set_feature_statistics(*feature_statistics(store, train_rows, decoder.feature_kind))
     decoder = decoder.to(device)
     run = Run(config, ranks, device, store, vocabulary, decoder)
     state = RunState()

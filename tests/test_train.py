@@ -283,7 +283,7 @@ def test_spatial_statistics_cover_every_region_and_floor_dead_channels(store):
     torch.testing.assert_close(std, torch.from_numpy(maps.std(0)).float())
 
     class DeadChannel:  # the store with its first channel always zero
-        images_per_shard = opened.images_per_shard
+        grid, channels = opened.grid, opened.channels
 
         def read_spatial(self, rows):
             maps = opened.read_spatial(rows).copy()

@@ -53,6 +53,7 @@ def split_rows(corpus: Corpus, store: FeatureStore, split: str) -> np.ndarray:
 
 
 STATISTICS_IMAGES = 512  # spatial statistics come from this many evenly spaced training images
+_STATISTICS_CHUNK_BYTES = 64 << 20  # float64 values held at once while summing
 
 
 def feature_statistics(
@@ -61,18 +62,20 @@ def feature_statistics(
     """Per-channel mean and std (C,) of what a decoder of `kind` reads from the training images
     `rows`: all their pooled vectors, or every region of up to STATISTICS_IMAGES of their maps.
 
-    Read a shard's worth of images at a time and summed in float64, so memory stays flat for
-    any store. A channel that barely varies gets a tenth of the typical (median non-zero) std
+    Read in chunks of at most 64 MB and summed in float64, so memory stays flat for any store.
+    A channel that barely varies gets a tenth of the typical (median non-zero) std
     instead of its own, so that a channel dead in training cannot be blown up on a new image.
     """
     if kind == "pooled":
-        sample, read = rows, store.read_pooled
+        sample, read, per_image = rows, store.read_pooled, store.channels
     else:
         picks = np.linspace(0, len(rows) - 1, min(len(rows), STATISTICS_IMAGES)).round()
         sample, read = np.unique(rows[picks.astype(np.int64)]), store.read_spatial
+        per_image = store.grid[0] * store.grid[1] * store.channels
+    chunk = max(1, _STATISTICS_CHUNK_BYTES // (8 * per_image))
     count, total, squares = 0, 0.0, 0.0
-    for start in range(0, len(sample), store.images_per_shard):  # a bound on memory only
-        values = read(sample[start : start + store.images_per_shard])
+    for start in range(0, len(sample), chunk):
+        values = read(sample[start : start + chunk])
         values = values.reshape(-1, values.shape[-1]).astype(np.float64)
         count += len(values)
         total = total + values.sum(0)
