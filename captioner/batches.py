@@ -104,6 +104,10 @@ class StreamConfig:
     shuffle: bool = True
     preload: bool = False  # hold spatial maps in RAM instead of streaming shards
     window_shards: int = 4  # shards shuffled together when streaming
+    # Group images of similar longest caption into batches (shuffled within a window or pool),
+    # for decoders that run every caption of a batch to its longest.
+    bucket_by_length: bool = False
+    bucket_batches: int = 64  # in RAM: batches per pool of images sorted by length
     workers: int = 2  # shard-reading threads; 0 = no background threads at all
     prefetch: int = 4  # batches assembled ahead of the consumer
     seed: int = 0
@@ -142,6 +146,9 @@ class FeatureStream:
 
         counts = np.diff(captions.first)
         usable = np.flatnonzero(counts > 0)  # an image without captions teaches nothing
+        self._longest = np.zeros(len(counts), dtype=np.int64)  # position -> longest caption
+        if len(usable):
+            self._longest[usable] = np.maximum.reduceat(captions.lengths, captions.first[usable])
         mean_count = float(counts[usable].mean()) if len(usable) else 1.0
         per_image = config.captions_per_image or max(1, round(mean_count))
         self.images_per_batch = max(1, config.batch_size // per_image)
@@ -168,9 +175,11 @@ class FeatureStream:
 
     def plan(self, epoch: int) -> EpochPlan:
         rng = np.random.default_rng([self.config.seed, epoch, self.config.rank])
-        shuffle = self.config.shuffle
+        shuffle, size = self.config.shuffle, self.images_per_batch
         if self.in_ram:
             order = rng.permutation(self._positions) if shuffle else self._positions
+            pool = size * self.config.bucket_batches
+            windows = [order[i : i + pool] for i in range(0, len(order), pool)]
             reads: list[np.ndarray] = []
         else:
             shard_order = (
@@ -181,12 +190,29 @@ class FeatureStream:
                 np.concatenate(reads[w : w + self.config.window_shards])
                 for w in range(0, len(reads), self.config.window_shards)
             ]
-            order = np.concatenate(
-                [rng.permutation(w) if shuffle else w for w in windows] or [_NO_POSITIONS]
-            )
-        size = self.images_per_batch
-        batches = [order[i : i + size] for i in range(0, len(order), size)]
+            windows = [rng.permutation(w) if shuffle else w for w in windows]
+        if self.config.bucket_by_length:
+            batches = self._bucketed(windows, rng)
+        else:
+            order = np.concatenate(windows or [_NO_POSITIONS])
+            batches = [order[i : i + size] for i in range(0, len(order), size)]
         return EpochPlan(batches[: self.num_batches], reads)
+
+    def _bucketed(self, windows: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+        """Batches of images with similar longest captions: each window (already shuffled) is
+        sorted by length and cut into batches, whose order is then shuffled within the window.
+        Images left over at a window's end start the next one, so every batch but the last is
+        full and spans at most two neighbouring windows (streaming memory stays bounded)."""
+        size, batches = self.images_per_batch, []
+        carried = _NO_POSITIONS
+        for window in windows:
+            window = np.concatenate([carried, window])
+            window = window[np.argsort(self._longest[window], kind="stable")]
+            full = len(window) - len(window) % size
+            cut = [window[i : i + size] for i in range(0, full, size)]
+            batches += [cut[i] for i in rng.permutation(len(cut))]
+            carried = window[full:]
+        return batches + ([carried] if len(carried) else [])
 
     def num_captions(self, epoch: int, start_batch: int = 0) -> int:
         """Captions in the batches of `epoch` from `start_batch` on."""

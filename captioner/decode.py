@@ -2,8 +2,9 @@
 
 Every strategy runs a whole batch of images at once through the decoders' step API
 (`encode` once per image, then `step` once per word for all rows together). State and memory are
-tuples of batch-first tensors, so beam search keeps ``images x beams`` rows in one batch, follows
-the surviving beams with ``index_select(0, ...)`` and drops the rows of images that are done.
+tuples of batch-first tensors, so beam search keeps ``images x beams`` rows of state in one batch
+(the beams of an image share its one row of memory), follows the surviving beams with
+``index_select(0, ...)`` and drops the rows of images that are done.
 
 Lengths count words: `max_length` is the most words a caption gets (a caption cut there has no
 end token and its log-probability no end term); `min_length` is the fewest before the end token.
@@ -229,20 +230,21 @@ class _BeamBatch:
     words: Tensor  # (rows, t) the words so far
     attention: Tensor | None  # (rows, t, L) for the attention model
     state: tuple[Tensor, ...]
-    memory: tuple[Tensor, ...]
+    memory: tuple[Tensor, ...]  # one row per image
 
     @classmethod
     def start(cls, decoder, features: Tensor, beams: int) -> _BeamBatch:
         device, batch = features.device, features.shape[0]
         rows = torch.arange(batch, device=device).repeat_interleave(beams)
-        memory = tuple(m.index_select(0, rows) for m in decoder.encode(features))
+        memory = decoder.encode(features)  # one row per image, shared by its beams
+        state = tuple(s.index_select(0, rows) for s in decoder.init_state(memory))
         tokens = torch.full((batch * beams,), START_ID, dtype=torch.long, device=device)
         # Only the first beam of each image is alive at the start, so the first step does not
         # pick the same word k times.
         scores = torch.full((batch, beams), float("-inf"), device=device)
         scores[:, 0] = 0.0
         return cls(list(range(batch)), beams, scores, tokens, tokens.new_empty((len(rows), 0)),
-                   None, decoder.init_state(memory), memory)  # fmt: skip
+                   None, state, memory)  # fmt: skip
 
     def advance(
         self, scores: Tensor, tokens: Tensor, parents: Tensor, state: tuple, alpha: Tensor | None
@@ -272,7 +274,7 @@ class _BeamBatch:
         if self.attention is not None:
             self.attention = self.attention.index_select(0, rows)
         self.state = tuple(s.index_select(0, rows) for s in self.state)
-        self.memory = tuple(m.index_select(0, rows) for m in self.memory)
+        self.memory = tuple(m.index_select(0, kept) for m in self.memory)
 
     def collect_finished(
         self,

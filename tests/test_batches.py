@@ -54,9 +54,14 @@ def store_path(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "mode",
-    [dict(kind="pooled"), dict(kind="spatial"), dict(kind="spatial", preload=True)],
-    ids=["pooled", "spatial-streamed", "spatial-preloaded"],
-)
+    [
+        dict(kind="pooled"), dict(kind="spatial"), dict(kind="spatial", preload=True),
+        dict(kind="spatial", bucket_by_length=True),
+        dict(kind="spatial", preload=True, bucket_by_length=True, bucket_batches=2),
+    ],
+    ids=["pooled", "spatial-streamed", "spatial-preloaded", "streamed-bucketed",
+         "preloaded-bucketed"],
+)  # fmt: skip
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_caption_once_per_epoch_with_its_own_image_features(store_path, mode, workers):
     stream, store, corpus, vocabulary = open_stream(
@@ -97,17 +102,44 @@ def test_streaming_reads_each_image_once_in_whole_shards(store_path):
         assert len(rows) == store.images_per_shard
 
 
-def test_memory_held_while_streaming_does_not_grow_with_the_store(tmp_path):
+@pytest.mark.parametrize("bucket_by_length", [False, True])
+def test_memory_held_while_streaming_does_not_grow_with_the_store(tmp_path, bucket_by_length):
     peaks = {}
     for images in (48, 192):
         path = make_store(tmp_path / f"s{images}.zarr", images=images, images_per_shard=4,
                           split_fractions=(1, 0, 0))  # fmt: skip
-        stream, _, _, _ = open_stream(path, batch_size=6, window_shards=2, workers=2, prefetch=2)
+        stream, _, _, _ = open_stream(path, batch_size=6, window_shards=2, workers=2, prefetch=2,
+                                      bucket_by_length=bucket_by_length)  # fmt: skip
         assert len(list(stream.epoch(0))) == stream.num_batches
         peaks[images] = stream.peak_streamed_rows
-    # window (2 shards) + reads in flight (2 shards) + queued batches (2 x 2 images) + one batch
-    bound = (2 + 2) * 4 + 3 * 2
+    # window (2 shards) + reads in flight (2 shards) + queued batches (2 x 2 images) + one batch;
+    # bucketed, a window's leftover images (less than a batch) wait for the next window
+    bound = (2 + 2) * 4 + 3 * 2 + bucket_by_length * 2
     assert 0 < peaks[48] <= bound and 0 < peaks[192] <= bound
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_bucketing_by_length_pads_less_and_keeps_batches_full(tmp_path, preload):
+    """Batches of images with similar longest captions: fewer padded steps for a decoder that runs
+    each batch to its longest caption; every batch but the last still has its full images."""
+    path = make_store(tmp_path / "s.zarr", images=96, images_per_shard=8, captions_per_image=2,
+                      split_fractions=(1, 0, 0))  # fmt: skip
+    options = dict(batch_size=8, window_shards=4, workers=0, preload=preload, bucket_batches=6)
+    plain, _, _, _ = open_stream(path, **options)
+    bucketed, _, _, _ = open_stream(path, bucket_by_length=True, **options)
+
+    def padded_steps(stream):
+        return sum(b.num_captions * int(b.lengths.max()) for b in stream.epoch(1))
+
+    assert padded_steps(bucketed) < 0.95 * padded_steps(plain)
+    plan = bucketed.plan(1)
+    assert [len(b) for b in plan.batches[:-1]] == [bucketed.images_per_batch] * (
+        len(plan.batches) - 1
+    )
+    assert sorted(np.concatenate(plan.batches).tolist()) == sorted(
+        np.concatenate(plain.plan(1).batches).tolist()
+    )
+    assert [b.tolist() for b in plan.batches] != [b.tolist() for b in bucketed.plan(2).batches]
 
 
 def test_epoch_order_is_seeded_and_a_resumed_epoch_continues_it(store_path):

@@ -42,7 +42,8 @@ class FakeAttentionDecoder(nn.Module):
 
     def step(self, tokens, state, memory):
         (hidden,) = state
-        features, keys = memory
+        rows = len(hidden) // len(memory[0])  # the step API: k state rows per memory row
+        features, keys = (m.repeat_interleave(rows, 0) for m in memory)
         alpha = torch.softmax((keys * hidden[:, None]).sum(-1), dim=1)
         context = (alpha[:, :, None] * features).sum(1)
         hidden = self.cell(torch.cat([self.embed(tokens), context], dim=1), hidden)

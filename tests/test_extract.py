@@ -16,6 +16,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from conftest import single_thread
 from PIL import Image
 
 from captioner.cli import main
@@ -87,7 +88,8 @@ def dataset(tmp_path_factory) -> Path:
 def reference(dataset, tmp_path_factory) -> Path:
     """An uninterrupted single-process extraction, with DataLoader worker processes."""
     out = tmp_path_factory.mktemp("reference") / "s.zarr"
-    summary = extract_features(config_for(dataset, workers=2, out=str(out)))
+    with single_thread():  # as the subprocesses that tests compare with it
+        summary = extract_features(config_for(dataset, workers=2, out=str(out)))
     assert summary.processed == 14 and not summary.already_complete
     return out
 
@@ -225,7 +227,7 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(dataset, reference, tmp_path):
+def test_resume_after_sigkill_equals_an_uninterrupted_run(dataset, reference, tmp_path, one_thread):
     config = config_for(dataset, out=str(tmp_path / "s.zarr"))
     run = subprocess.Popen(
         [sys.executable, "-c", SLOW_EXTRACT, *cli_options(config)],

@@ -1,12 +1,16 @@
 """The decoders learn, ignore padding, and decode step by step exactly as they were trained."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from plain_decoders import PlainShowAttendTell
 
+from captioner.decode import DecodingConfig, generate
 from captioner.errors import CaptionerError
-from captioner.models import DecoderConfig, LossOutput, build_decoder
+from captioner.models import DecoderConfig, LossOutput, build_decoder, show_attend_tell
 from captioner.models.base import label_smoothed_loss, length_mask, select_rows
+from captioner.models.step_weights import LoopWeight
 from captioner.text import END_ID, PAD_ID, START_ID
 
 MODELS = ["show-tell", "show-attend-tell"]
@@ -262,3 +266,109 @@ def test_feature_statistics_standardize_what_the_decoder_reads(model):
     reloaded = make_decoder(model)
     reloaded.load_state_dict(standardizing.state_dict())
     torch.testing.assert_close(reloaded.feature_std, std)
+
+
+# ---- the fast attention step against the plain one (tests/plain_decoders.py) ----------------
+
+
+def fast_and_plain(seed: int = 0, **sizes):
+    """The attention model and its plain layer-by-layer version, with the same weights."""
+    torch.manual_seed(seed)
+    config = DecoderConfig("show-attend-tell", 40, 20, **{"embed_size": 12, "hidden_size": 16,
+                                                          "attention_size": 18, "dropout": 0.0,
+                                                          **sizes})  # fmt: skip
+    fast = build_decoder(config)
+    plain = PlainShowAttendTell(config)
+    plain.load_state_dict(fast.state_dict())
+    return fast, plain
+
+
+@pytest.mark.parametrize(
+    "image_index",
+    [[0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3], [0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3]],
+    ids=["same-captions-per-image", "ragged"],
+)
+@pytest.mark.parametrize("chunk_values", [1 << 19, 1], ids=["one-chunk", "chunk-per-image"])
+def test_fast_attention_loss_and_every_gradient_equal_the_plain_model(
+    image_index, chunk_values, monkeypatch
+):
+    """Random batches through the fast step (stacked products, weight gradients once per loop,
+    shared image memory, chunked attention, head on real tokens) and the plain one agree in
+    float32 to a relative 1e-5 in the loss and in every parameter's gradient."""
+    monkeypatch.setattr(show_attend_tell, "_SCORE_CHUNK_VALUES", chunk_values)
+    fast, plain = fast_and_plain()
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(3):
+        features = torch.randn(4, 9, 20, generator=generator).relu() * 3
+        lengths = torch.randint(3, 12, (len(image_index),), generator=generator)
+        captions = torch.randint(4, 40, (len(image_index), int(lengths.max())), generator=generator)
+        index = torch.tensor(image_index)
+        outputs = []
+        for decoder in (fast, plain):
+            decoder.zero_grad()
+            output = decoder.training_loss(features, index, captions, lengths, 0.1, alpha_c=1.0)
+            output.loss.backward()
+            outputs.append(output)
+        torch.testing.assert_close(outputs[0].loss, outputs[1].loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(outputs[0].nll_sum, outputs[1].nll_sum, rtol=1e-5, atol=0)
+        assert outputs[0].tokens == outputs[1].tokens == int((lengths - 1).sum())
+        for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
+            if name == "attention.score.bias":  # softmax ignores it: zero up to rounding in both
+                assert float(a.grad.abs().max()) < 1e-6 and float(b.grad.abs().max()) < 1e-6
+                continue
+            scale = float(b.grad.abs().max())
+            assert scale > 0, name
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5 * scale,
+                                       msg=f"{name}, trial {trial}")  # fmt: skip
+
+
+def test_fast_attention_decodes_the_plain_models_captions():
+    fast, plain = fast_and_plain(hidden_size=24)
+    with torch.no_grad():
+        fast.head[1].weight.mul_(5.0)  # peaked, and the end token's odds vary with the state,
+        fast.head[1].weight[END_ID].mul_(10.0)  # so captions end at different lengths
+        fast.head[1].bias[END_ID] -= 1.0
+        plain.load_state_dict(fast.state_dict())
+    features = torch.randn(6, 9, 20, generator=torch.Generator().manual_seed(4))
+    fast.eval(), plain.eval()
+    for config in (DecodingConfig(beam_size=3, max_length=12), DecodingConfig("greedy")):
+        got, expected = generate(fast, features, config), generate(plain, features, config)
+        assert [c.tokens for c in got] == [c.tokens for c in expected]
+        assert len({len(c.tokens) for c in got}) > 1
+        for a, b in zip(got, expected, strict=True):
+            assert a.log_prob == pytest.approx(b.log_prob, rel=1e-5, abs=1e-5)
+            if a.tokens:  # (an empty caption has no attention to compare)
+                np.testing.assert_allclose(a.attention, b.attention, rtol=1e-5, atol=1e-6)
+
+
+def test_loop_weight_equals_linear_in_values_and_gradients():
+    """Gradients taken once per loop equal autograd's per-step ones, also when a step's output
+    does not reach the loss; without autograd each weight is applied on its own."""
+    generator = torch.Generator().manual_seed(5)
+    parts = [torch.randn(n, 6, generator=generator, requires_grad=True) for n in (4, 8)]
+    start = torch.randn(3, 6, generator=generator, requires_grad=True)
+
+    def run(product):
+        h, outputs = start, []
+        for step in range(4):
+            out = product(h)
+            outputs.append(out)
+            h = torch.tanh(out[:, :6]) + 0.1 * step
+        loss = sum(o.square().sum() for o in outputs[:-1]) + h.sum()  # last out: only via h
+        loss.backward()
+        return loss.detach(), [t.grad.clone() for t in (*parts, start)]
+
+    loop = LoopWeight(*parts)
+    assert loop.deferred
+    got = run(loop)
+    for tensor in (*parts, start):
+        tensor.grad = None
+    expected = run(lambda x: F.linear(x, torch.cat(parts)))
+    torch.testing.assert_close(got[0], expected[0])
+    for a, b in zip(got[1], expected[1], strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        x = torch.randn(3, 6, generator=generator)
+        plain_loop = LoopWeight(*parts)
+        assert not plain_loop.deferred
+        torch.testing.assert_close(plain_loop(x), F.linear(x, torch.cat(parts)))

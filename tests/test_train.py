@@ -100,15 +100,6 @@ def test_both_models_train_end_to_end_via_the_cli(store, tmp_path, model):
     assert len(captions) == 2
 
 
-@pytest.fixture
-def one_thread():
-    """Runs in this process and in a subprocess with OMP_NUM_THREADS=1 compute alike."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(store, tmp_path, one_thread):
     options = dict(
         model="show-attend-tell", epochs=4, seed=3, checkpoint_minutes=0.0, embed_size=16,

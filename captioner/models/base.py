@@ -16,7 +16,9 @@ from torch import Tensor, nn
 from captioner.text import PAD_ID
 
 Memory = tuple[Tensor, ...]  # per-image tensors computed once by `encode`; batch is dim 0
-State = tuple[Tensor, ...]  # recurrent state; batch is dim 0 (beam search reorders it)
+# Recurrent state, batch in dim 0: k consecutive rows (captions or beams) for each memory row,
+# k = rows // memory rows, so that the rows of one image share its memory without copies.
+State = tuple[Tensor, ...]
 
 
 @dataclass
@@ -78,6 +80,16 @@ def length_mask(lengths: Tensor, steps: int) -> Tensor:
     return torch.arange(steps, device=lengths.device) < lengths.unsqueeze(1)
 
 
+def rows_per_image(image_index: Tensor, images: int) -> int | None:
+    """k when `image_index` is k consecutive rows for each of `images` images in order
+    (0, 0, 1, 1, ...), the layout in which captions share their image's memory; else None."""
+    rows = len(image_index) // max(images, 1)
+    expected = torch.arange(images, device=image_index.device).repeat_interleave(rows)
+    if rows == 0 or not torch.equal(image_index, expected):
+        return None
+    return rows
+
+
 def select_rows(tensors: tuple[Tensor, ...], index: Tensor) -> tuple[Tensor, ...]:
     """Row `index[i]` of every tensor: per-image memory -> per-caption (or per-beam) memory."""
     return tuple(tensor.index_select(0, index) for tensor in tensors)
@@ -126,6 +138,7 @@ class CaptionDecoder(nn.Module):
         raise NotImplementedError
 
     def init_state(self, memory: Memory) -> State:
+        """The state before the first word: one row per memory row (repeat rows for k per image)."""
         raise NotImplementedError
 
     def advance(

@@ -1,16 +1,28 @@
 """Show, Attend and Tell (Xu et al., 2015) with soft (Bahdanau) attention over the H*W regions.
 
-Two choices make training fast, and both are what the step API needs anyway:
-- the attention projection of the features, the one large matrix product, is computed once per
-  image in `encode` and shared by all of the image's captions through `image_index`
-  (an `index_select` of the memory, never a recomputation, never once per step);
+Training is fast because only what depends on the previous step runs inside the step loop
+(bench/attention_step.py measures it against the plain layer-by-layer step, bench/RESULTS.md):
+- the attention projection of the features, the largest matrix product, is computed once per
+  image in `encode` and shared by all of the image's captions through `image_index`;
 - masked full-length decoding: the whole batch runs to its longest caption and the loss is
-  masked by length, so there is no sorting and no batch that shrinks step by step.
+  masked by length, so there is no sorting and no batch that shrinks step by step;
+- the word half of the LSTM input is one matrix product for all steps before the loop, the
+  three products of the hidden state (attention query, gate, recurrence) are one product per
+  step, and the output layer and the loss run once after the loop, on the real tokens only;
+- the attention scores keep one (captions, regions, attention) tensor per step for the backward
+  pass instead of two (`additive_scores`).
+The weights and their names are those of the plain layers (`nn.LSTMCell`, three `nn.Linear`), so
+checkpoints are unchanged; tests/test_models.py checks the loss and every gradient against a plain
+implementation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captioner.models.base import (
@@ -21,12 +33,72 @@ from captioner.models.base import (
     State,
     label_smoothed_loss,
     length_mask,
+    rows_per_image,
     select_rows,
 )
+from captioner.models.step_weights import LoopWeight
+
+# Values of tanh(projection + query) computed at once by `additive_scores`: a few images' rows,
+# about 2 MB of float32, so that the add, the tanh and the backward's products stay in cache.
+_SCORE_CHUNK_VALUES = 1 << 19
+
+
+class _AdditiveScores(torch.autograd.Function):
+    """``tanh(projection + query) @ weight + bias`` for k query rows per image, a few images at a
+    time in one reused buffer, keeping nothing of size (images, k, L, A) for the backward pass:
+    that computes the tanh again, chunk by chunk, where it is still in cache. The projection's
+    gradient is summed over each image's k rows as it is made, so it stays the projection's size.
+    """
+
+    @staticmethod
+    def forward(ctx, projection: Tensor, query: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(projection, query, weight)
+        scores = projection.new_empty(query.shape[:2] + projection.shape[1:2])
+        for chunk, activation in _activations(projection, query):
+            torch.matmul(activation, weight, out=scores[chunk])
+        return scores.add_(bias)
+
+    @staticmethod
+    def backward(ctx, grad_scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        projection, query, weight = ctx.saved_tensors
+        grad_projection = torch.empty_like(projection)
+        grad_query = torch.empty_like(query)
+        grad_weight = torch.zeros_like(weight)
+        for chunk, activation in _activations(projection, query):
+            grad = grad_scores[chunk]  # (g, k, L)
+            grad_weight.addmv_(activation.reshape(-1, activation.size(-1)).t(), grad.reshape(-1))
+            # d tanh(x) / dx = 1 - tanh(x)^2, in place on the chunk
+            activation.mul_(activation).neg_().add_(1.0).mul_(weight).mul_(grad.unsqueeze(-1))
+            torch.sum(activation, 2, out=grad_query[chunk])
+            torch.sum(activation, 1, out=grad_projection[chunk])
+        return grad_projection, grad_query, grad_weight, grad_scores.sum().reshape(1)
+
+
+def _activations(projection: Tensor, query: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """(images, tanh(projection + query) (g, k, L, A)) for chunks of g images, in one buffer."""
+    images, rows = projection.size(0), query.size(1)
+    per_image = rows * projection[0].numel()
+    per_chunk = max(1, _SCORE_CHUNK_VALUES // per_image)
+    buffer = projection.new_empty(min(per_chunk, images) * per_image)
+    for start in range(0, images, per_chunk):
+        chunk = slice(start, start + per_chunk)
+        size = len(range(*chunk.indices(images)))
+        activation = buffer[: size * per_image].view(size, rows, *projection.shape[1:])
+        torch.add(projection[chunk].unsqueeze(1), query[chunk].unsqueeze(2), out=activation)
+        yield chunk, activation.tanh_()
+
+
+def additive_scores(projection: Tensor, query: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Scores (G, k, L) = tanh(projection (G, L, A) + query (G, k, A)) @ weight (A,) + bias (1,):
+    the attention scores of k rows (captions or beams) of each of G images."""
+    if projection.dtype != weight.dtype:  # autocast: the plain ops let it pick the dtypes
+        activation = torch.tanh(projection.unsqueeze(1) + query.unsqueeze(2))
+        return activation @ weight.to(activation.dtype) + bias.to(activation.dtype)
+    return _AdditiveScores.apply(projection, query, weight, bias)
 
 
 class Attention(nn.Module):
-    """Additive attention: score_l = w . tanh(W_f f_l + W_h h)."""
+    """Additive attention: score_l = w . tanh(W_f f_l + W_h h) + b."""
 
     def __init__(self, feature_size: int, hidden_size: int, attention_size: int) -> None:
         super().__init__()
@@ -38,14 +110,42 @@ class Attention(nn.Module):
         """(B, L, C) -> (B, L, A): the per-image part, computed once."""
         return self.feature_projection(features)
 
-    def forward(
-        self, features: Tensor, projection: Tensor, hidden: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Context (B, C) and weights alpha (B, L) for hidden state (B, H)."""
-        scores = self.score(torch.tanh(projection + self.hidden_projection(hidden).unsqueeze(1)))
-        alpha = scores.squeeze(2).softmax(-1)
-        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)
-        return context, alpha
+    def attend(self, features: Tensor, projection: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+        """Context (R, C) and weights alpha (R, L) for the projected hidden states `query` (R, A)
+        of R = G * k rows, k consecutive rows for each of the G images of `features` (G, L, C)
+        and `projection` (G, L, A): the k captions (or beams) of an image share its features."""
+        images = features.size(0)
+        scores = additive_scores(
+            projection, query.view(images, -1, query.size(1)), self.score.weight[0],
+            self.score.bias,
+        )  # fmt: skip
+        alpha = scores.softmax(-1)
+        context = torch.bmm(alpha, features)
+        return context.flatten(0, 1), alpha.flatten(0, 1)
+
+
+class _StepWeights(NamedTuple):
+    """The step's matrices, grouped so that each input meets one product."""
+
+    word: Tensor  # (4H, E): the word half of the LSTM input weight, used before the loop
+    word_bias: Tensor  # (4H,)
+    context: LoopWeight  # (4H, C): the gated-context half
+    hidden: LoopWeight  # (A + C + 4H, H): attention query, gate and recurrence, stacked
+    hidden_bias: Tensor  # (A + C + 4H,)
+
+
+def attention_penalty(alphas: Tensor, mask: Tensor) -> Tensor:
+    """The doubly stochastic penalty ``((1 - sum_t alpha_t)^2).mean()`` of alphas (B, S, L), the
+    sum over the real steps in `mask` (B, S): each region should be looked at once in total."""
+    attention_per_region = (alphas * mask.unsqueeze(2)).sum(1)
+    return ((1.0 - attention_per_region) ** 2).mean()
+
+
+def lstm_update(gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
+    """`nn.LSTMCell` after its matrix products: gates (B, 4H) in PyTorch's order i, f, g, o."""
+    input_gate, forget_gate, candidate, output_gate = gates.chunk(4, 1)
+    cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(candidate)
+    return torch.sigmoid(output_gate) * torch.tanh(cell), cell
 
 
 class ShowAttendTell(CaptionDecoder):
@@ -58,6 +158,7 @@ class ShowAttendTell(CaptionDecoder):
         self.init_c = nn.Linear(config.feature_size, config.hidden_size)
         self.gate = nn.Linear(config.hidden_size, config.feature_size)  # f_beta in the paper
         self.cell = nn.LSTMCell(config.embed_size + config.feature_size, config.hidden_size)
+        self._hidden_split = (config.attention_size, config.feature_size, 4 * config.hidden_size)
 
     def encode(self, features: Tensor) -> Memory:
         """Spatial features (B, L, C) -> memory (features, attention projection (B, L, A))."""
@@ -65,34 +166,61 @@ class ShowAttendTell(CaptionDecoder):
         return features, self.attention.project(features)
 
     def init_state(self, memory: Memory) -> State:
-        """h0, c0 (B, H) from the mean feature over the regions."""
+        """h0, c0 (G, H) from the mean feature over the regions, one row per memory row."""
         mean = memory[0].mean(1)
         return self.init_h(mean), self.init_c(mean)
 
     def advance(
         self, embedded: Tensor, state: State, memory: Memory
     ) -> tuple[Tensor, State, Tensor]:
+        weights = self._step_weights()
+        state, alpha = self._recur(
+            F.linear(embedded, weights.word, weights.word_bias), state, memory, weights
+        )
+        return self.head(state[0]), state, alpha
+
+    def _recur(
+        self, word_gates: Tensor, state: State, memory: Memory, weights: _StepWeights
+    ) -> tuple[State, Tensor]:
+        """One step from the word's share of the LSTM gates (R, 4H): the new state and alpha."""
         features, projection = memory
         h, c = state
-        context, alpha = self.attention(features, projection, h)
-        gated = torch.sigmoid(self.gate(h)) * context
-        h, c = self.cell(torch.cat([embedded, gated], 1), (h, c))
-        return self.head(h), (h, c), alpha
+        hidden_products = weights.hidden(h) + weights.hidden_bias
+        query, gate, recurrence = hidden_products.split(self._hidden_split, 1)
+        context, alpha = self.attention.attend(features, projection, query)
+        gated = torch.sigmoid(gate) * context
+        h, c = lstm_update(word_gates + recurrence + weights.context(gated), c)
+        return (h, c), alpha
+
+    def _step_weights(self) -> _StepWeights:
+        embed, cell = self.config.embed_size, self.cell
+        query, gate = self.attention.hidden_projection, self.gate
+        return _StepWeights(
+            word=cell.weight_ih[:, :embed],
+            word_bias=cell.bias_ih + cell.bias_hh,
+            context=LoopWeight(cell.weight_ih[:, embed:]),
+            hidden=LoopWeight(query.weight, gate.weight, cell.weight_hh),
+            hidden_bias=torch.cat([query.bias, gate.bias, torch.zeros_like(cell.bias_hh)]),
+        )
 
     def _teacher_forced(
         self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Logits (B, S, V), alphas (B, S, L) and targets (B, S) for S = max(lengths) - 1 steps."""
-        memory = select_rows(self.encode(features), image_index)
-        state = self.init_state(memory)
+        """Hidden states (B, S, H), alphas (B, S, L) and targets (B, S) for S = max(lengths) - 1."""
+        memory = self.encode(features)
+        rows = rows_per_image(image_index, features.size(0))
+        if rows is None:  # images with unequal numbers of captions: one memory row per caption
+            memory, rows = select_rows(memory, image_index), 1
+        state = tuple(s.repeat_interleave(rows, 0) for s in self.init_state(memory))
         steps = int(lengths.max()) - 1
-        embedded = self.embedding(captions[:, :steps])
-        all_logits, all_alphas = [], []
-        for t in range(steps):
-            logits, state, alpha = self.advance(embedded[:, t], state, memory)
-            all_logits.append(logits)
-            all_alphas.append(alpha)
-        return torch.stack(all_logits, 1), torch.stack(all_alphas, 1), captions[:, 1 : steps + 1]
+        weights = self._step_weights()
+        word_gates = F.linear(self.embedding(captions[:, :steps]), weights.word, weights.word_bias)
+        hidden, alphas = [], []
+        for step_gates in word_gates.unbind(1):
+            state, alpha = self._recur(step_gates, state, memory, weights)
+            hidden.append(state[0])
+            alphas.append(alpha)
+        return torch.stack(hidden, 1), torch.stack(alphas, 1), captions[:, 1 : steps + 1]
 
     def training_loss(
         self,
@@ -103,19 +231,16 @@ class ShowAttendTell(CaptionDecoder):
         label_smoothing: float = 0.0,
         alpha_c: float = 0.0,
     ) -> LossOutput:
-        """Masked cross entropy plus the doubly stochastic attention penalty
-        ``alpha_c * ((1 - sum_t alpha_t)^2).mean()``, where the sum runs over real steps only."""
-        logits, alphas, targets = self._teacher_forced(features, image_index, captions, lengths)
-        mask = length_mask(lengths.to(logits.device) - 1, targets.size(1))
-        output = label_smoothed_loss(logits, targets, label_smoothing, mask)
+        """Masked cross entropy over the real tokens plus `alpha_c` times `attention_penalty`."""
+        hidden, alphas, targets = self._teacher_forced(features, image_index, captions, lengths)
+        mask = length_mask(lengths.to(hidden.device) - 1, targets.size(1))
+        output = label_smoothed_loss(self.head(hidden[mask]), targets[mask], label_smoothing)
         if alpha_c == 0.0:
             return output
-        attention_per_region = (alphas * mask.unsqueeze(2)).sum(1)
-        penalty = alpha_c * ((1.0 - attention_per_region) ** 2).mean()
-        return output._replace(loss=output.loss + penalty)
+        return output._replace(loss=output.loss + alpha_c * attention_penalty(alphas, mask))
 
     def teacher_forced_log_probs(
         self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
     ) -> Tensor:
-        logits, _, _ = self._teacher_forced(features, image_index, captions, lengths)
-        return logits.float().log_softmax(-1)
+        hidden, _, _ = self._teacher_forced(features, image_index, captions, lengths)
+        return self.head(hidden).float().log_softmax(-1)

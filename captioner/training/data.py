@@ -104,6 +104,8 @@ def feature_stream(
         batch_size=config.batch_size,
         captions_per_image=config.captions_per_image if training else 0,
         shuffle=training,
+        # The attention model runs every caption of a batch to its longest: group by length.
+        bucket_by_length=training and kind == "spatial",
         preload=config.preload,
         workers=config.workers,
         seed=config.seed,
