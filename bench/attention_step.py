@@ -1,20 +1,25 @@
-"""Issue 4 (c): one training step of our Show-Attend-and-Tell decoder vs the straightforward design.
+"""One training step of our Show-Attend-and-Tell decoder against two baselines (issues 4 (c), 10).
 
-Ours (captioner.models.ShowAttendTell.training_loss): the attention projection of the features is
-computed once per image and shared by the image's captions (index_select), and the whole batch
-runs to its longest caption with the loss masked by length.
+Ours (captioner.models.ShowAttendTell.training_loss, fused Adam): the attention projection once
+per image, the captions of an image sharing its memory, masked full-length decoding, and only what
+depends on the previous step inside the step loop (see the model's docstring).
 
-Baseline (as in the popular sgrvinod "a-PyTorch-Tutorial-to-Image-Captioning"): one feature map per
+Today's step (tests/plain_decoders.PlainShowAttendTell, Adam as before): the same model written
+layer by layer, as the step was before issue 10: per-caption copies of the image memory, every
+module called at every step, the output layer over every padded position.
+
+Tutorial (the popular sgrvinod "a-PyTorch-Tutorial-to-Image-Captioning"): one feature map per
 caption, the batch sorted by length, and at every step t the batch shrunk to the captions still
 running and the feature projection recomputed for them; loss on the packed scores.
 
-Both run the same module (same weights, same math: tanh attention, gate, LSTMCell, dropout,
-label smoothing, doubly stochastic penalty) on the same batch, on the same device, alternating,
-with forward + backward + Adam step timed. Before timing, the two losses are checked to agree.
+All three run the same weights and math (tanh attention, gate, LSTMCell, dropout, label
+smoothing, doubly stochastic penalty) on the same batch, on the same device, alternating, with
+forward + backward + Adam step timed. Before timing, the three losses are checked to agree.
 Caption lengths and vocabulary size come from the real Flickr8k captions when
-../shared/fixtures/flickr8k is present.
+../shared/fixtures/flickr8k is present. The default batch is train_decoder.py's default
+(--batch-size 32: 6 images x 5 captions).
 
-    python bench/attention_step.py [--device cpu|cuda] [--repeats 3] [--images 32]
+    python bench/attention_step.py [--device cpu|cuda] [--repeats 3] [--images 6] [--no-tutorial]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -30,8 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from captioner.models import DecoderConfig, ShowAttendTell, build_decoder
-from captioner.text import END_ID, START_ID, Vocabulary, tokenize
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from plain_decoders import PlainShowAttendTell  # noqa: E402
+
+from captioner.models import DecoderConfig, ShowAttendTell, build_decoder  # noqa: E402
+from captioner.text import END_ID, START_ID, Vocabulary, tokenize  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k" / "captions.txt"
 MAX_WORDS = 20  # the vocabulary's --max-length: longer captions are cut
@@ -107,12 +117,13 @@ def synchronize(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--grid", type=int, default=14, help="H = W of the region grid")
     parser.add_argument("--channels", type=int, default=2048)
     parser.add_argument("--size", type=int, default=512, help="embed = hidden = attention size")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per path (+1 warm-up)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per path (+1 warm-up)")
+    parser.add_argument("--no-tutorial", action="store_true", help="skip the slowest baseline")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -126,7 +137,13 @@ def main() -> None:
         "show-attend-tell", vocab_size, args.channels, args.size, args.size, args.size, dropout=0.5
     )
     decoder = build_decoder(config).to(device)
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4)
+    plain = PlainShowAttendTell(config).to(device)
+    plain.load_state_dict(decoder.state_dict())
+    fused = device.type in ("cpu", "cuda")  # as captioner.training.run
+    optimizers = {
+        "ours": torch.optim.Adam(decoder.parameters(), lr=4e-4, fused=fused),
+        "today": torch.optim.Adam(plain.parameters(), lr=4e-4),
+    }
     features = torch.randn(args.images, regions, args.channels, generator=generator).to(device)
     image_index = torch.arange(args.images).repeat_interleave(args.captions_per_image).to(device)
     caption_features = features[image_index]  # the tutorial's per-caption input, built untimed
@@ -134,43 +151,45 @@ def main() -> None:
     captions = captions.to(device)
     smoothing, alpha_c = 0.1, 1.0
 
-    def ours() -> torch.Tensor:
-        return decoder.training_loss(
+    paths = {
+        "ours": lambda: decoder.training_loss(
             features, image_index, captions, lengths_tensor, smoothing, alpha_c
-        ).loss
+        ).loss,
+        "today": lambda: plain.training_loss(
+            features, image_index, captions, lengths_tensor, smoothing, alpha_c
+        ).loss,
+        "tutorial": lambda: baseline_loss(
+            plain, caption_features, captions, lengths_tensor, smoothing, alpha_c
+        ),
+    }
+    if args.no_tutorial:
+        del paths["tutorial"]
+    optimizers["tutorial"] = optimizers["today"]
 
-    def baseline() -> torch.Tensor:
-        return baseline_loss(
-            decoder, caption_features, captions, lengths_tensor, smoothing, alpha_c
-        )
-
-    decoder.eval()  # the same function of the weights when dropout is off
+    decoder.eval(), plain.eval()  # the same function of the weights when dropout is off
     with torch.no_grad():
-        ours_value, baseline_value = ours().item(), baseline().item()
-    decoder.train()
-    assert abs(ours_value - baseline_value) < 1e-4 * max(1.0, abs(ours_value)), (
-        ours_value,
-        baseline_value,
-    )
+        values = {name: loss_of().item() for name, loss_of in paths.items()}
+    decoder.train(), plain.train()
+    for value in values.values():
+        assert abs(value - values["ours"]) < 1e-4 * max(1.0, abs(value)), values
 
-    def train_step(loss_of) -> float:
+    def train_step(name: str) -> float:
         synchronize(device)
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_of().backward()
-        optimizer.step()
+        optimizers[name].zero_grad(set_to_none=True)
+        paths[name]().backward()
+        optimizers[name].step()
         synchronize(device)
         return time.perf_counter() - start
 
-    timings: dict[str, list[float]] = {"ours": [], "baseline": []}
-    for repeat in range(args.repeats + 1):  # alternate, so drift on a shared machine hits both
-        for name, loss_of in (("ours", ours), ("baseline", baseline)):
-            seconds = train_step(loss_of)
+    timings: dict[str, list[float]] = {name: [] for name in paths}
+    for repeat in range(args.repeats + 1):  # alternate, so drift on a shared machine hits all
+        for name in paths:
+            seconds = train_step(name)
             if repeat > 0:  # the first round is warm-up
                 timings[name].append(seconds)
 
-    ours_ms = 1000 * statistics.median(timings["ours"])
-    baseline_ms = 1000 * statistics.median(timings["baseline"])
+    medians = {name: statistics.median(times) for name, times in timings.items()}
     print(f"device {device}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
     print(
         f"batch: {args.images} images x {args.captions_per_image} captions, L={regions}, "
@@ -178,23 +197,24 @@ def main() -> None:
     )
     print(
         f"caption lengths from {source}: mean {np.mean(lengths):.1f}, max {max(lengths)} "
-        f"(with <start>/<end>); losses agree: ours {ours_value:.5f}, baseline {baseline_value:.5f}"
-    )
-    running = sum(length - 1 for length in lengths)
-    full = captions_count * (max(lengths) - 1)
-    print(
-        f"attention + LSTM steps computed: ours {full} caption-steps (all to the longest),"
-        f" baseline {running} (shrinking batch); feature projections (L x C -> L x A): ours"
-        f" {args.images} (once per image), baseline {running} (per caption per step)"
+        f"(with <start>/<end>); losses agree: "
+        + ", ".join(f"{name} {value:.5f}" for name, value in values.items())
     )
     print(f"median over {args.repeats} steps (forward + backward + Adam):")
-    for name, label, median in (
-        ("ours", "ours (projection once per image, masked full length)", ours_ms),
-        ("baseline", "baseline (projection every step, sorted + shrinking)", baseline_ms),
-    ):
+    labels = {
+        "ours": "ours (issue 10: loop holds only the recurrence)",
+        "today": "today's step (plain layers, before issue 10)",
+        "tutorial": "tutorial (projection every step, sorted + shrinking)",
+    }
+    for name, median in medians.items():
         each = ", ".join(f"{1000 * seconds:.0f}" for seconds in timings[name])
-        print(f"  {label}: {median:9.1f} ms/step  (each: {each})")
-    print(f"  speed-up: {baseline_ms / ours_ms:.2f}x")
+        print(
+            f"  {labels[name]:<54} {1000 * median:9.1f} ms/step"
+            f" = {captions_count / median:7.1f} captions/s  (each: {each})"
+        )
+    for name in paths:
+        if name != "ours":
+            print(f"  ours vs {name}: {medians[name] / medians['ours']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,30 @@
-"""Phase-2 benchmarks (issue 4 (a), (b), (d)), each measured against its baseline in one run.
+"""Phase-2 benchmarks (issues 4 and 10), each measured against its baseline in one run.
 
-(a) epoch time: decoder training from the feature store vs the same decoder with the frozen
-    ResNet-152 (448 px, images decoded from JPEG) in the loop, for both models, against two
-    baselines: the CNN run once per (image, caption) sample, as the common tutorials do, and
-    the CNN run once per image for all of its captions.
-(b) data wait: the share of a training step spent waiting for the feature stream, measured in
-    a loop that does what captioner.train does each step; plus how fast the stream alone delivers
-    batches (what a much faster GPU step would need).
+(a) training throughput and epoch time: both decoders trained over the feature store in a loop
+    that does what captioner.train does each step (stream with data wait, loss, backward, clip,
+    Adam), ours against today's step (issue 10's baseline: the plain attention step of
+    tests/plain_decoders.py, unbucketed batches read by 2 threads, Adam as before) in
+    steady-state captions/s;
+    then a Flickr8k epoch from the store against the same decoder with the frozen ResNet-152
+    (448 px, images decoded from JPEG) in the loop, run once per image for all its captions, or
+    once per (image, caption) sample as the common tutorials do.
+(b) data wait: the share of the loop's time spent waiting for the feature stream, and how fast the
+    stream alone delivers batches (what a much faster GPU step would need).
 (d) read throughput: spatial maps read from the store (zstd-compressed shards, decoded) vs the
     same bytes read raw from a .npy file, warm (page cache) and cold (pages dropped with
     posix_fadvise).
 
-A full Flickr8k epoch on this shared 2-core CPU would take hours with the CNN in the loop, so
-every figure is a median of a few repetitions of one STEP (or one image) and the epoch times
-are EXTRAPOLATED to Flickr8k's train split (6000 images, 30000 captions, 1000 steps of 6 images
-x 5 captions = batch size 32): the printout says so next to each number.
+A Flickr8k epoch on a CPU would take hours with the CNN in the loop, so the CNN's costs are medians
+of a few images and the epoch times are EXTRAPOLATED to Flickr8k's train split (6000 images,
+30000 captions): the printout says so next to each number. The decoder loop runs train_decoder.py's
+default options (--batch-size 32: 6 images x 5 captions, sizes 512) over the whole store.
 
 The CNN uses random weights (weights=none): the same architecture and FLOPs as the ImageNet
 weights, which cannot be downloaded here. The store holds 128 images of synthetic post-ReLU
 feature maps (14x14x2048 float16, about half zeros like a ResNet's last block) with real Flickr8k
 captions; its JPEGs are the 10 real Flickr8k images in ../shared/fixtures.
 
-    OMP_NUM_THREADS=1 python bench/train.py
+    python bench/train.py [--device cpu|cuda] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from plain_decoders import PlainShowAttendTell  # noqa: E402
+
 from captioner.batches import Batch, FeatureStream, StreamConfig, encode_captions  # noqa: E402
 from captioner.corpus import read_corpus  # noqa: E402
 from captioner.encoder import EncoderConfig, build_encoder, image_transform  # noqa: E402
@@ -48,6 +55,7 @@ from captioner.images import load_image  # noqa: E402
 from captioner.models import DecoderConfig, build_decoder  # noqa: E402
 from captioner.store import FeatureStore, StoreSettings, create_store, directory_size  # noqa: E402
 from captioner.text import Vocabulary  # noqa: E402
+from captioner.training.run import Amp  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k"
 FLICKR8K_TRAIN_IMAGES, CAPTIONS_PER_IMAGE, BATCH_SIZE = 6000, 5, 32
@@ -98,36 +106,57 @@ def build_store(path: Path, compression: str = "zstd") -> tuple[FeatureStore, Vo
     return FeatureStore.open(path), vocabulary
 
 
-def stream_of(store: FeatureStore, vocabulary: Vocabulary, kind: str, workers: int = 2):
+def stream_of(
+    store: FeatureStore, vocabulary: Vocabulary, kind: str, workers: int = 2,
+    bucket_by_length: bool = False, device: torch.device | None = None,
+) -> FeatureStream:  # fmt: skip
+    """The stream captioner.training.data.feature_stream builds for `device` (None: the CPU)."""
+    cuda = device is not None and device.type == "cuda"
     corpus = store.corpus()
     rows = np.arange(store.num_images)
     captions = encode_captions(corpus, vocabulary, rows.tolist(), max_length=20)
-    config = StreamConfig(kind=kind, batch_size=BATCH_SIZE, workers=workers, window_shards=2)
+    config = StreamConfig(
+        kind=kind, batch_size=BATCH_SIZE, workers=workers, window_shards=2,
+        bucket_by_length=bucket_by_length,
+        dtype=torch.float16 if cuda and kind == "spatial" else torch.float32, pin_memory=cuda,
+    )  # fmt: skip
     return FeatureStream(store, rows, captions, config)
 
 
 class Trainer:
-    """One training step exactly as captioner.train takes it (loss, backward, clip, Adam)."""
+    """One training step as captioner.train takes it (loss, backward, clip, Adam), ours or today's
+    (the plain attention step and Adam as they were before issue 10)."""
 
-    def __init__(self, model: str, vocabulary: Vocabulary) -> None:
+    def __init__(self, model: str, vocabulary: Vocabulary, device: torch.device, today: bool):
         torch.manual_seed(0)
-        self.decoder = build_decoder(DecoderConfig(model, len(vocabulary), CHANNELS))
-        self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=4e-4)
+        config = DecoderConfig(model, len(vocabulary), CHANNELS)
+        plain = today and model == "show-attend-tell"
+        self.decoder = (PlainShowAttendTell(config) if plain else build_decoder(config)).to(device)
+        fused = not today and device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=4e-4, fused=fused)
+        self.amp = Amp(device)
+        self.device = device
 
     def step(self, batch: Batch) -> None:
-        output = self.decoder.training_loss(
-            batch.features, batch.image_index, batch.captions, batch.lengths, 0.1, 1.0
-        )
+        batch = batch.to(self.device)
+        with self.amp.autocast():
+            output = self.decoder.training_loss(
+                batch.features, batch.image_index, batch.captions, batch.lengths, 0.1, 1.0
+            )
         self.optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
+        self.amp.scaler.scale(output.loss).backward()
+        self.amp.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), 5.0)
-        self.optimizer.step()
+        self.amp.scaler.step(self.optimizer)
+        self.amp.scaler.update()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 # ---- (a) epoch time --------------------------------------------------------------------------
 
 
-def measure_cnn(repeats: int) -> tuple[float, float]:
+def measure_cnn(repeats: int, device: torch.device) -> tuple[float, float]:
     """Seconds per image: JPEG decode + resize to 448 px; ResNet-152 forward at 448 px."""
     config = EncoderConfig("resnet152", "none", 448)
     transform = image_transform(config)
@@ -140,46 +169,91 @@ def measure_cnn(repeats: int) -> tuple[float, float]:
             decode_times.append(time.perf_counter() - started)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: the FLOPs are what is measured here
-        encoder = build_encoder(config)
-    images = torch.stack([transform(load_image(p)) for p in paths[:2]])
+        encoder = build_encoder(config).to(device)
+    batch = 2 if device.type == "cpu" else 32
+    images = torch.stack([transform(load_image(p)) for p in paths[:2]] * (batch // 2)).to(device)
+
+    def forward() -> None:
+        encoder(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     with torch.inference_mode():
-        cnn_times = median_seconds(lambda: encoder(images), repeats)
+        cnn_times = median_seconds(forward, repeats)
     print(f"(a) per-image costs of the CNN in the loop ({len(paths)} real Flickr8k JPEGs):")
     decode = show("JPEG decode + resize to 448 px, per image", decode_times, 1e3, "ms")
-    cnn = show("ResNet-152 forward at 448 px, per image (batch of 2)", cnn_times, 1e3 / 2, "ms")
-    return decode, cnn / 2
+    cnn = show(f"ResNet-152 forward at 448 px, per image (batch of {batch})", cnn_times,
+               1e3 / batch, "ms")  # fmt: skip
+    return decode, cnn / batch
 
 
-def measure_steps(store, vocabulary, repeats: int) -> dict[str, float]:
-    """Seconds per training step from the store's features, 6 images x 5 captions."""
-    print(f"    decoder training step, {IMAGES_PER_STEP} images x {CAPTIONS_PER_IMAGE} captions,"
-          f" embed = hidden = attention = 512, vocabulary {len(vocabulary)}:")  # fmt: skip
-    steps = {}
+def measure_training(
+    store: FeatureStore, vocabulary: Vocabulary, repeats: int, device: torch.device
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Steady-state captions/s of whole epochs over the store (data wait included, after one
+    warm-up step), ours and today's, alternating; and our share of time waiting for data."""
+    print(f"(a) training over the store, {store.num_images} images with real Flickr8k captions,"
+          f" --batch-size {BATCH_SIZE} ({IMAGES_PER_STEP} images x {CAPTIONS_PER_IMAGE} captions),"
+          f" sizes 512, vocabulary {len(vocabulary)}; captions/s of whole epochs, data wait"
+          f" included:")  # fmt: skip
+    rates: dict[str, dict[str, float]] = {}
+    waits: dict[str, float] = {}
     for model in MODELS:
         kind = "pooled" if model == "show-tell" else "spatial"
-        batch = next(iter(stream_of(store, vocabulary, kind, workers=0).epoch(0)))
-        step = Trainer(model, vocabulary).step
-        times = median_seconds(lambda: step(batch), repeats * (5 if kind == "pooled" else 1))  # noqa: B023
-        steps[model] = show(f"{model} step", times, 1e3, "ms")
-    return steps
+        trainers = {path: Trainer(model, vocabulary, device, path == "today")
+                    for path in ("ours", "today")}  # fmt: skip
+        streams = {  # ours as captioner.training.data.feature_stream builds it; today's as it did
+            "ours": stream_of(store, vocabulary, kind, workers=0 if device.type == "cpu" else 2,
+                              bucket_by_length=kind == "spatial", device=device),
+            "today": stream_of(store, vocabulary, kind, workers=2, device=device),
+        }  # fmt: skip
+        for path, trainer in trainers.items():  # warm-up (first-call allocations)
+            trainer.step(next(iter(streams[path].epoch(0))))
+        times: dict[str, list[float]] = {"ours": [], "today": []}
+        wait_shares = []
+        for repeat in range(repeats):
+            for path, trainer in trainers.items():
+                captions, waited, started = 0, 0.0, time.perf_counter()
+                batches = streams[path].epoch(1 + repeat)
+                while True:
+                    asked = time.perf_counter()
+                    batch = next(batches, None)
+                    waited += time.perf_counter() - asked
+                    if batch is None:
+                        break
+                    trainer.step(batch)
+                    captions += batch.num_captions
+                elapsed = time.perf_counter() - started
+                times[path].append(captions / elapsed)
+                if path == "ours":
+                    wait_shares.append(waited / elapsed)
+        rates[model] = {path: statistics.median(values) for path, values in times.items()}
+        waits[model] = statistics.median(wait_shares)
+        for path in ("today", "ours"):
+            each = ", ".join(f"{v:.1f}" for v in times[path])
+            print(f"  {model:<17} {path:<6} {rates[model][path]:8.1f} captions/s  (each: {each})")
+        print(f"  {model:<17} ours is {rates[model]['ours'] / rates[model]['today']:.2f}x today's;"
+              f" data wait {100 * waits[model]:.2f}% of the loop (target <= 5%)")  # fmt: skip
+    return rates, waits
 
 
-def report_epochs(decode: float, cnn: float, steps: dict, waits: dict) -> None:
+def report_epochs(decode: float, cnn: float, rates: dict[str, dict[str, float]]) -> None:
     images_per_epoch = FLICKR8K_TRAIN_IMAGES
     samples_per_epoch = FLICKR8K_TRAIN_IMAGES * CAPTIONS_PER_IMAGE
     print(
-        f"(a) Flickr8k epoch EXTRAPOLATED from the medians above ({STEPS_PER_EPOCH} steps,"
-        f" {images_per_epoch} images, {samples_per_epoch} captions; decoder step the same in all"
-        " three, which favours the baselines):"
+        f"(a) Flickr8k epoch EXTRAPOLATED ({images_per_epoch} images, {samples_per_epoch}"
+        " captions) from the captions/s above and the CNN's per-image costs; the decoder's own"
+        " time is ours in all three, which favours the baselines:"
     )
     per_image_cnn = decode + cnn
     for model in MODELS:
-        ours = STEPS_PER_EPOCH * steps[model] / (1 - waits[model])
-        decoder = STEPS_PER_EPOCH * steps[model]
-        once_per_image = decoder + images_per_epoch * per_image_cnn
-        once_per_sample = decoder + samples_per_epoch * per_image_cnn
+        ours = samples_per_epoch / rates[model]["ours"]
+        today = samples_per_epoch / rates[model]["today"]
+        once_per_image = ours + images_per_epoch * per_image_cnn
+        once_per_sample = ours + samples_per_epoch * per_image_cnn
         print(f"  {model}:")
         print(f"    from the store (ours)                         {hours(ours)}")
+        print(f"    from the store (today's step)                 {hours(today)}")
         print(f"    CNN once per image, all its captions          {hours(once_per_image)}"
               f"   ours is {once_per_image / ours:7.1f}x faster")  # fmt: skip
         print(f"    CNN once per (image, caption) sample          {hours(once_per_sample)}"
@@ -193,28 +267,10 @@ def hours(seconds: float) -> str:
 # ---- (b) data wait ---------------------------------------------------------------------------
 
 
-def measure_data_wait(store, vocabulary, steps_to_run: dict[str, int]) -> dict[str, float]:
-    """Share of each step's wall time spent in next(batches), in a real loop over the store."""
-    print("(b) data wait in the training loop (stream: spatial maps streamed from whole shards"
-          " by 2 threads, pooled vectors from RAM):")  # fmt: skip
-    waits = {}
-    for model, count in steps_to_run.items():
-        kind = "pooled" if model == "show-tell" else "spatial"
-        trainer = Trainer(model, vocabulary)
-        stream = stream_of(store, vocabulary, kind)
-        count = min(count, stream.num_batches - 1)
-        batches = stream.epoch(1)
-        trainer.step(next(batches))  # warm-up (first-call allocations)
-        wait, total = 0.0, 0.0
-        for _ in range(count):
-            started = time.perf_counter()
-            batch = next(batches)
-            waited = time.perf_counter() - started
-            trainer.step(batch)
-            wait, total = wait + waited, total + time.perf_counter() - started
-        waits[model] = wait / total
-        print(f"  {model:<18} {count} steps: waited {wait * 1e3:.1f} ms of {total * 1e3:.0f} ms"
-              f" = {100 * waits[model]:.2f}% of the step time (target <= 5%)")  # fmt: skip
+def measure_stream_alone(store: FeatureStore, vocabulary: Vocabulary) -> None:
+    """How often each stream delivers a batch with no training step consuming it."""
+    print("(b) the streams alone (spatial maps streamed from whole shards by 2 threads, pooled"
+          " vectors from RAM):")  # fmt: skip
     for kind in ("spatial", "pooled"):
         stream = stream_of(store, vocabulary, kind)
         started = time.perf_counter()
@@ -223,7 +279,6 @@ def measure_data_wait(store, vocabulary, steps_to_run: dict[str, int]) -> dict[s
         print(f"  the {kind} stream alone delivers a batch every {per_batch * 1e3:.2f} ms"
               f" ({IMAGES_PER_STEP / per_batch:.0f} images/s): steps of at least"
               f" {per_batch / 0.05 * 1e3:.0f} ms wait under 5% even with no overlap")  # fmt: skip
-    return waits
 
 
 # ---- (d) read throughput ---------------------------------------------------------------------
@@ -276,21 +331,20 @@ def measure_reads(stores: dict[str, FeatureStore], raw: Path, repeats: int) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--attention-steps", type=int, default=6, help="steps timed for (b)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if not (FIXTURES / "captions.txt").is_file():
         sys.exit(f"needs the Flickr8k fixtures at {FIXTURES}")
-    print(f"cpu, torch threads {torch.get_num_threads()}, torch {torch.__version__},"
+    print(f"{device}, torch threads {torch.get_num_threads()}, torch {torch.__version__},"
           f" load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         store, vocabulary = build_store(Path(scratch) / "bench.zarr")
-        decode, cnn = measure_cnn(args.repeats)
-        steps = measure_steps(store, vocabulary, args.repeats)
-        waits = measure_data_wait(
-            store, vocabulary, {"show-tell": 20, "show-attend-tell": args.attention_steps}
-        )
-        report_epochs(decode, cnn, steps, waits)
+        decode, cnn = measure_cnn(args.repeats, device)
+        rates, _ = measure_training(store, vocabulary, args.repeats, device)
+        report_epochs(decode, cnn, rates)
+        measure_stream_alone(store, vocabulary)
         stores = {"zstd (default)": store}
         for compression in ("blosc-lz4", "none"):
             stores[compression] = build_store(Path(scratch) / f"{compression}.zarr", compression)[0]

@@ -237,7 +237,7 @@ def _train_config(config: DemoConfig, model: str) -> TrainConfig:
         batch_size=config.batch_size, captions_per_image=config.captions_per_image,
         embed_size=config.embed_size, hidden_size=config.hidden_size,
         attention_size=config.attention_size, dropout=config.dropout, lr=config.lr,
-        alpha_c=config.alpha_c, min_count=1, device=config.device, workers=config.workers,
+        alpha_c=config.alpha_c, min_count=1, device=config.device,
         preload=True, seed=config.seed,
         resume=(out / "last.pt").exists(),
     )  # fmt: skip

@@ -49,7 +49,11 @@ def _option(name: str, kind: type | click.ParamType, help: str):
 @_option("min_count", click.IntRange(min=1), "Vocabulary: words seen fewer times become <unk>.")
 @_option("max_length", click.IntRange(min=1), "Words kept per caption; longest greedy decode.")
 @_option("device", click.Choice(DEVICES), "Where to train.")
-@_option("workers", click.IntRange(min=0), "Feature-reading threads (0: read in the loop).")
+@_option(
+    "workers", click.IntRange(min=0),
+    "Feature-reading threads (0: read in the loop). Default: 0 on a CPU, whose cores the step"
+    " needs, 2 elsewhere.",
+)  # fmt: skip
 @click.option("--preload", is_flag=True, help="Hold the spatial maps in RAM (when they fit).")
 @_option("early_stop", click.IntRange(min=0), "Stop after N epochs without a better BLEU-4.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")

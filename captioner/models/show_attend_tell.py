@@ -63,12 +63,12 @@ class _AdditiveScores(torch.autograd.Function):
         projection, query, weight = ctx.saved_tensors
         grad_projection = torch.empty_like(projection)
         grad_query = torch.empty_like(query)
-        grad_weight = torch.zeros_like(weight)
+        grad_weight, negative_weight = torch.zeros_like(weight), weight.neg()
         for chunk, activation in _activations(projection, query):
             grad = grad_scores[chunk]  # (g, k, L)
             grad_weight.addmv_(activation.reshape(-1, activation.size(-1)).t(), grad.reshape(-1))
-            # d tanh(x) / dx = 1 - tanh(x)^2, in place on the chunk
-            activation.mul_(activation).neg_().add_(1.0).mul_(weight).mul_(grad.unsqueeze(-1))
+            # d tanh(x) / dx = 1 - tanh(x)^2; (tanh^2 - 1) * -weight, in place on the chunk
+            activation.mul_(activation).sub_(1.0).mul_(negative_weight).mul_(grad.unsqueeze(-1))
             torch.sum(activation, 2, out=grad_query[chunk])
             torch.sum(activation, 1, out=grad_projection[chunk])
         return grad_projection, grad_query, grad_weight, grad_scores.sum().reshape(1)

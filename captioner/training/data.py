@@ -107,7 +107,7 @@ def feature_stream(
         # The attention model runs every caption of a batch to its longest: group by length.
         bucket_by_length=training and kind == "spatial",
         preload=config.preload,
-        workers=config.workers,
+        workers=(0 if device.type == "cpu" else 2) if config.workers is None else config.workers,
         seed=config.seed,
         rank=ranks.rank if training else 0,
         world_size=ranks.world_size if training else 1,
