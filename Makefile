@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/attention_step.py
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/caption.py
+
+bench-gpu: $(STAMP)  # on a CUDA machine; writes bench/gpu-results.txt
+	bash bench/gpu.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

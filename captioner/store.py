@@ -449,7 +449,10 @@ def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
     unique, inverse = np.unique(rows, return_inverse=True)
     runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1)
     parts = [np.asarray(array[int(run[0]) : int(run[-1]) + 1]) for run in runs]
-    return np.concatenate(parts)[inverse]
+    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if np.array_equal(rows, unique):  # sorted and distinct, as whole shards are read: no copy
+        return values
+    return values[inverse]
 
 
 def remove_partial_files(path: Path) -> None:

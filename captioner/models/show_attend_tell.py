@@ -53,10 +53,7 @@ class _AdditiveScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projection: Tensor, query: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         ctx.save_for_backward(projection, query, weight)
-        scores = projection.new_empty(query.shape[:2] + projection.shape[1:2])
-        for chunk, activation in _activations(projection, query):
-            torch.matmul(activation, weight, out=scores[chunk])
-        return scores.add_(bias)
+        return _scores(projection, query, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -72,6 +69,13 @@ class _AdditiveScores(torch.autograd.Function):
             torch.sum(activation, 2, out=grad_query[chunk])
             torch.sum(activation, 1, out=grad_projection[chunk])
         return grad_projection, grad_query, grad_weight, grad_scores.sum().reshape(1)
+
+
+def _scores(projection: Tensor, query: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    scores = projection.new_empty(query.shape[:2] + projection.shape[1:2])
+    for chunk, activation in _activations(projection, query):
+        torch.matmul(activation, weight, out=scores[chunk])
+    return scores.add_(bias)
 
 
 def _activations(projection: Tensor, query: Tensor) -> Iterator[tuple[slice, Tensor]]:
@@ -94,6 +98,8 @@ def additive_scores(projection: Tensor, query: Tensor, weight: Tensor, bias: Ten
     if projection.dtype != weight.dtype:  # autocast: the plain ops let it pick the dtypes
         activation = torch.tanh(projection.unsqueeze(1) + query.unsqueeze(2))
         return activation @ weight.to(activation.dtype) + bias.to(activation.dtype)
+    if not torch.is_grad_enabled():  # decoding: no graph to record
+        return _scores(projection, query, weight, bias)
     return _AdditiveScores.apply(projection, query, weight, bias)
 
 
