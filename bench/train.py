@@ -203,14 +203,17 @@ def measure_training(
     rates: dict[str, dict[str, float]] = {}
     for model in MODELS:
         kind = "pooled" if model == "show-tell" else "spatial"
-        bucket = kind == "spatial"
         paths = {  # name: (today's step?, stream)
             "today": (True, stream_of(store, vocabulary, kind, workers=2, device=device,
                                       batch_size=TODAY_BATCH_SIZE)),
             f"ours, batch {TODAY_BATCH_SIZE}": (False, stream_of(
-                store, vocabulary, kind, ours_workers, bucket, device, TODAY_BATCH_SIZE)),
-            "ours": (False, stream_of(store, vocabulary, kind, ours_workers, bucket, device)),
+                store, vocabulary, kind, ours_workers, False, device, TODAY_BATCH_SIZE)),
+            "ours": (False, stream_of(store, vocabulary, kind, ours_workers, False, device)),
         }  # fmt: skip
+        if kind == "spatial":  # --bucket-by-length (the attention model's option)
+            paths["ours, bucketed"] = (
+                False, stream_of(store, vocabulary, kind, ours_workers, True, device)
+            )  # fmt: skip
         trainers = {name: Trainer(model, vocabulary, device, today)
                     for name, (today, _) in paths.items()}  # fmt: skip
         for name, (_, stream) in paths.items():  # warm-up (first-call allocations)
@@ -236,8 +239,10 @@ def measure_training(
         for name, (_, stream) in paths.items():
             each = ", ".join(f"{v:.1f}" for v in times[name])
             label = f"{name} (--batch-size {stream.config.batch_size})"
+            if stream.config.bucket_by_length:
+                label = f"ours (--batch-size {stream.config.batch_size} --bucket-by-length)"
             wait = 100 * statistics.median(waits[name])
-            print(f"  {model:<17} {label:<34} {rates[model][name]:7.1f} captions/s,"
+            print(f"  {model:<17} {label:<44} {rates[model][name]:7.1f} captions/s,"
                   f" {rates[model][name] / rates[model]['today']:5.2f}x today's,"
                   f" data wait {wait:4.1f}%  (each: {each})")  # fmt: skip
     return rates

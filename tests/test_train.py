@@ -177,6 +177,27 @@ def test_resume_against_another_store_is_refused_in_one_line(store, tmp_path):
     assert len(metrics(run)) == 1  # nothing was lost or overwritten
 
 
+def test_bucketed_attention_run_and_a_run_from_before_an_option_existed_resume(store, tmp_path):
+    """--bucket-by-length trains and resumes; a last.pt written before an option existed resumes
+    as a run with that option's default, and asking for another value is refused."""
+    run = tmp_path / "run"
+    options = ["--features", str(store), "--out", str(run), *TINY]
+    assert run_cli("--epochs", "1", "--bucket-by-length", *options).exit_code == 0
+    assert run_cli("--epochs", "2", "--bucket-by-length", "--resume", *options).exit_code == 0
+    assert len(metrics(run)) == 2
+
+    old = tmp_path / "old"
+    assert run_cli("--epochs", "1", *options[:3], str(old), *TINY).exit_code == 0
+    payload = torch.load(old / "last.pt", weights_only=True)
+    del payload["training"]["options"]["bucket_by_length"]  # as written before the option
+    torch.save(payload, old / "last.pt")
+    refused = run_cli("--epochs", "2", "--resume", "--bucket-by-length", *options[:3], str(old),
+                      *TINY)  # fmt: skip
+    assert refused.exit_code == 1 and "--bucket-by-length False -> True" in refused.output
+    assert run_cli("--epochs", "2", "--resume", *options[:3], str(old), *TINY).exit_code == 0
+    assert len(metrics(old)) == 2
+
+
 def test_early_stop_and_the_store_copied_elsewhere(store, tmp_path):
     copy = tmp_path / "laptop" / "store.zarr"
     shutil.copytree(store, copy)  # a laptop needs nothing but the store

@@ -55,6 +55,10 @@ def _option(name: str, kind: type | click.ParamType, help: str):
     " needs, 2 elsewhere.",
 )  # fmt: skip
 @click.option("--preload", is_flag=True, help="Hold the spatial maps in RAM (when they fit).")
+@click.option(
+    "--bucket-by-length", is_flag=True,
+    help="Attention model: batch images whose longest captions are alike (fewer padded steps).",
+)  # fmt: skip
 @_option("early_stop", click.IntRange(min=0), "Stop after N epochs without a better BLEU-4.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @_option("seed", int, "Seed of initialization, shuffling and dropout.")

@@ -104,8 +104,8 @@ def feature_stream(
         batch_size=config.batch_size,
         captions_per_image=config.captions_per_image if training else 0,
         shuffle=training,
-        # The attention model runs every caption of a batch to its longest: group by length.
-        bucket_by_length=training and kind == "spatial",
+        # Only the attention model runs every caption of a batch to its longest.
+        bucket_by_length=training and config.bucket_by_length and kind == "spatial",
         preload=config.preload,
         workers=(0 if device.type == "cpu" else 2) if config.workers is None else config.workers,
         seed=config.seed,

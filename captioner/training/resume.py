@@ -9,7 +9,7 @@ RESUMABLE_CHANGES must match the ones last.pt was written with.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,11 +103,14 @@ def resume_run(run: Run, path: Path) -> RunState:
         )
     if "state" not in extra:
         raise CaptionerError(f"{path}: holds no resume state (was it copied from a best.pt?)")
-    saved, current = checkpoint.training["options"], _options(config)
+    # An option added after the run started ran with its default.
+    saved = {option.name: option.default for option in fields(config)}
+    saved.update(checkpoint.training["options"])
+    current = _options(config)
     changed = [
-        f"--{name.replace('_', '-')} {saved.get(name)} -> {current[name]}"
+        f"--{name.replace('_', '-')} {saved[name]} -> {current[name]}"
         for name in current
-        if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]
+        if name not in RESUMABLE_CHANGES and saved[name] != current[name]
     ]
     if changed:
         raise CaptionerError(
