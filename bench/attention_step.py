@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from plain_decoders import PlainShowAttendTell  # noqa: E402
 
-from captioner.models import DecoderConfig, ShowAttendTell, build_decoder  # noqa: E402
+from captioner.models import DecoderConfig, build_decoder  # noqa: E402
 from captioner.text import END_ID, START_ID, Vocabulary, tokenize  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k" / "captions.txt"
@@ -75,15 +75,16 @@ def random_captions(lengths: list[int], vocab_size: int, generator: torch.Genera
 
 
 def baseline_loss(
-    decoder: ShowAttendTell,
+    decoder: PlainShowAttendTell,
     caption_features: torch.Tensor,
     captions: torch.Tensor,
     lengths: torch.Tensor,
     label_smoothing: float,
     alpha_c: float,
 ) -> torch.Tensor:
-    """The tutorial's forward + loss, on our module's layers: features per caption, sorted batch,
-    shrinking per step, feature projection recomputed at every step for the running captions."""
+    """The tutorial's forward + loss, on the plain model's step: features per caption, sorted
+    batch, shrinking per step, feature projection recomputed at every step for the running
+    captions."""
     lengths, order = lengths.sort(descending=True)
     features, captions = caption_features[order], captions[order]
     embeddings = decoder.embedding(captions)
@@ -96,12 +97,10 @@ def baseline_loss(
     for t in range(steps):
         running = sum(length > t for length in decode_lengths)
         projection = decoder.attention.project(features[:running])  # recomputed every step
-        context, alpha = decoder.attention(features[:running], projection, h[:running])
-        gated = torch.sigmoid(decoder.gate(h[:running])) * context
-        h, c = decoder.cell(
-            torch.cat([embeddings[:running, t], gated], 1), (h[:running], c[:running])
+        logits, (h, c), alpha = decoder.advance(
+            embeddings[:running, t], (h[:running], c[:running]), (features[:running], projection)
         )
-        predictions[:running, t] = decoder.head(h)
+        predictions[:running, t] = logits
         alphas[:running, t] = alpha
     scores = pack_padded_sequence(predictions, decode_lengths, batch_first=True).data
     targets = pack_padded_sequence(captions[:, 1:], decode_lengths, batch_first=True).data
