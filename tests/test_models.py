@@ -1,5 +1,8 @@
 """The decoders learn, ignore padding, and decode step by step exactly as they were trained."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -372,3 +375,18 @@ def test_loop_weight_equals_linear_in_values_and_gradients():
         plain_loop = LoopWeight(*parts)
         assert not plain_loop.deferred
         torch.testing.assert_close(plain_loop(x), F.linear(x, torch.cat(parts)))
+
+
+def test_loop_weight_is_freed_without_the_cycle_collector():
+    """The autograd graph must not point back at the LoopWeight whose weight it made: a
+    reference cycle would keep each step's stacked weights alive until a full collection."""
+    weight = torch.randn(4, 3, requires_grad=True)
+    gc.disable()
+    try:
+        loop = LoopWeight(weight)
+        loop(torch.randn(2, 3)).sum().backward()
+        freed = weakref.ref(loop)
+        del loop
+        assert freed() is None
+    finally:
+        gc.enable()

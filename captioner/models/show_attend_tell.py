@@ -82,7 +82,8 @@ def _activations(projection: Tensor, query: Tensor) -> Iterator[tuple[slice, Ten
     """(images, tanh(projection + query) (g, k, L, A)) for chunks of g images, in one buffer."""
     images, rows = projection.size(0), query.size(1)
     per_image = rows * projection[0].numel()
-    per_chunk = max(1, _SCORE_CHUNK_VALUES // per_image)
+    # A GPU has no such cache to fit and pays per kernel launch: one chunk there.
+    per_chunk = max(1, _SCORE_CHUNK_VALUES // per_image) if projection.is_cpu else images
     buffer = projection.new_empty(min(per_chunk, images) * per_image)
     for start in range(0, images, per_chunk):
         chunk = slice(start, start + per_chunk)
@@ -191,7 +192,8 @@ class ShowAttendTell(CaptionDecoder):
         """One step from the word's share of the LSTM gates (R, 4H): the new state and alpha."""
         features, projection = memory
         h, c = state
-        hidden_products = weights.hidden(h) + weights.hidden_bias
+        hidden_products = weights.hidden(h)  # (autocast may have made it half precision)
+        hidden_products = hidden_products + weights.hidden_bias.to(hidden_products.dtype)
         query, gate, recurrence = hidden_products.split(self._hidden_split, 1)
         context, alpha = self.attention.attend(features, projection, query)
         gated = torch.sigmoid(gate) * context

@@ -24,8 +24,7 @@ class LoopWeight:
     """
 
     def __init__(self, *weights: Tensor) -> None:
-        self.inputs: list[Tensor] = []
-        self.grads: list[Tensor] = []
+        self.steps = _Steps()
         self.weights = weights
         # Under autocast the plain products let autocast choose the dtypes.
         self.deferred = (
@@ -34,14 +33,24 @@ class LoopWeight:
             and not torch.is_autocast_enabled(weights[0].device.type)
         )
         if self.deferred:
-            self.weight = _LoopGradient.apply(torch.cat(weights), self)
+            self.weight = _LoopGradient.apply(torch.cat(weights), self.steps)
 
     def __call__(self, inputs: Tensor) -> Tensor:
         if self.deferred:
-            return _StepProduct.apply(inputs, self.weight, self)
+            return _StepProduct.apply(inputs, self.weight, self.steps)
         if len(self.weights) == 1:
             return F.linear(inputs, self.weights[0])
         return torch.cat([F.linear(inputs, weight) for weight in self.weights], -1)
+
+
+class _Steps:
+    """Each step's input and output gradient, kept by the backward pass until the loop's weight
+    gradient is taken. (The autograd nodes hold this, not the LoopWeight, whose weight they made:
+    that would be a reference cycle, kept alive until Python's cycle collector runs.)"""
+
+    def __init__(self) -> None:
+        self.inputs: list[Tensor] = []
+        self.grads: list[Tensor] = []
 
 
 class _LoopGradient(torch.autograd.Function):
@@ -49,16 +58,16 @@ class _LoopGradient(torch.autograd.Function):
     (they all depend on it) and turns their saved inputs and gradients into the weight's."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, loop: LoopWeight) -> Tensor:
-        ctx.loop = loop
+    def forward(ctx, weight: Tensor, steps: _Steps) -> Tensor:
+        ctx.steps = steps
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, _unused: Tensor) -> tuple[Tensor, None]:
-        loop = ctx.loop
-        grad = torch.cat(loop.grads).t() @ torch.cat(loop.inputs)
-        loop.inputs.clear()
-        loop.grads.clear()
+        steps = ctx.steps
+        grad = torch.cat(steps.grads).t() @ torch.cat(steps.inputs)
+        steps.inputs.clear()
+        steps.grads.clear()
         return grad, None
 
 
@@ -67,14 +76,14 @@ class _StepProduct(torch.autograd.Function):
     `_LoopGradient` (None here, which autograd counts as zero)."""
 
     @staticmethod
-    def forward(ctx, inputs: Tensor, weight: Tensor, loop: LoopWeight) -> Tensor:
+    def forward(ctx, inputs: Tensor, weight: Tensor, steps: _Steps) -> Tensor:
         ctx.save_for_backward(inputs, weight)
-        ctx.loop = loop
+        ctx.steps = steps
         return F.linear(inputs, weight)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         inputs, weight = ctx.saved_tensors
-        ctx.loop.inputs.append(inputs)
-        ctx.loop.grads.append(grad)
+        ctx.steps.inputs.append(inputs)
+        ctx.steps.grads.append(grad)
         return grad @ weight, None, None

@@ -114,7 +114,8 @@ def resume_run(run: Run, path: Path) -> RunState:
     ]
     if changed:
         raise CaptionerError(
-            f"{path}: resume with the options the run started with; changed: {', '.join(changed)}"
+            f"{path}: resume with the options the run started with (pass them again where a"
+            f" default has changed since); changed: {', '.join(changed)}"
         )
     if checkpoint.vocabulary.words != run.vocabulary.words:
         raise CaptionerError(
