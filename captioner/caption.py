@@ -2,8 +2,9 @@
 
 Pictures are decoded in DataLoader workers; the main thread runs the encoder on whole batches
 while a second thread runs the batched decoding of the batch before. Every input file gets
-exactly one row (``path, caption, log_prob, error``); a file that cannot be read gets an empty
-caption and its reason. Rows are flushed batch by batch, and a re-run with the same output skips
+exactly one row (``path, caption, log_prob, error``, the path absolute, so that it names the
+file whatever folder a re-run starts in); a file that cannot be read gets an empty caption and
+its reason. Rows are flushed batch by batch, and a re-run with the same output skips
 the files it already holds, so a killed run resumes without losing or repeating a row (a
 half-written last line is cut off and redone).
 """
@@ -108,10 +109,10 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
 
         def write(batch: tuple[Future, torch.Tensor, torch.Tensor, list]) -> None:
             captions, indices, good, failures = batch
-            rows = {index: (str(todo[index]), "", None, reason) for index, reason in failures}
+            rows = {index: (_key(todo[index]), "", None, reason) for index, reason in failures}
             for index, caption in zip(good.tolist(), captions.result(), strict=True):
                 text = " ".join(caption.words(checkpoint.vocabulary))
-                rows[index] = (str(todo[index]), text, caption.log_prob, None)
+                rows[index] = (_key(todo[index]), text, caption.log_prob, None)
             output.write([rows[index] for index in indices.tolist()])
             summary.captioned += len(good)
             summary.failed += len(failures)
@@ -295,6 +296,7 @@ def _one_line(text: str) -> str:
 
 
 def _key(path: Path) -> str:
+    """The absolute path: what rows hold and how files already captioned are recognised."""
     return os.path.abspath(path)
 
 

@@ -405,7 +405,7 @@ def _write_empty_store(
                 "format": corpus.format,
                 "sources": [str(source) for source in corpus.sources],
                 "sha256": corpus_digest(corpus),
-                "skipped": [[s.source, s.line, s.reason] for s in corpus.skipped],
+                "skipped": [[s.source, s.line, s.reason, s.item] for s in corpus.skipped],
                 "split_rule": corpus.split_rule,
             },
             "versions": _library_versions(),

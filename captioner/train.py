@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -133,6 +134,7 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bo
     if not config.resume:  # a resumed run takes its statistics from the checkpoint
         decoder.set_feature_statistics(*feature_statistics(store, train_rows, decoder.feature_kind))
     decoder = decoder.to(device)
+    seed_rank(config.seed, ranks.rank)
     run = Run(config, ranks, device, store, vocabulary, decoder)
     state = RunState()
     if config.resume:
@@ -146,9 +148,9 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bo
     train_stream = feature_stream(
         store, corpus, vocabulary, train_rows, config, kind, device, ranks
     )
-    val_stream = feature_stream(store, corpus, vocabulary, val_rows, config, kind, device, None)
-    references = reference_words(corpus, val_rows)
-    if ranks.is_main:
+    if ranks.is_main:  # only rank 0 validates and writes
+        val_stream = feature_stream(store, corpus, vocabulary, val_rows, config, kind, device, None)
+        references = reference_words(corpus, val_rows)
         out.mkdir(parents=True, exist_ok=True)
         vocabulary.save(out / "vocab.json")
         write_metrics(out, state.history)
@@ -272,6 +274,13 @@ def _check_options(config: TrainConfig) -> None:
             raise CaptionerError(
                 f"--{option.name.replace('_', '-')}: {value!r} is not a valid value"
             )
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Give every rank its own random stream for dropout, after all ranks built the same weights
+    from `seed`. Rank 0 goes on with the stream it has, so a single process trains as before."""
+    if rank > 0:
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
 
 
 def _silent(_: str) -> None:

@@ -143,6 +143,23 @@ def test_jsonl_format_and_rerun_skips_what_is_done(tmp_path, checkpoint):
     assert out.read_text() == first
 
 
+def test_a_rerun_from_another_folder_recognises_the_rows_written(tmp_path, checkpoint, monkeypatch):
+    """Relative inputs are written as absolute paths, so a re-run from elsewhere that names the
+    same files differently captions nothing twice."""
+    zoo = write_picture_zoo(tmp_path / "pics")
+    out = tmp_path / "captions.csv"
+    monkeypatch.chdir(tmp_path)
+    caption_images(CaptionConfig([Path("pics")], checkpoint, out, recursive=True, decoding=FAST))
+    first = out.read_text()
+    assert {r["path"] for r in read_csv(out)} == {str(tmp_path / "pics" / name) for name in zoo}
+    monkeypatch.chdir(tmp_path / "pics")
+    again = caption_images(
+        CaptionConfig([Path(".")], checkpoint, out, recursive=True, decoding=FAST)
+    )
+    assert (again.skipped, again.captioned, again.failed) == (len(zoo), 0, 0)
+    assert out.read_text() == first
+
+
 def test_a_half_written_last_row_is_redone(tmp_path, checkpoint):
     write_picture_zoo(tmp_path / "pics")
     out = tmp_path / "captions.csv"
@@ -245,7 +262,8 @@ def test_values_a_spreadsheet_would_run_are_defused(tmp_path, checkpoint):
         os.chdir(cwd)
     with open(relative, newline="", encoding="utf-8") as file:
         written = [row[0] for row in csv.reader(file)][1:]
-    assert written == ["'=HYPERLINK(1).png", "'-2.png"]
+    # written absolute, so even names a spreadsheet would run start with the folder
+    assert written == [str(folder / "=HYPERLINK(1).png"), str(folder / "-2.png")]
     assert again.skipped == 2
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from factories import make_corpus, make_store
 
+from captioner.corpus import SkippedLine
 from captioner.encoder import EncoderConfig
 from captioner.errors import CaptionerError
 from captioner.store import (
@@ -40,6 +41,20 @@ def test_make_store_gives_a_complete_readable_store(tmp_path):
     corpus = store.corpus()
     assert corpus == make_corpus(10, 3, seed=0)
     assert len(corpus.captions) == 30
+
+
+def test_skipped_lines_keep_their_location(tmp_path):
+    """A corpus's skipped lines read back from the store as they were: line numbers of text files
+    and items of JSON files (stores written before items were kept read back without them)."""
+    corpus = make_corpus(8, 2)
+    corpus.skipped.append(SkippedLine("captions.txt", 17, "no tab"))
+    corpus.skipped.append(SkippedLine("dataset_coco.json", 0, "no sentences", "images[3]"))
+    encoder = EncoderConfig("tiny", "none", 64)
+    settings = StoreSettings(encoder, "generated", "generated", grid=(2, 2), channels=4)
+    create_store(tmp_path / "s.zarr", corpus, settings)
+    skipped = FeatureStore.open(tmp_path / "s.zarr").corpus().skipped
+    assert skipped == corpus.skipped
+    assert [s.location() for s in skipped] == ["captions.txt:17", "dataset_coco.json images[3]"]
 
 
 def test_reads_follow_the_requested_order(tmp_path):

@@ -26,7 +26,7 @@ from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.decode import greedy_decode
 from captioner.store import FeatureStore
-from captioner.train import TrainConfig, train
+from captioner.train import TrainConfig, seed_rank, train
 from captioner.training.data import feature_statistics
 from captioner.training.validation import repeated_word
 
@@ -246,6 +246,19 @@ def test_attention_maps_overlay_the_image_when_it_is_reachable(tmp_path, monkeyp
     shutil.rmtree(images)
     train(dataclasses.replace(config, out=tmp_path / "run2"))
     assert drawn[0].size == (40, 30) and drawn[1] is None  # overlay, then grid heatmaps
+
+
+def test_each_rank_draws_its_own_dropout_and_rank_0_trains_as_a_single_process():
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    seed_rank(3, 0)
+    assert torch.equal(torch.get_rng_state(), before)
+    draws = []
+    for rank in (0, 1, 2):
+        torch.manual_seed(3)
+        seed_rank(3, rank)
+        draws.append(torch.rand(8))
+    assert not any(torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1 :])
 
 
 def test_repeated_word_flags_a_collapsing_decoder():

@@ -1,5 +1,6 @@
 """`captioner synth` (the synthetic shapes dataset) and `captioner demo` (everything on it)."""
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -74,8 +75,8 @@ def demo(root: Path, name: str, images: int, epochs: int, encoder_name: str, wei
     click.echo("\nBoth decoders on the held-out test images:")
     click.echo(format_comparison(result))
     click.echo("\nThe attention model on fresh images (all rows in the CSV below):")
-    for path, caption in result.samples:
-        click.echo(f"  {path}: {caption}")
+    for path, caption in result.samples:  # the CSV holds absolute paths; shown from here
+        click.echo(f"  {os.path.relpath(path)}: {caption}")
     phases = ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in result.seconds.items())
     click.echo(f"\nTime: {phases}.")
     click.echo("Artifacts:")
