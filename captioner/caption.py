@@ -26,10 +26,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.checkpoint import load_checkpoint
+from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.devices import resolve_device
-from captioner.encoder import build_encoder, image_transform
+from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
 from captioner.images import ImageDataset, collate_images
 
@@ -54,6 +54,7 @@ class CaptionConfig:
     batch_size: int = 32
     workers: int = 2
     weights: str | None = None  # a local encoder weights file instead of the checkpoint's record
+    allow_other_weights: bool = False  # caption with weights the decoder was not trained on
 
 
 @dataclass
@@ -89,11 +90,13 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
     todo = [path for path in files if _key(path) not in done]
     summary = CaptionSummary(Path(config.out), len(files), len(files) - len(todo), 0, 0, 0.0)
     if todo:
-        encoder_config = checkpoint.encoder_config
+        encoder_config = recorded_encoder(checkpoint)
         if config.weights is not None:
             encoder_config = replace(encoder_config, weights=str(config.weights))
         device = resolve_device(config.device)
         encoder = build_encoder(encoder_config).to_device(device)
+        if not config.allow_other_weights:
+            check_encoder_weights(checkpoint, encoder, config.checkpoint)
         decoder = checkpoint.build_decoder(device)
         loader = DataLoader(
             ImageDataset(todo, image_transform(encoder_config)),
@@ -135,6 +138,29 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
                 write(previous)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def recorded_encoder(checkpoint: Checkpoint) -> EncoderConfig:
+    """The encoder the checkpoint's features came from, with "imagenet" pinned to the exact
+    torchvision weights recorded ("ResNet152_Weights.IMAGENET1K_V2" -> "IMAGENET1K_V2"), not
+    to whatever the installed torchvision's DEFAULT is."""
+    config = checkpoint.encoder_config
+    if config.weights == "imagenet" and "." in checkpoint.weights_id:
+        return replace(config, weights=checkpoint.weights_id.rsplit(".", 1)[1])
+    return config
+
+
+def check_encoder_weights(checkpoint: Checkpoint, encoder: FrozenEncoder, path: Path) -> None:
+    """A one-line refusal of encoder weights other than those the decoder was trained on
+    (unknown for checkpoints older than format 3, which are not checked)."""
+    recorded = checkpoint.weights_checksum
+    if recorded and encoder.weights_checksum != recorded:
+        raise CaptionerError(
+            f"{path}: trained on features of {checkpoint.weights_id} (sha256 {recorded[:12]}),"
+            f" but the encoder here has {encoder.weights_id} (sha256"
+            f" {encoder.weights_checksum[:12]}); pass --weights with the file it was trained"
+            " with, or --allow-other-weights to caption anyway"
+        )
 
 
 @torch.inference_mode()

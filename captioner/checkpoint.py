@@ -23,7 +23,9 @@ from captioner.models import CaptionDecoder, DecoderConfig, build_decoder
 from captioner.text import Vocabulary
 
 FORMAT = "captioner-checkpoint"
-VERSION = 2  # 2: decoders carry the training features' statistics (feature_mean, feature_std)
+# 2: decoders carry the training features' statistics (feature_mean, feature_std)
+# 3: the exact encoder weights (id and checksum) and the training corpus's digest
+VERSION = 3
 
 
 @dataclass
@@ -35,6 +37,12 @@ class Checkpoint:
     store_fingerprint: str
     grid: tuple[int, int]
     training: dict  # epoch, metrics, options: plain types only
+    # Provenance ("" in checkpoints older than version 3, where it was not recorded): the exact
+    # weights the training features came from (e.g. "ResNet152_Weights.IMAGENET1K_V2" and the
+    # sha256 of their tensors), and the digest of the corpus and splits it was trained with.
+    weights_id: str = ""
+    weights_checksum: str = ""
+    corpus_sha256: str = ""
 
     def build_decoder(self, device: str | torch.device = "cpu") -> CaptionDecoder:
         """The decoder with these weights, in eval mode, on `device`."""
@@ -59,6 +67,9 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint, extra: dict | None = Non
         "store_fingerprint": checkpoint.store_fingerprint,
         "grid": [int(size) for size in checkpoint.grid],
         "training": checkpoint.training,
+        "weights_id": checkpoint.weights_id,
+        "weights_checksum": checkpoint.weights_checksum,
+        "corpus_sha256": checkpoint.corpus_sha256,
         "extra": extra or {},
     }
     _require_plain(payload, "checkpoint")
@@ -93,10 +104,10 @@ def load_checkpoint(path: Path) -> tuple[Checkpoint, dict]:
         raise CaptionerError(f"{path}: not a readable checkpoint ({_reason(error)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CaptionerError(f"{path}: not a captioner checkpoint (a torch file of another kind)")
-    if payload.get("version") not in (1, VERSION):
+    if payload.get("version") not in range(1, VERSION + 1):
         raise CaptionerError(
             f"{path}: checkpoint format version {payload.get('version')!r} is not supported "
-            f"(this captioner reads versions 1 and {VERSION})"
+            f"(this captioner reads versions 1 to {VERSION})"
         )
     try:
         decoder_config = DecoderConfig.from_dict(payload["decoder_config"])
@@ -112,6 +123,9 @@ def load_checkpoint(path: Path) -> tuple[Checkpoint, dict]:
             store_fingerprint=str(payload["store_fingerprint"]),
             grid=(int(payload["grid"][0]), int(payload["grid"][1])),
             training=dict(payload["training"]),
+            weights_id=str(payload.get("weights_id", "")),
+            weights_checksum=str(payload.get("weights_checksum", "")),
+            corpus_sha256=str(payload.get("corpus_sha256", "")),
         )
         _check_weights_fit_config(checkpoint)
     except (KeyError, TypeError, ValueError, IndexError, CaptionerError) as error:

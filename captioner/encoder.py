@@ -48,7 +48,8 @@ class RandomWeightsWarning(UserWarning):
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Which CNN, which weights ("imagenet", "none" or a state-dict path) and the input size."""
+    """Which CNN, which weights ("imagenet", a torchvision weights name such as "IMAGENET1K_V1",
+    "none" or a state-dict path) and the input size."""
 
     name: str = "resnet152"
     weights: str = "imagenet"
@@ -122,9 +123,24 @@ def build_encoder(config: EncoderConfig) -> FrozenEncoder:
         return FrozenEncoder(
             config, _backbone(config.name, model), f"random-seed-{RANDOM_WEIGHTS_SEED}"
         )
-    if config.weights == "imagenet":
-        return _imagenet_encoder(config)
+    pretrained = pretrained_weights(config.name, config.weights)
+    if pretrained is not None:
+        return _imagenet_encoder(config, pretrained)
     return _local_weights_encoder(config, Path(config.weights))
+
+
+def pretrained_weights(name: str, weights: str) -> WeightsEnum | None:
+    """The torchvision weights `weights` names for encoder `name`: "imagenet" is the enum's
+    DEFAULT (which a torchvision release may move to newer weights), a member's own name
+    ("IMAGENET1K_V1", as a checkpoint records it) that member; None for anything else."""
+    if name == "tiny" or weights in ("none", ""):
+        if weights == "imagenet":
+            raise CaptionerError("encoder 'tiny' has no ImageNet weights; use weights 'none'")
+        return None
+    _, weights_enum = _torchvision_classifier(name)
+    if weights == "imagenet":
+        return weights_enum.DEFAULT
+    return weights_enum.__members__.get(weights)
 
 
 def image_transform(config: EncoderConfig) -> Callable[[Image.Image], torch.Tensor]:
@@ -141,11 +157,8 @@ def image_transform(config: EncoderConfig) -> Callable[[Image.Image], torch.Tens
     )
 
 
-def _imagenet_encoder(config: EncoderConfig) -> FrozenEncoder:
-    if config.name == "tiny":
-        raise CaptionerError("encoder 'tiny' has no ImageNet weights; use weights 'none'")
-    builder, weights_enum = _torchvision_classifier(config.name)
-    weights = weights_enum.DEFAULT
+def _imagenet_encoder(config: EncoderConfig, weights: WeightsEnum) -> FrozenEncoder:
+    builder, _ = _torchvision_classifier(config.name)
     try:
         model = builder(weights=weights)
     except (OSError, RuntimeError) as error:

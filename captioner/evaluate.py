@@ -28,7 +28,8 @@ from captioner.devices import resolve_device
 from captioner.errors import CaptionerError
 from captioner.images import ImageError, load_image
 from captioner.metrics import COCO, MetricsReport, check_java, score_captions
-from captioner.store import FeatureStore
+from captioner.store import FeatureStore, corpus_digest
+from captioner.training.data import split_rows, training_corpus
 
 # A checkpoint trained on another store is accepted when at least this share of its words occur
 # in this store's captions (the same dataset re-extracted); a vocabulary from another dataset
@@ -86,9 +87,9 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
         check_java()  # before the decoding, not after it
     checkpoint, _ = load_checkpoint(config.checkpoint)
     store = FeatureStore.open(config.features)
-    corpus = store.corpus()
+    corpus = trained_corpus(checkpoint, store, config.checkpoint)
     check_compatible(checkpoint, store, corpus, config.checkpoint)
-    rows = store.split_indices(config.split)
+    rows = split_rows(corpus, store, config.split)
     if len(rows) == 0:
         raise CaptionerError(
             f"{store.path}: no {config.split!r} images with features "
@@ -142,10 +143,40 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
     return EvaluationResult(report, out, len(rows), figures, notes)
 
 
+def trained_corpus(checkpoint: Checkpoint, store: FeatureStore, path: Path) -> Corpus:
+    """The captions and splits of `store` as the checkpoint was trained with them: the store's
+    own, or the caption file that replaced them in training (``--captions``), joined to the
+    store's images. Refused in one line if that file is gone or, on the very store it was
+    trained on, the corpus differs from the one recorded: its test images might be trained on."""
+    captions = checkpoint.training.get("options", {}).get("captions")
+    if captions and not Path(captions).is_file():
+        raise CaptionerError(
+            f"{path}: was trained with the captions and splits of {captions} (--captions), which"
+            " is not there; evaluate where that file is, so the test images are the held-out ones"
+        )
+    corpus = training_corpus(store, Path(captions) if captions else None)
+    same_store = checkpoint.store_fingerprint == store.fingerprint
+    if same_store and checkpoint.corpus_sha256 not in ("", corpus_digest(corpus)):
+        raise CaptionerError(
+            f"{path}: the captions or splits of {captions or store.path} differ from those it was"
+            " trained with, so its test images may have been trained on; evaluate with the"
+            " corpus it was trained on"
+        )
+    return corpus
+
+
 def check_compatible(
     checkpoint: Checkpoint, store: FeatureStore, corpus: Corpus, path: Path
 ) -> None:
     """One-line errors for a checkpoint that cannot caption this store's features meaningfully."""
+    recorded, here = checkpoint.weights_checksum, store.settings.weights_checksum
+    if recorded and recorded != here:
+        raise CaptionerError(
+            f"{path}: trained on features of the encoder weights {checkpoint.weights_id}"
+            f" (sha256 {recorded[:12]}), but {store.path} was extracted with"
+            f" {store.settings.weights_id} (sha256 {here[:12]}); evaluate on a store extracted"
+            " with the weights it was trained on"
+        )
     decoder = checkpoint.decoder_config
     if decoder.feature_size != store.channels:
         raise CaptionerError(

@@ -39,7 +39,7 @@ from captioner.devices import DEVICES, resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.errors import CaptionerError
 from captioner.models import DECODERS, DecoderConfig, build_decoder
-from captioner.store import FeatureStore
+from captioner.store import FeatureStore, corpus_digest
 from captioner.text import Vocabulary
 from captioner.training.data import (
     feature_statistics,
@@ -135,7 +135,7 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bo
         decoder.set_feature_statistics(*feature_statistics(store, train_rows, decoder.feature_kind))
     decoder = decoder.to(device)
     seed_rank(config.seed, ranks.rank)
-    run = Run(config, ranks, device, store, vocabulary, decoder)
+    run = Run(config, ranks, device, store, vocabulary, decoder, corpus_digest(corpus))
     state = RunState()
     if config.resume:
         state = resume_run(run, last_path)

@@ -58,6 +58,7 @@ def make_store(
     seed: int = 0,
     split_fractions: Sequence[float] = (0.5, 0.25, 0.25),
     failed: Sequence[int] = (),
+    weights_checksum: str | None = None,
 ) -> Path:
     """A complete store of random features for a generated corpus (see `make_corpus`).
 
@@ -67,7 +68,7 @@ def make_store(
     settings = StoreSettings(
         encoder=EncoderConfig("tiny", "none", 32 * grid[0]),
         weights_id="generated",
-        weights_checksum=f"generated-seed-{seed}",
+        weights_checksum=weights_checksum or f"generated-seed-{seed}",
         grid=tuple(grid),
         channels=channels,
         dtype=dtype,

@@ -12,7 +12,7 @@ import torch
 from captioner.checkpoint import Checkpoint, save_checkpoint
 from captioner.encoder import EncoderConfig
 from captioner.models import DecoderConfig, build_decoder
-from captioner.store import FeatureStore
+from captioner.store import FeatureStore, corpus_digest
 from captioner.text import Vocabulary
 
 
@@ -27,8 +27,8 @@ def make_checkpoint(
     encoder: EncoderConfig | None = None,
 ) -> Path:
     """A small untrained decoder saved as if trained on the store at `store_path`: vocabulary from
-    its train captions (min count 1), its encoder config, fingerprint and grid. The keyword
-    arguments make deliberately mismatched checkpoints."""
+    its train captions (min count 1), its encoder config and weights, fingerprint, grid and
+    corpus digest. The keyword arguments make deliberately mismatched checkpoints."""
     store = FeatureStore.open(store_path)
     corpus = store.corpus()
     vocabulary = vocabulary or Vocabulary.build(corpus.tokens_of_split("train"), min_count=1)
@@ -53,6 +53,9 @@ def make_checkpoint(
         store_fingerprint=store.fingerprint,
         grid=store.grid,
         training={"epoch": 1, "metrics": {}, "options": {}},
+        weights_id=store.settings.weights_id,
+        weights_checksum=store.settings.weights_checksum,
+        corpus_sha256=corpus_digest(corpus),
     )
     save_checkpoint(path, checkpoint)
     return path

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,11 @@ from captioner.caption import (
     CaptionConfig,
     caption_images,
     find_images,
+    recorded_encoder,
     spreadsheet_safe,
     spreadsheet_value,
 )
+from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.decode import DecodingConfig
 from captioner.encoder import EncoderConfig, build_encoder
@@ -37,7 +40,9 @@ FAST = DecodingConfig(beam_size=2, min_length=1, max_length=6)
 def checkpoint(tmp_path_factory) -> Path:
     """A decoder over the tiny encoder's features (128 channels, 2x2 grid at 64 px)."""
     folder = tmp_path_factory.mktemp("model")
-    store = make_store(folder / "s.zarr", images=8, channels=128)
+    tiny = build_encoder(EncoderConfig("tiny", "none", 64))  # what `caption` will run
+    store = make_store(folder / "s.zarr", images=8, channels=128,
+                       weights_checksum=tiny.weights_checksum)  # fmt: skip
     return make_checkpoint(folder / "best.pt", store)
 
 
@@ -268,15 +273,31 @@ def test_values_a_spreadsheet_would_run_are_defused(tmp_path, checkpoint):
 
 
 def test_local_encoder_weights_replace_the_recorded_ones(tmp_path, checkpoint):
+    """A weights file with the recorded weights captions as the recorded encoder does; other
+    weights are refused in one line unless --allow-other-weights, and then change captions."""
     folder = tmp_path / "pics"
     folder.mkdir()
-    Image.new("RGB", (40, 40), (50, 60, 70)).save(folder / "a.png")
-    weights = tmp_path / "tiny.pt"
-    torch.save(build_encoder(EncoderConfig("tiny", "none", 64)).backbone.state_dict(), weights)
+    for shade in range(4):
+        Image.new("RGB", (40, 40), (50 * shade, 60, 200 - 40 * shade)).save(folder / f"{shade}.png")
+    same, other = tmp_path / "same.pt", tmp_path / "other.pt"
+    state = build_encoder(EncoderConfig("tiny", "none", 64)).backbone.state_dict()
+    torch.save(state, same)
+    torch.save({name: tensor.flip(0) if tensor.dim() == 4 else tensor
+                for name, tensor in state.items()}, other)  # fmt: skip
     recorded, local = tmp_path / "recorded.csv", tmp_path / "local.csv"
     caption_images(CaptionConfig([folder], checkpoint, recorded, decoding=FAST))
-    caption_images(CaptionConfig([folder], checkpoint, local, decoding=FAST, weights=weights))
-    assert read_csv(recorded)[0]["caption"] == read_csv(local)[0]["caption"]
+    caption_images(CaptionConfig([folder], checkpoint, local, decoding=FAST, weights=same))
+    assert read_csv(recorded) == read_csv(local)
+    code, output = run_cli("caption", folder, "--checkpoint", checkpoint, "--out",
+                           tmp_path / "o.csv", "--weights", other)  # fmt: skip
+    assert_one_line_error(code, output, "other.pt", "--allow-other-weights")
+    assert not (tmp_path / "o.csv").exists()
+    code, output = run_cli("caption", folder, "--checkpoint", checkpoint, "--out",
+                           tmp_path / "o.csv", "--weights", other,
+                           "--allow-other-weights")  # fmt: skip
+    assert code == 0, output
+    captions = [row["caption"] for row in read_csv(tmp_path / "o.csv")]
+    assert captions != [row["caption"] for row in read_csv(recorded)]
     code, output = run_cli(
         "caption", folder, "--checkpoint", checkpoint, "--out", tmp_path / "x.csv",
         "--weights", tmp_path / "missing.pt",
@@ -317,3 +338,15 @@ def test_bad_inputs_are_one_line_errors(tmp_path, checkpoint):
     empty.mkdir()
     code, output = run_cli("caption", empty, "--checkpoint", checkpoint, "--out", out)
     assert_one_line_error(code, output, "no image files")
+
+
+def test_imagenet_features_are_captioned_with_the_recorded_torchvision_weights(checkpoint):
+    """A checkpoint trained on "imagenet" features names the torchvision weights they came from;
+    captioning builds those, not whatever DEFAULT the installed torchvision has."""
+    recorded, _ = load_checkpoint(checkpoint)
+    imagenet = replace(
+        recorded, encoder_config=EncoderConfig("resnet50", "imagenet", 224),
+        weights_id="ResNet50_Weights.IMAGENET1K_V1",
+    )  # fmt: skip
+    assert recorded_encoder(imagenet) == EncoderConfig("resnet50", "IMAGENET1K_V1", 224)
+    assert recorded_encoder(recorded) == recorded.encoder_config  # not imagenet: as recorded

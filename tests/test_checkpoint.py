@@ -3,6 +3,7 @@ missing, damaged and foreign files with one clear line."""
 
 import os
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -152,3 +153,25 @@ def test_a_version_1_checkpoint_loads_with_identity_feature_statistics(tmp_path)
     decoder = load_checkpoint(path)[0].build_decoder()
     torch.testing.assert_close(decoder.feature_mean, torch.zeros(8))
     torch.testing.assert_close(decoder.feature_std, torch.ones(8))
+
+
+def test_provenance_round_trips_and_a_version_2_checkpoint_has_none(tmp_path):
+    """Version 3 records the encoder weights and the corpus digest; version 2 did not, and loads
+    with them empty (which evaluate and caption take as "not recorded", checking nothing)."""
+    recorded = replace(
+        make_checkpoint(), weights_id="ResNet152_Weights.IMAGENET1K_V2",
+        weights_checksum="ab" * 32, corpus_sha256="cd" * 32,
+    )  # fmt: skip
+    path = tmp_path / "v3.pt"
+    save_checkpoint(path, recorded)
+    loaded = load_checkpoint(path)[0]
+    assert (loaded.weights_id, loaded.weights_checksum, loaded.corpus_sha256) == (
+        recorded.weights_id, recorded.weights_checksum, recorded.corpus_sha256,
+    )  # fmt: skip
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = 2
+    for name in ("weights_id", "weights_checksum", "corpus_sha256"):
+        del payload[name]
+    torch.save(payload, path)
+    old = load_checkpoint(path)[0]
+    assert (old.weights_id, old.weights_checksum, old.corpus_sha256) == ("", "", "")

@@ -14,6 +14,7 @@ from captioner.encoder import (
     RandomWeightsWarning,
     build_encoder,
     image_transform,
+    pretrained_weights,
 )
 from captioner.errors import CaptionerError
 
@@ -91,3 +92,14 @@ def test_the_command_line_and_the_tiny_encoder_start_without_torchvision_or_matp
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert completed.stdout.strip() == "[]"
+
+
+def test_imagenet_is_torchvisions_default_and_a_recorded_name_pins_those_weights():
+    from torchvision.models import ResNet50_Weights
+
+    assert pretrained_weights("resnet50", "imagenet") is ResNet50_Weights.DEFAULT
+    assert pretrained_weights("resnet50", "IMAGENET1K_V1") is ResNet50_Weights.IMAGENET1K_V1
+    assert pretrained_weights("resnet50", "none") is None
+    assert pretrained_weights("resnet50", "weights/resnet50.pt") is None  # a local file
+    with pytest.raises(CaptionerError, match="no ImageNet weights"):
+        pretrained_weights("tiny", "imagenet")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,13 @@ from inference_factories import make_checkpoint
 from PIL import Image
 
 from captioner import metrics
-from captioner.checkpoint import load_checkpoint
+from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.cli import main
 from captioner.decode import DecodingConfig, generate
 from captioner.evaluate import EvaluateConfig, ScoreConfig, evaluate, score_predictions
-from captioner.store import FeatureStore
+from captioner.store import FeatureStore, corpus_digest
 from captioner.text import SPECIAL_TOKENS, Vocabulary
+from captioner.training.data import training_corpus
 
 FALLBACK = "nltk-fallback"  # no Java start-up: these tests are about evaluate, not the scorers
 
@@ -137,7 +139,8 @@ def test_feature_size_mismatch_is_one_line(tmp_path, store_path):
 
 
 def test_vocabulary_of_another_dataset_is_one_line(tmp_path, store_path):
-    other = make_store(tmp_path / "other.zarr", images=8, seed=3)  # another fingerprint
+    other = make_store(tmp_path / "other.zarr", images=8, seed=3,  # another fingerprint
+                       weights_checksum="generated-seed-0")  # fmt: skip
     words = Vocabulary([*SPECIAL_TOKENS, *(f"word{i}" for i in range(30))])
     checkpoint = make_checkpoint(tmp_path / "c.pt", other, vocabulary=words)
     code, output = run_cli(
@@ -146,11 +149,62 @@ def test_vocabulary_of_another_dataset_is_one_line(tmp_path, store_path):
     assert_one_line_error(code, output, "vocabulary does not match", "0%")
 
 
-def test_checkpoint_of_another_store_with_the_same_words_is_accepted(tmp_path, store_path):
-    other = make_store(tmp_path / "other.zarr", images=24, seed=5)  # same word list, new features
-    checkpoint = make_checkpoint(tmp_path / "c.pt", other)
+def test_a_store_of_other_images_from_the_same_weights_is_accepted(tmp_path, store_path):
+    other = make_store(tmp_path / "other.zarr", images=20, weights_checksum="generated-seed-0")
+    checkpoint = make_checkpoint(tmp_path / "c.pt", other)  # same words and encoder weights
     config = EvaluateConfig(checkpoint, store_path, tmp_path / "o", metrics=FALLBACK)
     assert evaluate(config).images == 6
+
+
+def test_a_store_extracted_with_other_weights_is_one_line(tmp_path, store_path):
+    other = make_store(tmp_path / "other.zarr", images=24, seed=5)  # same words, other weights
+    checkpoint = make_checkpoint(tmp_path / "c.pt", other)
+    code, output = run_cli(
+        "evaluate", "--checkpoint", checkpoint, "--features", store_path, "--out", tmp_path / "o"
+    )
+    assert_one_line_error(code, output, "features of the encoder weights", "was extracted with")
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_splits_a_checkpoint_was_trained_with_are_the_ones_evaluated(tmp_path, store_path):
+    """Trained with --captions (another split), evaluate scores that file's test images; if the
+    file is gone or its splits changed since, it refuses in one line."""
+    corpus = FeatureStore.open(store_path).corpus()
+    test_first = {image.path: "train" for image in corpus.images[4:]}
+    test_first.update({image.path: "test" for image in corpus.images[:4]})
+
+    def write_captions(split_of: dict[str, str]) -> Path:
+        lines = ["image,caption,split"] + [
+            f"{image.path},{corpus.captions[c].raw},{split_of[image.path]}"
+            for row, image in enumerate(corpus.images)
+            for c in corpus.captions_by_image()[row]
+        ]
+        path = tmp_path / "captions.csv"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    captions = write_captions(test_first)
+    base, _ = load_checkpoint(make_checkpoint(tmp_path / "base.pt", store_path))
+    trained = training_corpus(FeatureStore.open(store_path), captions)
+    checkpoint = tmp_path / "c.pt"
+    save_checkpoint(checkpoint, replace(
+        base, training={**base.training, "options": {"captions": str(captions)}},
+        corpus_sha256=corpus_digest(trained),
+    ))  # fmt: skip
+    config = EvaluateConfig(checkpoint, store_path, tmp_path / "o", metrics=FALLBACK)
+    result = evaluate(config)
+    assert result.images == 4  # the file's 4 test images, not the store's 6
+    assert {row["image_id"] for row in read_rows(tmp_path / "o" / "captions.csv")} == {
+        image.id for image in corpus.images[:4]
+    }
+
+    write_captions({**test_first, corpus.images[0].path: "train"})
+    args = ["evaluate", "--checkpoint", checkpoint, "--features", store_path]
+    code, output = run_cli(*args, "--out", tmp_path / "o2")
+    assert_one_line_error(code, output, "differ from those it was trained with")
+    captions.unlink()
+    code, output = run_cli(*args, "--out", tmp_path / "o3")
+    assert_one_line_error(code, output, "captions.csv", "is not there")
 
 
 def test_store_without_the_split_is_one_line(tmp_path):

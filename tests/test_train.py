@@ -25,9 +25,9 @@ from captioner.batches import FeatureStream
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.decode import greedy_decode
-from captioner.store import FeatureStore
+from captioner.store import FeatureStore, corpus_digest
 from captioner.train import TrainConfig, seed_rank, train
-from captioner.training.data import feature_statistics
+from captioner.training.data import feature_statistics, training_corpus
 from captioner.training.validation import repeated_word
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,6 +225,15 @@ def test_a_caption_file_overrides_the_store_corpus(store, tmp_path):
     assert result.exit_code == 0, result.output
     words = json.loads((tmp_path / "run" / "vocab.json").read_text())["words"]
     assert "zebra" in words and "circle" not in words
+    # the checkpoint records where its features and its corpus came from
+    checkpoint, _ = load_checkpoint(tmp_path / "run" / "best.pt")
+    settings = FeatureStore.open(store).settings
+    assert (checkpoint.weights_id, checkpoint.weights_checksum) == (
+        settings.weights_id, settings.weights_checksum,
+    )  # fmt: skip
+    trained = training_corpus(FeatureStore.open(store), captions)
+    assert checkpoint.corpus_sha256 == corpus_digest(trained)
+    assert checkpoint.corpus_sha256 != corpus_digest(FeatureStore.open(store).corpus())
 
 
 def test_attention_maps_overlay_the_image_when_it_is_reachable(tmp_path, monkeypatch):

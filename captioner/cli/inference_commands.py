@@ -181,6 +181,10 @@ def score_command(
     type=click.Path(path_type=Path),
     help="Local encoder weights file (default: the weights the checkpoint records).",
 )
+@click.option(
+    "--allow-other-weights", is_flag=True,
+    help="Caption even with encoder weights other than those the decoder was trained on.",
+)  # fmt: skip
 def caption_command(inputs: tuple[str, ...], format_: str, **options) -> None:
     """Caption image files, folders and globs into a CSV (path,caption,log_prob,error).
 

@@ -71,6 +71,9 @@ def save_run(run: Run, path: Path, state: RunState, resumable: bool = False) -> 
         encoder_config=run.store.encoder_config,
         store_fingerprint=run.store.fingerprint,
         grid=run.store.grid,
+        weights_id=run.store.settings.weights_id,
+        weights_checksum=run.store.settings.weights_checksum,
+        corpus_sha256=run.corpus_sha256,
         training={
             "epoch": state.epoch,
             "step": state.step,

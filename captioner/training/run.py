@@ -21,14 +21,15 @@ if TYPE_CHECKING:
 
 class Run:
     """What every step of a run uses: its config and process, the decoder and its optimizer,
-    and the store and vocabulary that every checkpoint records."""
+    and the store, vocabulary and corpus digest that every checkpoint records."""
 
     def __init__(
         self, config: TrainConfig, ranks: Ranks, device: torch.device, store: FeatureStore,
-        vocabulary: Vocabulary, decoder: CaptionDecoder,
+        vocabulary: Vocabulary, decoder: CaptionDecoder, corpus_sha256: str,
     ) -> None:  # fmt: skip
         self.config, self.ranks, self.device = config, ranks, device
         self.store, self.vocabulary, self.decoder = store, vocabulary, decoder
+        self.corpus_sha256 = corpus_sha256  # of the corpus and splits trained on
         # One fused kernel for the whole update where PyTorch has it, instead of a dozen passes.
         fused = device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr, fused=fused)
