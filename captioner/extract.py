@@ -34,6 +34,7 @@ from captioner.distributed import Ranks, process_group
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
 from captioner.images import ImageDataset, collate_images
+from captioner.integrity import damaged_shards
 from captioner.store import (
     DEFAULT_COMPRESSION,
     DEFAULT_IMAGES_PER_SHARD,
@@ -67,6 +68,7 @@ class ExtractConfig:
     compression: str = DEFAULT_COMPRESSION
     limit: int | None = None  # only the first N images of the corpus, for trials
     overwrite: bool = False
+    repair: bool = False  # re-extract the shards whose chunks are damaged
 
 
 @dataclass
@@ -143,6 +145,10 @@ def _extract(
         raise CaptionerError(refusal)
 
     writer = StoreWriter(config.out)
+    if config.repair and ranks.is_main:
+        for damaged in damaged_shards(FeatureStore.open(config.out)):
+            writer.mark_pending(damaged.shard)
+    ranks.broadcast(None)  # the others wait for the shards to be marked
     pending = writer.pending_shards()
     mine = [shard for shard in pending if shard % ranks.world_size == ranks.rank]
     loop_started = time.perf_counter()

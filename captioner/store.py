@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from captioner import __version__
 from captioner.corpus import (
@@ -169,13 +169,41 @@ class FeatureStore:
     def read_pooled(self, rows: np.ndarray | None = None) -> np.ndarray:
         """(n, C) float32 mean features of `rows` (all rows when None), in the order given."""
         if rows is None:
-            return np.asarray(self._group["pooled"][:], dtype=np.float32)
-        return read_rows(self._group["pooled"], rows)
+            rows = np.arange(self.num_images)
+        return self._read("pooled", rows)
 
     def read_spatial(self, rows: np.ndarray) -> np.ndarray:
         """(n, L, C) region features of `rows` in the stored dtype, in the order given.
         Rows from few shards read fastest: reading whole shards is the efficient unit."""
-        return read_rows(self._group["spatial"], rows)
+        return self._read("spatial", rows)
+
+    def array_codecs(self, name: str) -> tuple:
+        """The codecs of the array `name` as its metadata lists them."""
+        return tuple(self._group[name].metadata.codecs)
+
+    def read_shard(self, name: str, shard: int) -> np.ndarray:
+        """All rows of one shard of the array `name` ("spatial" or "pooled"), as stored; raises
+        what the codecs raise for a damaged chunk (ValueError, RuntimeError)."""
+        start = shard * self.images_per_shard
+        return np.asarray(self._group[name][start : start + self.images_per_shard])
+
+    def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
+        try:
+            return read_rows(self._group[name], rows)
+        except CHUNK_ERRORS:
+            pass
+        for shard in np.unique(np.asarray(rows) // self.images_per_shard).tolist():
+            try:
+                self.read_shard(name, shard)
+            except CHUNK_ERRORS as error:
+                start = shard * self.images_per_shard
+                stop = min(start + self.images_per_shard, self.num_images)
+                raise CaptionerError(
+                    f"{self.path}: {name} shard {shard} (rows {start}-{stop - 1}) is damaged"
+                    f" ({error}); list every damaged shard with `captioner features verify"
+                    f" {self.path}`, then re-extract them: the extraction command plus --repair"
+                ) from None
+        raise CaptionerError(f"{self.path}: {name} rows could not be read")
 
     def corpus(self) -> Corpus:
         ids = self.image_ids()
@@ -274,6 +302,10 @@ class StoreWriter:
     def shard_rows(self, shard: int) -> range:
         start = shard * self.images_per_shard
         return range(start, min(start + self.images_per_shard, self.num_images))
+
+    def mark_pending(self, shard: int) -> None:
+        """Make `shard` pending again, so that extraction redoes it (a repair)."""
+        self._status[self._slice(shard)] = STATUS_PENDING
 
     def pending_shards(self) -> list[int]:
         """Shards with any pending row. Status flips per shard, so these are the unwritten ones."""
@@ -416,11 +448,13 @@ def _write_empty_store(
 
 
 def _compressors(name: str) -> tuple:
+    """The chunk codecs after serialization: the compression, then a crc32c checksum of every
+    (compressed) chunk, so that a damaged copy is found instead of read as other numbers."""
     if name == "zstd":
-        return (ZstdCodec(level=1),)
+        return (ZstdCodec(level=1), Crc32cCodec())
     if name == "blosc-lz4":
-        return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
-    return ()
+        return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec())
+    return (Crc32cCodec(),)
 
 
 def _library_versions() -> dict:
@@ -435,6 +469,11 @@ def _library_versions() -> dict:
         "zarr": zarr.__version__,
         "numpy": np.__version__,
     }
+
+
+# What zarr's codecs raise for a damaged chunk: a checksum mismatch, or data that does not
+# decompress.
+CHUNK_ERRORS = (ValueError, RuntimeError)
 
 
 def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:

@@ -87,3 +87,13 @@ def make_store(
         failures = {row: "generated failure" for row in rows if row in set(failed)}
         writer.write_shard(shard, spatial, pooled, failures)
     return Path(path)
+
+
+def damage(path: Path, array: str, shard: int) -> None:
+    """Flip a few bytes in the middle of one shard's file, as a bad copy would."""
+    file = path / array / "c" / str(shard) / "0"
+    file = file / "0" if file.is_dir() else file
+    data = bytearray(file.read_bytes())
+    for offset in range(len(data) // 3, len(data) // 3 + 4):
+        data[offset] ^= 0x5A
+    file.write_bytes(bytes(data))

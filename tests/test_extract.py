@@ -3,6 +3,7 @@ exact resume after SIGKILL, torchrun with two processes, refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 from conftest import single_thread
+from factories import damage
 from PIL import Image
 
 from captioner.cli import main
@@ -25,6 +27,7 @@ from captioner.encoder import EncoderConfig, build_encoder, image_transform
 from captioner.errors import CaptionerError
 from captioner.extract import ExtractConfig, extract_features
 from captioner.images import load_image
+from captioner.integrity import damaged_shards
 from captioner.store import STATUS_DONE, STATUS_FAILED, FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,6 +257,22 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(dataset, reference, tm
     assert (summary.done, summary.failed, summary.pending) == (11, 3, 0)
     assert_same_arrays(config.out, reference)
     assert not list(config.out.rglob("*.partial"))
+
+
+def test_repair_re_extracts_only_the_damaged_shards(dataset, reference, tmp_path, one_thread):
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(reference, copy)
+    damage(copy, "spatial", 1)
+    damage(copy, "pooled", 2)
+    assert [(d.array, d.shard) for d in damaged_shards(FeatureStore.open(copy))] == [
+        ("spatial", 1), ("pooled", 2),
+    ]  # fmt: skip
+    config = config_for(dataset, out=str(copy))
+    assert extract_features(config).processed == 0  # without --repair: nothing looks pending
+    summary = extract_features(dataclasses.replace(config, repair=True))
+    assert summary.processed == 8  # shards 1 and 2, four images each
+    assert list(damaged_shards(FeatureStore.open(copy))) == []
+    assert_same_arrays(copy, reference)
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=Path(sys.executable).parent) is None,

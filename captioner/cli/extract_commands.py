@@ -6,10 +6,12 @@ import warnings
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
 from captioner.encoder import ENCODER_NAMES, EncoderConfig, RandomWeightsWarning
 from captioner.errors import CaptionerError
 from captioner.extract import DEVICES, ExtractConfig, extract_features
+from captioner.integrity import damaged_shards, has_checksums
 from captioner.readers import FORMATS
 from captioner.store import (
     COMPRESSIONS,
@@ -80,6 +82,10 @@ from captioner.store import (
 )
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N images (trials).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store made differently.")
+@click.option(
+    "--repair", is_flag=True,
+    help="Re-extract the shards that `captioner features verify` finds damaged.",
+)  # fmt: skip
 def extract(
     captions: tuple[Path, ...],
     images: Path,
@@ -99,6 +105,7 @@ def extract(
     compression: str,
     limit: int | None,
     overwrite: bool,
+    repair: bool,
 ) -> None:
     """Run a frozen CNN over the images of a caption dataset into a feature store.
 
@@ -125,6 +132,7 @@ def extract(
         compression=compression,
         limit=limit,
         overwrite=overwrite,
+        repair=repair,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("always", RandomWeightsWarning)
@@ -144,3 +152,26 @@ def features() -> None:
 def info(store: Path, failures: int) -> None:
     """Summarize STORE: shape, dtype, counts by status and split, size on disk, provenance."""
     click.echo(FeatureStore.open(store).describe(max_failures=failures))
+
+
+@features.command("verify")
+@click.argument("store", type=click.Path(path_type=Path))
+def verify(store: Path) -> None:
+    """Read every chunk of STORE: one line per damaged shard and exit status 1, or a summary.
+
+    Repair what it finds with the extraction command that made the store plus --repair.
+    """
+    opened = FeatureStore.open(store)
+    shards = -(-opened.num_images // opened.images_per_shard)
+    damaged = []
+    for shard in damaged_shards(opened, progress=True):
+        tqdm.write(shard.describe(opened))
+        damaged.append(shard)
+    if damaged:
+        raise SystemExit(1)
+    how = (
+        "every chunk's crc32c checksum matches" if has_checksums(opened)
+        else "every chunk decompresses (this store predates chunk checksums, so damage that"
+        " still decompresses cannot show)"
+    )  # fmt: skip
+    click.echo(f"{opened.path}: {shards} shards of spatial and pooled features verified: {how}")

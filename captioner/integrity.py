@@ -1,0 +1,61 @@
+"""Checking a feature store chunk by chunk: what `captioner features verify` and
+`extract --repair` use.
+
+Stores carry a crc32c checksum of every chunk (stores made before that still read, and only damage
+that breaks decompression shows in them). A damaged shard is named by its rows and image ids;
+repairing it means extracting those images again, which `extract ... --repair` does for exactly
+the damaged shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tqdm import tqdm
+from zarr.codecs import Crc32cCodec, ShardingCodec
+
+from captioner.store import CHUNK_ERRORS, FeatureStore
+
+ARRAYS = ("spatial", "pooled")  # the arrays whose chunks hold features
+
+
+@dataclass(frozen=True)
+class DamagedShard:
+    array: str  # "spatial" or "pooled"
+    shard: int
+    rows: range
+    image_ids: list[str]
+    reason: str
+
+    def describe(self, store: FeatureStore, shown: int = 5) -> str:
+        ids = ", ".join(self.image_ids[:shown])
+        more = f" and {len(self.image_ids) - shown} more" if len(self.image_ids) > shown else ""
+        return (
+            f"{store.path}: {self.array} shard {self.shard}, rows {self.rows.start}-"
+            f"{self.rows.stop - 1}, is damaged ({self.reason}): {ids}{more}"
+        )
+
+
+def has_checksums(store: FeatureStore) -> bool:
+    """Whether every feature chunk of `store` carries a crc32c checksum."""
+    for name in ARRAYS:
+        codecs = store.array_codecs(name)
+        inner = [c for codec in codecs if isinstance(codec, ShardingCodec) for c in codec.codecs]
+        if not any(isinstance(codec, Crc32cCodec) for codec in (*codecs, *inner)):
+            return False
+    return True
+
+
+def damaged_shards(store: FeatureStore, progress: bool = False) -> Iterator[DamagedShard]:
+    """Read every shard of the feature arrays, yielding those whose chunks do not read back."""
+    ids = store.image_ids()
+    shards = range(-(-store.num_images // store.images_per_shard))
+    checks = [(name, shard) for name in ARRAYS for shard in shards]
+    for name, shard in tqdm(checks, "verifying", unit="shard", leave=False, disable=not progress):
+        try:
+            store.read_shard(name, shard)
+        except CHUNK_ERRORS as error:
+            start = shard * store.images_per_shard
+            rows = range(start, min(start + store.images_per_shard, store.num_images))
+            yield DamagedShard(name, shard, rows, ids[rows.start : rows.stop], str(error))
