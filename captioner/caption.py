@@ -32,6 +32,7 @@ from captioner.devices import resolve_device
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
 from captioner.images import ImageDataset, collate_images
+from captioner.preemption import StopRequest
 
 FORMATS = ("csv", "jsonl")
 COLUMNS = ("path", "caption", "log_prob", "error")
@@ -65,6 +66,7 @@ class CaptionSummary:
     captioned: int
     failed: int
     seconds: float  # the whole call
+    stopped: str = ""  # the signal (SIGTERM, SIGINT) that ended the run early, if one did
     startup_seconds: float = 0.0  # of which loading the checkpoint and building the models
 
     @property
@@ -126,16 +128,24 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
             output,
             tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress) as bar,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoding,
+            StopRequest() as stop,
         ):
             previous = None
-            for indices, images, good, failures in loader:
-                features = _features(encoder, decoder, images, device) if len(good) else None
-                current = (decoding.submit(decode, features), indices, good, failures)
-                if previous is not None:
-                    write(previous)
-                previous = current
+            try:
+                for indices, images, good, failures in loader:
+                    features = _features(encoder, decoder, images, device) if len(good) else None
+                    current = (decoding.submit(decode, features), indices, good, failures)
+                    if previous is not None:
+                        write(previous)
+                    previous = current
+                    if stop.requested:  # the batch in hand is written below; the rest waits
+                        break
+            except Exception:
+                if not stop.requested:  # (a signal can also end the DataLoader's workers)
+                    raise
             if previous is not None:
                 write(previous)
+        summary.stopped = stop.name
     summary.seconds = time.perf_counter() - started
     return summary
 

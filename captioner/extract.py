@@ -35,6 +35,7 @@ from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image
 from captioner.errors import CaptionerError
 from captioner.images import ImageDataset, collate_images
 from captioner.integrity import damaged_shards
+from captioner.preemption import StopRequest
 from captioner.store import (
     DEFAULT_COMPRESSION,
     DEFAULT_IMAGES_PER_SHARD,
@@ -85,6 +86,7 @@ class ExtractSummary:
     already_complete: bool
     failures: list[tuple[str, str]]  # (image id, reason) of every failed image in the store
     is_main_process: bool = True  # rank 0 under torchrun: the one that should report
+    stopped: str = ""  # the signal that ended the run early (SIGTERM, SIGINT), if one did
 
     def describe(self, max_failures: int = 20) -> str:
         counts = f"{self.done} done, {self.failed} failed"
@@ -105,6 +107,11 @@ class ExtractSummary:
             ]
             if len(self.failures) > max_failures:
                 lines.append(f"  ... and {len(self.failures) - max_failures} more")
+        if self.stopped:
+            lines.append(
+                f"stopped by {self.stopped} after the shard in hand: run the same command again"
+                f" to extract the {self.pending} pending images"
+            )
         return "\n".join(lines)
 
 
@@ -119,12 +126,17 @@ def extract_features(config: ExtractConfig, progress: bool = False) -> ExtractSu
         raise CaptionerError(f"batch size must be at least 1, not {config.batch_size}")
     ranks = Ranks.from_environment()
     device = resolve_device(config.device, ranks.local_rank)
-    with process_group(ranks, device):
-        return _extract(config, ranks, device, progress, started)
+    with process_group(ranks, device), StopRequest() as stop:
+        return _extract(config, ranks, device, stop, progress, started)
 
 
 def _extract(
-    config: ExtractConfig, ranks: Ranks, device: torch.device, progress: bool, started: float
+    config: ExtractConfig,
+    ranks: Ranks,
+    device: torch.device,
+    stop: StopRequest,
+    progress: bool,
+    started: float,
 ) -> ExtractSummary:
     corpus = _read_images_corpus(config)
     encoder = build_encoder(config.encoder).to_device(device)
@@ -153,7 +165,7 @@ def _extract(
     mine = [shard for shard in pending if shard % ranks.world_size == ranks.rank]
     loop_started = time.perf_counter()
     processed = _extract_shards(
-        writer, mine, corpus, encoder, device, config, progress and ranks.is_main
+        writer, mine, corpus, encoder, device, config, stop, progress and ranks.is_main
     )
     loop_seconds = time.perf_counter() - loop_started
     (processed,) = ranks.sum([processed])  # also waits until every rank has finished writing
@@ -171,6 +183,7 @@ def _extract(
         images_per_second=processed / loop_seconds if loop_seconds > 0 else 0.0,
         size_on_disk=store.size_on_disk(),
         already_complete=not pending,
+        stopped=stop.name,
         failures=store.failures(),
         is_main_process=ranks.is_main,
     )
@@ -249,9 +262,11 @@ def _extract_shards(
     encoder: FrozenEncoder,
     device: torch.device,
     config: ExtractConfig,
+    stop: StopRequest,
     progress: bool,
 ) -> int:
-    """Compute and write `shards`; returns the number of images processed."""
+    """Compute and write `shards`; returns the number of images processed. A stop request ends it
+    after the shard in hand (the shards not written stay pending for the next run)."""
     batches = [
         (shard, list(rows[i : i + config.batch_size]))
         for shard in shards
@@ -269,21 +284,31 @@ def _extract_shards(
         pin_memory=device.type == "cuda",
     )
     store_dtype = getattr(torch, writer.settings.dtype)
-    total = sum(len(rows) for _, rows in batches)
+    ends_shard = [i == len(batches) - 1 or batches[i + 1][0] != shard
+                  for i, (shard, _) in enumerate(batches)]  # fmt: skip
+    processed = 0
     sink = _BackgroundShardWriter(writer, max_batches=4)
+    total = sum(len(rows) for _, rows in batches)
     with tqdm(total=total, unit="img", disable=not progress, desc="extract") as bar:
         try:
             with torch.inference_mode():
-                for (shard, _), (_, images, good, failures) in zip(batches, loader, strict=True):
+                loaded = zip(batches, loader, ends_shard, strict=True)
+                for (shard, _), (_, images, good, failures), last_of_shard in loaded:
                     result = _BatchResult(shard, good.numpy(), None, None, failures)
                     if len(good):
                         features = encoder(images.to(device, non_blocking=True))
                         _to_host(result, features, store_dtype)
                     sink.put(result)
+                    processed += len(good) + len(failures)
                     bar.update(len(good) + len(failures))
+                    if stop.requested and last_of_shard:
+                        break
+        except Exception:
+            if not stop.requested:  # (a signal can also end the DataLoader's workers)
+                raise
         finally:
             sink.close()
-    return total
+    return processed
 
 
 def _to_host(result: _BatchResult, features: torch.Tensor, dtype: torch.dtype) -> None:

@@ -14,7 +14,8 @@ Resume is exact. The batch order is a pure function of (seed, epoch, rank), and 
 RNG state of the step at which it was written, so a run killed at any point (SIGKILL included)
 and resumed with the same options ends with the same weights and metrics as an uninterrupted run
 on the same device. last.pt is written at every epoch end and, in a single process, also mid-epoch
-every `checkpoint_minutes`; every write is atomic.
+every `checkpoint_minutes`; every write is atomic. SIGTERM (a scheduler's notice) or Ctrl-C ends
+the step in hand, writes last.pt at that step on every rank's behalf, and returns `preempted`.
 
 Launched by torchrun (WORLD_SIZE > 1) the decoder is wrapped in DistributedDataParallel (NCCL on
 CUDA, gloo on CPU); each rank reads its own part of the store, and rank 0 validates and writes.
@@ -39,6 +40,7 @@ from captioner.devices import DEVICES, resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.errors import CaptionerError
 from captioner.models import DECODERS, DecoderConfig, build_decoder
+from captioner.preemption import StopRequest
 from captioner.store import FeatureStore, corpus_digest
 from captioner.text import Vocabulary
 from captioner.training.data import (
@@ -103,6 +105,7 @@ class TrainResult:
     best_bleu4: float
     stopped_early: bool
     rank: int = 0  # under torchrun every process returns a result; rank 0 wrote the files
+    preempted: str = ""  # the signal (SIGTERM, SIGINT) that stopped it mid-epoch, if one did
 
 
 def train(config: TrainConfig, progress: bool = False) -> TrainResult:
@@ -110,11 +113,13 @@ def train(config: TrainConfig, progress: bool = False) -> TrainResult:
     _check_options(config)
     ranks = Ranks.from_environment()
     device = resolve_device(config.device, ranks.local_rank)
-    with process_group(ranks, device):
-        return _train(config, ranks, device, progress)
+    with process_group(ranks, device), StopRequest() as stop:
+        return _train(config, ranks, device, stop, progress)
 
 
-def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bool) -> TrainResult:
+def _train(
+    config: TrainConfig, ranks: Ranks, device: torch.device, stop: StopRequest, progress: bool
+) -> TrainResult:
     say = tqdm.write if progress and ranks.is_main else _silent
     out, last_path = Path(config.out), Path(config.out) / "last.pt"
     store = FeatureStore.open(config.features)
@@ -161,7 +166,15 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bo
     )
 
     while state.epoch < config.epochs and not state.early_stopped(config.early_stop):
-        timing = _train_epoch(run, train_stream, state, progress)
+        timing = _train_epoch(run, train_stream, state, stop, progress)
+        if timing is None:
+            say(f"stopped by {stop.name or 'a signal on another rank'} at epoch {state.epoch + 1}"
+                f" step {state.step}, saved in {last_path}; run the same command with --resume"
+                " to continue")  # fmt: skip
+            return TrainResult(
+                out, out / "best.pt", last_path, state.history, state.best_epoch,
+                state.best_bleu4, False, ranks.rank, stop.name or "SIGTERM",
+            )  # fmt: skip
         row = None
         if ranks.is_main:
             validation = validate(run, val_stream, references)
@@ -194,8 +207,11 @@ def _train(config: TrainConfig, ranks: Ranks, device: torch.device, progress: bo
     )  # fmt: skip
 
 
-def _train_epoch(run: Run, stream: FeatureStream, state: RunState, progress: bool) -> EpochTiming:
-    """Train `state.epoch` from batch `state.step` on; updates `state` as it goes."""
+def _train_epoch(
+    run: Run, stream: FeatureStream, state: RunState, stop: StopRequest, progress: bool
+) -> EpochTiming | None:
+    """Train `state.epoch` from batch `state.step` on; updates `state` as it goes. None when a
+    stop was requested (on any rank): then last.pt holds the step reached."""
     config, ranks, amp, optimizer = run.config, run.ranks, run.amp, run.optimizer
     run.model.train()
     sums = torch.tensor([state.loss_sum, state.nll_sum], dtype=torch.float32, device=run.device)
@@ -235,6 +251,14 @@ def _train_epoch(run: Run, stream: FeatureStream, state: RunState, progress: boo
         bar.update(batch.num_captions)
         if progress and state.step % 25 == 0:
             bar.set_postfix(loss=f"{output.loss.item():.3f}")
+        if ranks.sum([float(stop.requested)])[0] > 0:  # every rank stops at the same step
+            # rank 0 saves the totals of all ranks (the others resume from zero)
+            state.loss_sum, state.nll_sum, state.tokens = ranks.sum(
+                [*(float(x) for x in sums.tolist()), state.tokens]
+            )
+            save_run(run, Path(config.out) / "last.pt", state, resumable=True)
+            bar.close()
+            return None
         now = time.perf_counter()
         if mid_epoch_saves and now - last_save >= config.checkpoint_minutes * 60:
             state.loss_sum, state.nll_sum = (float(x) for x in sums.tolist())

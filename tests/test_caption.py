@@ -19,6 +19,7 @@ from factories import make_store
 from inference_factories import make_checkpoint
 from PIL import Image
 
+from captioner import caption as caption_module
 from captioner.caption import (
     CaptionConfig,
     caption_images,
@@ -350,3 +351,28 @@ def test_imagenet_features_are_captioned_with_the_recorded_torchvision_weights(c
     )  # fmt: skip
     assert recorded_encoder(imagenet) == EncoderConfig("resnet50", "IMAGENET1K_V1", 224)
     assert recorded_encoder(recorded) == recorded.encoder_config  # not imagenet: as recorded
+
+
+def test_sigterm_ends_captioning_after_the_batch_in_hand(tmp_path, checkpoint, monkeypatch):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for index in range(10):
+        Image.new("RGB", (40, 40), (20 * index, 90, 50)).save(folder / f"{index}.png")
+    features, calls = caption_module._features, []
+
+    def signalled_on_the_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return features(*args)
+
+    monkeypatch.setattr(caption_module, "_features", signalled_on_the_second_batch)
+    out = tmp_path / "captions.csv"
+    config = CaptionConfig([folder], checkpoint, out, decoding=FAST, batch_size=3, workers=0)
+    summary = caption_images(config)
+    assert summary.stopped == "SIGTERM" and summary.captioned == 6  # two whole batches
+    assert len(read_csv(out)) == 6
+    monkeypatch.setattr(caption_module, "_features", features)
+    again = caption_images(config)
+    assert (again.skipped, again.captioned, again.stopped) == (6, 4, "")
+    assert sorted(r["path"] for r in read_csv(out)) == sorted(str(p) for p in folder.iterdir())

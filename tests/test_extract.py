@@ -23,7 +23,7 @@ from PIL import Image
 
 from captioner.cli import main
 from captioner.corpus import read_corpus
-from captioner.encoder import EncoderConfig, build_encoder, image_transform
+from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
 from captioner.extract import ExtractConfig, extract_features
 from captioner.images import load_image
@@ -257,6 +257,29 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(dataset, reference, tm
     assert (summary.done, summary.failed, summary.pending) == (11, 3, 0)
     assert_same_arrays(config.out, reference)
     assert not list(config.out.rglob("*.partial"))
+
+
+def test_sigterm_ends_extraction_after_the_shard_in_hand_and_the_rerun_finishes(
+    dataset, reference, tmp_path, one_thread, monkeypatch
+):
+    forward, calls = FrozenEncoder.forward, []
+
+    def signalled_on_the_third_batch(self, images):
+        calls.append(len(images))
+        if len(calls) == 3:  # the first batch of shard 1 (shard 0: rows 0-2 and 3)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, images)
+
+    monkeypatch.setattr(FrozenEncoder, "forward", signalled_on_the_third_batch)
+    config = config_for(dataset, out=str(tmp_path / "s.zarr"))
+    summary = extract_features(config)
+    assert summary.stopped == "SIGTERM" and summary.processed == 8  # shards 0 and 1, whole
+    assert summary.pending == 6 and "run the same command again" in summary.describe()
+    assert (FeatureStore.open(config.out).status()[:8] != 0).all()
+    monkeypatch.setattr(FrozenEncoder, "forward", forward)
+    again = extract_features(config)
+    assert again.processed == 6 and not again.stopped
+    assert_same_arrays(config.out, reference)
 
 
 def test_repair_re_extracts_only_the_damaged_shards(dataset, reference, tmp_path, one_thread):

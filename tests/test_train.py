@@ -157,6 +157,39 @@ def test_a_run_that_dies_mid_epoch_resumes_at_that_batch(store, tmp_path, monkey
     assert without_timing(resumed.history) == without_timing(whole.history)
 
 
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT])
+def test_a_preempted_run_saves_the_step_in_hand_and_resumes_like_a_whole_one(
+    store, tmp_path, monkeypatch, sent
+):
+    """SIGTERM (a scheduler's notice) or Ctrl-C: the step in hand ends, last.pt holds it, the
+    command exits 0 saying how to resume, and the resumed run ends as an uninterrupted one."""
+    options = dict(
+        features=store, model="show-attend-tell", epochs=2, seed=1, embed_size=8,
+        hidden_size=8, attention_size=4, min_count=1, batch_size=6, lr=0.01, workers=0,
+    )  # fmt: skip
+    whole = train(TrainConfig(out=tmp_path / "whole", **options))
+    original_epoch = FeatureStream.epoch
+
+    def signalled_at_batch_3_of_epoch_2(self, epoch, start_batch=0):
+        for index, batch in enumerate(original_epoch(self, epoch, start_batch), start_batch):
+            if self.config.shuffle and epoch == 1 and index == 3:
+                os.kill(os.getpid(), sent)
+            yield batch
+
+    monkeypatch.setattr(FeatureStream, "epoch", signalled_at_batch_3_of_epoch_2)
+    arguments = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    result = run_cli(*arguments, f"--out={tmp_path / 'cut'}")
+    monkeypatch.setattr(FeatureStream, "epoch", original_epoch)
+    assert result.exit_code == 0, result.output
+    assert f"stopped by {sent.name} at epoch 2 step 4" in result.output
+    assert "--resume" in result.output
+    assert progress_of(tmp_path / "cut") == (1, 4)  # the step in hand was finished and saved
+    assert signal.getsignal(sent) in (signal.SIG_DFL, signal.default_int_handler)
+
+    resumed = train(TrainConfig(out=tmp_path / "cut", resume=True, **options))
+    assert without_timing(resumed.history) == without_timing(whole.history)
+
+
 def test_resume_against_another_store_is_refused_in_one_line(store, tmp_path):
     run = tmp_path / "run"
     options = ["--out", str(run), "--model", "show-tell", *TINY]

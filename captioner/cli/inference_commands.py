@@ -198,3 +198,8 @@ def caption_command(inputs: tuple[str, ...], format_: str, **options) -> None:
         f"{summary.files} files: {summary.captioned} captioned, {summary.failed} unreadable, "
         f"{summary.skipped} already in {summary.out}{rate}"
     )
+    if summary.stopped:
+        click.echo(
+            f"stopped by {summary.stopped} after the batch in hand: run the same command again"
+            " to caption the rest"
+        )

@@ -73,8 +73,8 @@ def _option(name: str, kind: type | click.ParamType, help: str):
 def train_command(**options) -> None:
     """Train a caption decoder from a feature store (launch with torchrun for several processes)."""
     result = train(TrainConfig(**options), progress=True)
-    if result.rank != 0 or not result.history:
-        return
+    if result.rank != 0 or result.preempted or not result.history:
+        return  # (a preempted run has said how to resume)
     final = result.history[-1]
     if result.stopped_early:
         click.echo(f"stopped early after epoch {final['epoch']}")

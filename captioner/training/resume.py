@@ -134,7 +134,10 @@ def resume_run(run: Run, path: Path) -> RunState:
     if run.amp.scaler.is_enabled() and extra["scaler"]:
         run.amp.scaler.load_state_dict(extra["scaler"])
     _set_rng_state(extra["rng"][ranks.rank], run.device)
-    return RunState(**extra["state"])
+    state = RunState(**extra["state"])
+    if ranks.rank > 0:  # a mid-epoch last.pt holds the sums of all ranks: rank 0 carries them
+        state.loss_sum, state.nll_sum, state.tokens = 0.0, 0.0, 0
+    return state
 
 
 def _options(config: TrainConfig) -> dict:
