@@ -371,7 +371,7 @@ class _BackgroundShardWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"writing features failed: {self._error}") from self._error
+            raise self._error  # as it was (a full disk is an OSError the CLI says in one line)
 
     def _run(self) -> None:
         try:

@@ -35,11 +35,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from captioner.batches import FeatureStream
+from captioner.batches import Batch, FeatureStream
 from captioner.devices import DEVICES, resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.errors import CaptionerError
-from captioner.models import DECODERS, DecoderConfig, build_decoder
+from captioner.models import DECODERS, DecoderConfig, LossOutput, build_decoder
 from captioner.preemption import StopRequest
 from captioner.store import FeatureStore, corpus_digest
 from captioner.text import Vocabulary
@@ -212,7 +212,7 @@ def _train_epoch(
 ) -> EpochTiming | None:
     """Train `state.epoch` from batch `state.step` on; updates `state` as it goes. None when a
     stop was requested (on any rank): then last.pt holds the step reached."""
-    config, ranks, amp, optimizer = run.config, run.ranks, run.amp, run.optimizer
+    config, ranks = run.config, run.ranks
     run.model.train()
     sums = torch.tensor([state.loss_sum, state.nll_sum], dtype=torch.float32, device=run.device)
     bar = tqdm(
@@ -227,48 +227,54 @@ def _train_epoch(
     started = last_save = time.perf_counter()
     data_wait, captions = 0.0, 0
     batches = stream.epoch(state.epoch, start_batch=state.step)
-    while True:
-        waiting = time.perf_counter()
-        batch = next(batches, None)
-        data_wait += time.perf_counter() - waiting
-        if batch is None:
-            break
-        batch = batch.to(run.device)
-        with amp.autocast():
-            output = run.model(batch.features, batch.image_index, batch.captions, batch.lengths)
-        optimizer.zero_grad(set_to_none=True)
-        amp.scaler.scale(output.loss).backward()
-        if config.grad_clip > 0:
-            amp.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(run.decoder.parameters(), config.grad_clip)
-        amp.scaler.step(optimizer)
-        amp.scaler.update()
-
-        sums += torch.stack([output.loss.detach().float() * output.tokens, output.nll_sum.detach()])
-        state.tokens += output.tokens
-        state.step += 1
-        captions += batch.num_captions
-        bar.update(batch.num_captions)
-        if progress and state.step % 25 == 0:
-            bar.set_postfix(loss=f"{output.loss.item():.3f}")
-        if ranks.sum([float(stop.requested)])[0] > 0:  # every rank stops at the same step
-            # rank 0 saves the totals of all ranks (the others resume from zero)
-            state.loss_sum, state.nll_sum, state.tokens = ranks.sum(
-                [*(float(x) for x in sums.tolist()), state.tokens]
-            )
-            save_run(run, Path(config.out) / "last.pt", state, resumable=True)
-            bar.close()
-            return None
-        now = time.perf_counter()
-        if mid_epoch_saves and now - last_save >= config.checkpoint_minutes * 60:
-            state.loss_sum, state.nll_sum = (float(x) for x in sums.tolist())
-            save_run(run, Path(config.out) / "last.pt", state, resumable=True)
-            last_save = time.perf_counter()
-    bar.close()
+    try:
+        while True:
+            waiting = time.perf_counter()
+            batch = next(batches, None)
+            data_wait += time.perf_counter() - waiting
+            if batch is None:
+                break
+            output = _optimizer_step(run, batch.to(run.device))
+            sums += torch.stack([output.loss.detach() * output.tokens, output.nll_sum.detach()])
+            state.tokens += output.tokens
+            state.step += 1
+            captions += batch.num_captions
+            bar.update(batch.num_captions)
+            if progress and state.step % 25 == 0:
+                bar.set_postfix(loss=f"{output.loss.item():.3f}")
+            if ranks.sum([float(stop.requested)])[0] > 0:  # every rank stops at the same step
+                # rank 0 saves the totals of all ranks (the others resume from zero)
+                state.loss_sum, state.nll_sum, state.tokens = ranks.sum(
+                    [*(float(x) for x in sums.tolist()), state.tokens]
+                )
+                save_run(run, Path(config.out) / "last.pt", state, resumable=True)
+                return None
+            now = time.perf_counter()
+            if mid_epoch_saves and now - last_save >= config.checkpoint_minutes * 60:
+                state.loss_sum, state.nll_sum = (float(x) for x in sums.tolist())
+                save_run(run, Path(config.out) / "last.pt", state, resumable=True)
+                last_save = time.perf_counter()
+    finally:  # (also when a fault ends the epoch: the error then starts its own line)
+        bar.close()
     state.loss_sum, state.nll_sum, state.tokens = ranks.sum(
         [*(float(x) for x in sums.tolist()), state.tokens]
     )
     return EpochTiming(time.perf_counter() - started, data_wait, int(ranks.sum([captions])[0]))
+
+
+def _optimizer_step(run: Run, batch: Batch) -> LossOutput:
+    """Forward, backward, gradient clipping and the optimizer's update for one batch."""
+    config, amp, optimizer = run.config, run.amp, run.optimizer
+    with amp.autocast():
+        output = run.model(batch.features, batch.image_index, batch.captions, batch.lengths)
+    optimizer.zero_grad(set_to_none=True)
+    amp.scaler.scale(output.loss).backward()
+    if config.grad_clip > 0:
+        amp.scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(run.decoder.parameters(), config.grad_clip)
+    amp.scaler.step(optimizer)
+    amp.scaler.update()
+    return output
 
 
 # What each option accepts; the options not named here accept any value of their type.

@@ -5,6 +5,7 @@ Import as ``from factories import make_store`` (pytest puts tests/ on sys.path).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -97,3 +98,17 @@ def damage(path: Path, array: str, shard: int) -> None:
     for offset in range(len(data) // 3, len(data) // 3 + 4):
         data[offset] ^= 0x5A
     file.write_bytes(bytes(data))
+
+
+def failing_on_call(call: int, error_number: int, original):
+    """`original` that raises OSError(`error_number`) on its `call`-th call instead of running:
+    a disk that fills up or a folder whose permission changes half-way through a run."""
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise OSError(error_number, os.strerror(error_number), "the file being written")
+        return original(*args, **kwargs)
+
+    return failing

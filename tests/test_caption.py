@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import make_store
+from factories import failing_on_call, make_store
 from inference_factories import make_checkpoint
 from PIL import Image
 
@@ -375,4 +376,26 @@ def test_sigterm_ends_captioning_after_the_batch_in_hand(tmp_path, checkpoint, m
     monkeypatch.setattr(caption_module, "_features", features)
     again = caption_images(config)
     assert (again.skipped, again.captioned, again.stopped) == (6, 4, "")
+    assert sorted(r["path"] for r in read_csv(out)) == sorted(str(p) for p in folder.iterdir())
+
+
+def test_a_full_disk_while_writing_rows_is_one_line_and_the_rerun_completes(
+    tmp_path, checkpoint, monkeypatch
+):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for index in range(7):
+        Image.new("RGB", (40, 40), (30 * index, 20, 90)).save(folder / f"{index}.png")
+    write = caption_module.CaptionOutput.write
+    monkeypatch.setattr(caption_module.CaptionOutput, "write",
+                        failing_on_call(2, errno.ENOSPC, write))  # fmt: skip
+    out = tmp_path / "captions.csv"
+    args = ["caption", folder, "--checkpoint", checkpoint, "--out", out, "--batch-size", "3",
+            "--workers", "0", "--beam-size", "1"]  # fmt: skip
+    code, output = run_cli(*args)
+    assert code == 1 and "No space left on device" in output.strip().splitlines()[-1]
+    assert "Traceback" not in output
+    monkeypatch.setattr(caption_module.CaptionOutput, "write", write)
+    code, output = run_cli(*args)
+    assert code == 0, output
     assert sorted(r["path"] for r in read_csv(out)) == sorted(str(p) for p in folder.iterdir())

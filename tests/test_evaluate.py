@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -11,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import make_store
+from factories import failing_on_call, make_store
 from flickr8k_fixture import flickr8k_test_captions
 from inference_factories import make_checkpoint
 from PIL import Image
 
+from captioner import evaluate as evaluate_module
 from captioner import metrics
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.cli import main
@@ -335,3 +337,22 @@ def test_score_refuses_a_predictions_file_without_the_columns(tmp_path):
         "score", "--predictions", predictions, "--captions", captions_file, "--out", tmp_path / "s"
     )
     assert_one_line_error(code, output, "'caption'")
+
+
+def test_a_denied_write_of_the_results_is_one_line_and_the_rerun_writes_them(
+    tmp_path, store_path, checkpoint_path, monkeypatch
+):
+    atomic_write = evaluate_module._atomic_write
+    monkeypatch.setattr(evaluate_module, "_atomic_write",
+                        failing_on_call(2, errno.EACCES, atomic_write))  # fmt: skip
+    args = ["evaluate", "--checkpoint", checkpoint_path, "--features", store_path,
+            "--out", tmp_path / "o", "--metrics", FALLBACK, "--beam-size", "1"]  # fmt: skip
+    code, output = run_cli(*args)
+    last = output.strip().splitlines()[-1]  # (after the decoding progress bar, on stderr)
+    assert code == 1 and last.startswith("Error: ") and "Traceback" not in output
+    assert "Permission denied" in last and "run the same command again" in last
+    monkeypatch.setattr(evaluate_module, "_atomic_write", atomic_write)
+    code, output = run_cli(*args)
+    assert code == 0, output
+    written = {path.name for path in (tmp_path / "o").iterdir()}
+    assert {"metrics.json", "captions.csv", "results.json"} <= written

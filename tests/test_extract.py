@@ -4,6 +4,7 @@ exact resume after SIGKILL, torchrun with two processes, refusals."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 from conftest import single_thread
-from factories import damage
+from factories import damage, failing_on_call
 from PIL import Image
 
 from captioner.cli import main
@@ -28,7 +29,7 @@ from captioner.errors import CaptionerError
 from captioner.extract import ExtractConfig, extract_features
 from captioner.images import load_image
 from captioner.integrity import damaged_shards
-from captioner.store import STATUS_DONE, STATUS_FAILED, FeatureStore
+from captioner.store import STATUS_DONE, STATUS_FAILED, FeatureStore, StoreWriter
 
 REPO = Path(__file__).resolve().parents[1]
 ENCODER = EncoderConfig("tiny", "none", 64)
@@ -280,6 +281,24 @@ def test_sigterm_ends_extraction_after_the_shard_in_hand_and_the_rerun_finishes(
     again = extract_features(config)
     assert again.processed == 6 and not again.stopped
     assert_same_arrays(config.out, reference)
+
+
+@pytest.mark.parametrize("fault", [errno.ENOSPC, errno.EACCES])
+def test_a_full_disk_or_a_denied_write_is_one_line_and_the_rerun_finishes(
+    dataset, reference, tmp_path, one_thread, monkeypatch, fault
+):
+    write_shard = StoreWriter.write_shard
+    monkeypatch.setattr(StoreWriter, "write_shard", failing_on_call(2, fault, write_shard))
+    config = config_for(dataset, out=str(tmp_path / "s.zarr"))
+    result = CliRunner().invoke(main, ["extract", *cli_options(config)])
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("Error: "), result.output
+    assert os.strerror(fault) in last and "run the same command again" in last
+    assert "Traceback" not in result.output
+    monkeypatch.setattr(StoreWriter, "write_shard", write_shard)
+    rerun = CliRunner().invoke(main, ["extract", *cli_options(config)])
+    assert rerun.exit_code == 0, rerun.output
+    assert_same_arrays(config.out, reference)  # nothing lost, nothing different
 
 
 def test_repair_re_extracts_only_the_damaged_shards(dataset, reference, tmp_path, one_thread):

@@ -4,6 +4,7 @@ refusals, early stopping, a caption-file override and 2-process DDP on gloo."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from factories import make_store
+from factories import failing_on_call, make_store
 from PIL import Image
 
 from captioner import visualize
@@ -27,6 +28,7 @@ from captioner.cli import main
 from captioner.decode import greedy_decode
 from captioner.store import FeatureStore, corpus_digest
 from captioner.train import TrainConfig, seed_rank, train
+from captioner.training import resume
 from captioner.training.data import feature_statistics, training_corpus
 from captioner.training.validation import repeated_word
 
@@ -187,6 +189,27 @@ def test_a_preempted_run_saves_the_step_in_hand_and_resumes_like_a_whole_one(
     assert signal.getsignal(sent) in (signal.SIG_DFL, signal.default_int_handler)
 
     resumed = train(TrainConfig(out=tmp_path / "cut", resume=True, **options))
+    assert without_timing(resumed.history) == without_timing(whole.history)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_the_resumed_run_ends_like_a_whole_one(
+    store, tmp_path, monkeypatch
+):
+    options = dict(
+        model="show-tell", epochs=2, seed=2, checkpoint_minutes=0.0, embed_size=8,
+        hidden_size=8, min_count=1, batch_size=6, lr=0.01, workers=0,
+    )  # fmt: skip
+    whole = train(TrainConfig(features=store, out=tmp_path / "whole", **options))
+    save = resume.save_checkpoint
+    monkeypatch.setattr(resume, "save_checkpoint", failing_on_call(5, errno.ENOSPC, save))
+    arguments = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    result = run_cli(f"--features={store}", f"--out={tmp_path / 'full'}", *arguments)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and lines[-1].startswith("Error: "), result.output
+    assert "No space left on device" in lines[-1] and "--resume" in lines[-1]
+    monkeypatch.setattr(resume, "save_checkpoint", save)
+    assert progress_of(tmp_path / "full") == (0, 4)  # the four saves before the fault stay
+    resumed = train(TrainConfig(features=store, out=tmp_path / "full", resume=True, **options))
     assert without_timing(resumed.history) == without_timing(whole.history)
 
 

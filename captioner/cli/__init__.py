@@ -1,13 +1,26 @@
 """The `captioner` command line. Each command lives in its own module; this file only groups them.
 
 Errors a user can cause are raised as `CaptionerError` anywhere in the library and turned into one
-line on stderr here, so no command ever shows a traceback for bad input.
+line on stderr here, so no command ever shows a traceback for bad input. So are the faults of the
+machine that the user must fix (a full disk, a folder it may not write to): every command writes
+atomically or resumes, so after the fix the same command finishes the work and loses nothing.
 """
+
+import errno
 
 import click
 
 from captioner import __version__
 from captioner.errors import CaptionerError
+
+# OSErrors whose cause is outside the program: said in one line, never as a traceback.
+_MACHINE_FAULTS = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (disk quota exceeded)",
+    errno.EACCES: "let this user write there",
+    errno.EPERM: "let this user write there",
+    errno.EROFS: "write to a writable disk",
+}
 
 
 class _Group(click.Group):
@@ -16,6 +29,15 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except CaptionerError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:
+            if error.errno not in _MACHINE_FAULTS:
+                raise
+            where = f"{error.filename}: " if error.filename else ""
+            raise click.ClickException(
+                f"{where}{error.strerror or error}; {_MACHINE_FAULTS[error.errno]}, then run the"
+                " same command again (training: with --resume): it keeps the finished work and"
+                " resumes"
+            ) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
