@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
 
 from captioner.errors import CaptionerError
 from captioner.readers.builder import CorpusBuilder, is_image_name, split_name
@@ -48,7 +49,7 @@ def read_rows(source: Source, builder: CorpusBuilder, delimiter: str, columns: l
     reader = csv.reader(io.StringIO(source.text, newline=""), delimiter=delimiter, quoting=quoting)
     caption_last = columns[-1] == "caption"
     header_seen = False
-    for row in reader:
+    for row in _rows(reader, source):
         if not any(field.strip() for field in row):
             continue
         if not header_seen:
@@ -72,3 +73,12 @@ def read_rows(source: Source, builder: CorpusBuilder, delimiter: str, columns: l
                 builder.skip(source.path, number, "unknown split name")
                 continue
         builder.add_captioned_image(image, fields["caption"], source.path, number, split)
+
+
+def _rows(reader, source: Source) -> Iterator[list[str]]:
+    """The reader's rows; a row csv cannot split (a field over its 128 KB limit, a stray quote
+    at the end of the file) is a one-line error naming the line."""
+    try:
+        yield from reader
+    except csv.Error as error:
+        raise CaptionerError(f"{source.path}:{reader.line_num}: {error}") from None
