@@ -351,6 +351,57 @@ def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path)
     assert checkpoint.training["epoch"] == 2 and len(extra["rng"]) == 2
 
 
+# train_decoder.py with a slowed-down step, so that a signal lands mid-epoch.
+SLOW_TRAIN = """
+import runpy, sys, time
+import captioner.train as train
+step = train._optimizer_step
+def slow_step(run, batch):
+    time.sleep(0.3)
+    return step(run, batch)
+train._optimizer_step = slow_step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun is not installed")  # fmt: skip
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_resumes(store, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    options = ["--features", str(store), "--model", "show-attend-tell", "--epochs", "2",
+               "--device", "cpu", "--seed", "4", *TINY[:-2], "--workers", "0", "--batch-size",
+               "6"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out: Path, *extra: str, slow: bool = False) -> subprocess.Popen:
+        script = ["-c", SLOW_TRAIN, str(REPO / "train_decoder.py")] if slow else [
+            str(REPO / "train_decoder.py")]  # fmt: skip
+        command = [str(torchrun), "--standalone", "--nproc_per_node=2"]
+        if slow:
+            command += ["--no-python", sys.executable]
+        return subprocess.Popen([*command, *script, *options, "--out", str(out), *extra],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # fmt: skip
+
+    whole = launch(tmp_path / "whole")
+    assert whole.wait(timeout=180) == 0, whole.stdout.read()[-3000:]
+    cut = launch(tmp_path / "cut", slow=True)
+    deadline = time.monotonic() + 180
+    while progress_of(tmp_path / "cut") < (1, 0):  # epoch 1 done: signal during epoch 2
+        assert cut.poll() is None and time.monotonic() < deadline, cut.stdout.read()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.8)
+    cut.send_signal(signal.SIGTERM)
+    output = cut.communicate(timeout=120)[0]
+    assert "stopped by SIGTERM at epoch 2" in output, output[-3000:]
+    epoch, step = progress_of(tmp_path / "cut")
+    assert epoch == 1 and step >= 1  # saved mid-epoch, at the step both ranks reached
+    resumed = launch(tmp_path / "cut", "--resume")
+    assert resumed.wait(timeout=180) == 0, resumed.stdout.read()[-3000:]
+    assert without_timing(metrics(tmp_path / "cut")) == without_timing(metrics(tmp_path / "whole"))
+
+
 def test_training_standardizes_features_with_the_train_split_statistics(store, tmp_path):
     run = tmp_path / "run"
     config = TrainConfig(features=store, out=run, model="show-tell", epochs=1, batch_size=12,
