@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from factories import failing_on_call, make_store
 from PIL import Image
 
+from captioner import train as train_module
 from captioner import visualize
 from captioner.batches import FeatureStream
 from captioner.checkpoint import load_checkpoint
@@ -192,25 +193,31 @@ def test_a_preempted_run_saves_the_step_in_hand_and_resumes_like_a_whole_one(
     assert without_timing(resumed.history) == without_timing(whole.history)
 
 
+@pytest.mark.parametrize(
+    "module, writer, call, saved",
+    [(resume, "save_checkpoint", 5, (0, 4)), (train_module, "write_metrics", 2, (1, 0))],
+    ids=["checkpoint", "metrics"],
+)
 def test_a_full_disk_while_saving_is_one_line_and_the_resumed_run_ends_like_a_whole_one(
-    store, tmp_path, monkeypatch
+    store, tmp_path, monkeypatch, module, writer, call, saved
 ):
     options = dict(
         model="show-tell", epochs=2, seed=2, checkpoint_minutes=0.0, embed_size=8,
         hidden_size=8, min_count=1, batch_size=6, lr=0.01, workers=0,
     )  # fmt: skip
     whole = train(TrainConfig(features=store, out=tmp_path / "whole", **options))
-    save = resume.save_checkpoint
-    monkeypatch.setattr(resume, "save_checkpoint", failing_on_call(5, errno.ENOSPC, save))
+    original = getattr(module, writer)
+    monkeypatch.setattr(module, writer, failing_on_call(call, errno.ENOSPC, original))
     arguments = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     result = run_cli(f"--features={store}", f"--out={tmp_path / 'full'}", *arguments)
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and lines[-1].startswith("Error: "), result.output
     assert "No space left on device" in lines[-1] and "--resume" in lines[-1]
-    monkeypatch.setattr(resume, "save_checkpoint", save)
-    assert progress_of(tmp_path / "full") == (0, 4)  # the four saves before the fault stay
+    monkeypatch.setattr(module, writer, original)
+    assert progress_of(tmp_path / "full") == saved  # what was saved before the fault stays
     resumed = train(TrainConfig(features=store, out=tmp_path / "full", resume=True, **options))
     assert without_timing(resumed.history) == without_timing(whole.history)
+    assert without_timing(metrics(tmp_path / "full")) == without_timing(whole.history)
 
 
 def test_resume_against_another_store_is_refused_in_one_line(store, tmp_path):
