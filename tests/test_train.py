@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,20 @@ def progress_of(run: Path) -> tuple[int, int]:
     except FileNotFoundError:
         return (-1, 0)
     return training["epoch"], training["step"]
+
+
+def at_batch_of_epoch_2(index: int, action: Callable[[], None]):
+    """A FeatureStream.epoch that calls `action` as the training stream hands out batch `index`
+    of the second epoch: a fault at a known step."""
+    original = FeatureStream.epoch
+
+    def epoch(self, epoch, start_batch=0):
+        for number, batch in enumerate(original(self, epoch, start_batch), start_batch):
+            if self.config.shuffle and epoch == 1 and number == index:
+                action()
+            yield batch
+
+    return epoch
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
@@ -141,15 +156,11 @@ def test_a_run_that_dies_mid_epoch_resumes_at_that_batch(store, tmp_path, monkey
     )  # fmt: skip
     whole = train(TrainConfig(out=tmp_path / "whole", **options))
 
+    def power_cut() -> None:
+        raise RuntimeError("power cut")
+
     original_epoch = FeatureStream.epoch
-
-    def dies_at_batch_4_of_epoch_2(self, epoch, start_batch=0):
-        for index, batch in enumerate(original_epoch(self, epoch, start_batch), start_batch):
-            if self.config.shuffle and epoch == 1 and index == 4:
-                raise RuntimeError("power cut")
-            yield batch
-
-    monkeypatch.setattr(FeatureStream, "epoch", dies_at_batch_4_of_epoch_2)
+    monkeypatch.setattr(FeatureStream, "epoch", at_batch_of_epoch_2(4, power_cut))
     with pytest.raises(RuntimeError, match="power cut"):
         train(TrainConfig(out=tmp_path / "cut", **options))
     monkeypatch.setattr(FeatureStream, "epoch", original_epoch)
@@ -173,13 +184,10 @@ def test_a_preempted_run_saves_the_step_in_hand_and_resumes_like_a_whole_one(
     whole = train(TrainConfig(out=tmp_path / "whole", **options))
     original_epoch = FeatureStream.epoch
 
-    def signalled_at_batch_3_of_epoch_2(self, epoch, start_batch=0):
-        for index, batch in enumerate(original_epoch(self, epoch, start_batch), start_batch):
-            if self.config.shuffle and epoch == 1 and index == 3:
-                os.kill(os.getpid(), sent)
-            yield batch
+    def signal_self() -> None:
+        os.kill(os.getpid(), sent)
 
-    monkeypatch.setattr(FeatureStream, "epoch", signalled_at_batch_3_of_epoch_2)
+    monkeypatch.setattr(FeatureStream, "epoch", at_batch_of_epoch_2(3, signal_self))
     arguments = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     result = run_cli(*arguments, f"--out={tmp_path / 'cut'}")
     monkeypatch.setattr(FeatureStream, "epoch", original_epoch)
