@@ -8,7 +8,6 @@ killed while saving leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from captioner.encoder import EncoderConfig
 from captioner.errors import CaptionerError
+from captioner.files import atomic_file
 from captioner.models import CaptionDecoder, DecoderConfig, build_decoder
 from captioner.text import Vocabulary
 
@@ -73,17 +73,8 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint, extra: dict | None = Non
         "extra": extra or {},
     }
     _require_plain(payload, "checkpoint")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_file(path, durable=True) as file:
+        torch.save(payload, file)
 
 
 def load_checkpoint(path: Path) -> tuple[Checkpoint, dict]:

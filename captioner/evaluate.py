@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from captioner.corpus import Corpus, read_corpus
 from captioner.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.devices import resolve_device
 from captioner.errors import CaptionerError
+from captioner.files import atomic_file
 from captioner.images import ImageError, load_image
 from captioner.metrics import COCO, MetricsReport, check_java, score_captions
 from captioner.store import FeatureStore, corpus_digest
@@ -396,18 +396,13 @@ def _write_captions_csv(
             cells = [image, text, f"{log_probs[image]:.4f}", joined]
             writer.writerow([spreadsheet_safe(cell) for cell in cells])
 
-    _atomic_write(path, write)
+    with atomic_file(path, "w", encoding="utf-8", newline="") as file:
+        write(file)
 
 
 def _write_json(path: Path, data: object) -> None:
-    _atomic_write(path, lambda file: json.dump(data, file, indent=2, ensure_ascii=False))
-
-
-def _atomic_write(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8", newline="") as file:
-        write(file)
-    os.replace(temporary, path)
+    with atomic_file(path, "w", encoding="utf-8") as file:
+        json.dump(data, file, indent=2, ensure_ascii=False)
 
 
 def _coco_id(image_id: str) -> int | str:

@@ -9,13 +9,14 @@ is imported inside the drawing functions: it takes a noticeable time to import, 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+from captioner.files import atomic_file
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -111,12 +112,6 @@ def _upsampled(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _save(figure: Figure, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     FigureCanvasAgg(figure)
-    try:
-        figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_file(path) as file:
+        figure.savefig(file, format="png")

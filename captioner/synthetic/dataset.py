@@ -9,13 +9,13 @@ from the index too (of every 10 images, 8 train, 1 val, 1 test), so they do not 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from captioner.errors import CaptionerError
+from captioner.files import atomic_file
 from captioner.synthetic.grammar import describe
 from captioner.synthetic.render import render_scene
 from captioner.synthetic.scene import Scene, sample_scene
@@ -137,12 +137,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _save_image(image, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    image.save(temporary, format="JPEG", quality=92)
-    os.replace(temporary, path)
+    with atomic_file(path) as file:
+        image.save(file, format="JPEG", quality=92)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    with atomic_file(path) as file:
+        file.write(data)

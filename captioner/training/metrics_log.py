@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from captioner import visualize
+from captioner.files import atomic_file
 from captioner.training.resume import RunState
 from captioner.training.validation import Validation
 
@@ -61,9 +61,8 @@ def describe_epoch(row: dict, improved: bool, epochs: int) -> str:
 def write_metrics(out: Path, history: list[dict]) -> None:
     """metrics.jsonl and curves.png from the whole history (rewritten atomically each epoch, so a
     run killed between two writes never leaves a duplicate or a missing row after resume)."""
-    temporary = out / ".metrics.jsonl.tmp"
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in history), "utf-8")
-    os.replace(temporary, out / "metrics.jsonl")
+    with atomic_file(out / "metrics.jsonl", "w", encoding="utf-8") as file:
+        file.write("".join(json.dumps(row) + "\n" for row in history))
     if history:
         visualize.save_training_curves(out / "curves.png", history)
 
