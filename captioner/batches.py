@@ -306,7 +306,7 @@ class FeatureStream:
         self._ram_slot[positions] = np.arange(len(positions))
         rows = self.rows[positions]
         if self.config.kind == "pooled":
-            return self.store.read_pooled(rows)
+            return self.store.read("pooled", rows)
         features = np.empty(
             (len(rows), self.store.grid[0] * self.store.grid[1], self.store.channels),
             dtype=self.store.dtype,

@@ -216,10 +216,7 @@ def decode_rows(
     with tqdm(total=len(rows), unit="img", desc="decoding", disable=not progress) as bar:
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            if decoder.feature_kind == "pooled":
-                features = store.read_pooled(batch)
-            else:
-                features = store.read_spatial(batch)
+            features = store.read(decoder.feature_kind, batch)
             features = torch.from_numpy(np.asarray(features, dtype=np.float32)).to(device)
             captions += generate(decoder, features, decoding)
             bar.update(len(batch))

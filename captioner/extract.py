@@ -26,9 +26,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.corpus import Corpus, read_corpus
-
-# DEVICES is re-exported for captioner/cli/demo_commands.py, which still imports it from here.
-from captioner.devices import DEVICES as DEVICES
 from captioner.devices import resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
@@ -47,6 +44,7 @@ from captioner.store import (
     StoreWriter,
     corpus_digest,
     create_store,
+    describe_failures,
     format_bytes,
     remove_partial_files,
 )
@@ -100,13 +98,7 @@ class ExtractSummary:
             f"this run: {self.processed} images in {self.seconds:.1f} s"
             f" ({self.images_per_second:.1f} images/s)",
         ]
-        if self.failures:
-            lines.append(f"failed images ({len(self.failures)}):")
-            lines += [
-                f"  {image_id}: {reason}" for image_id, reason in self.failures[:max_failures]
-            ]
-            if len(self.failures) > max_failures:
-                lines.append(f"  ... and {len(self.failures) - max_failures} more")
+        lines += describe_failures(self.failures, max_failures)
         if self.stopped:
             lines.append(
                 f"stopped by {self.stopped} after the shard in hand: run the same command again"

@@ -181,6 +181,13 @@ class FeatureStore:
         """The codecs of the array `name` as its metadata lists them."""
         return tuple(self._group[name].metadata.codecs)
 
+    def read(self, kind: str, rows: np.ndarray) -> np.ndarray:
+        """What a decoder of feature kind `kind` reads for `rows`: "pooled" (n, C) float32 or
+        "spatial" (n, L, C) in the stored dtype."""
+        if kind not in ("pooled", "spatial"):
+            raise ValueError(f"unknown feature kind {kind!r}")
+        return self._read(kind, rows)
+
     def read_shard(self, name: str, shard: int) -> np.ndarray:
         """All rows of one shard of the array `name` ("spatial" or "pooled"), as stored; raises
         what the codecs raise for a damaged chunk (ValueError, RuntimeError)."""
@@ -275,13 +282,7 @@ class FeatureStore:
             f"created      {self.attrs['created_at']} with "
             + ", ".join(f"{k} {v}" for k, v in self.attrs["versions"].items()),
         ]
-        failures = self.failures()
-        if failures:
-            lines.append(f"failed images ({len(failures)}):")
-            lines += [f"  {image_id}: {reason}" for image_id, reason in failures[:max_failures]]
-            if len(failures) > max_failures:
-                lines.append(f"  ... and {len(failures) - max_failures} more")
-        return "\n".join(lines)
+        return "\n".join(lines + describe_failures(self.failures(), max_failures))
 
 
 class StoreWriter:
@@ -492,6 +493,17 @@ def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
     if np.array_equal(rows, unique):  # sorted and distinct, as whole shards are read: no copy
         return values
     return values[inverse]
+
+
+def describe_failures(failures: list[tuple[str, str]], shown: int) -> list[str]:
+    """Lines listing the failed images (image id, reason), at most `shown` of them."""
+    if not failures:
+        return []
+    lines = [f"failed images ({len(failures)}):"]
+    lines += [f"  {image_id}: {reason}" for image_id, reason in failures[:shown]]
+    if len(failures) > shown:
+        lines.append(f"  ... and {len(failures) - shown} more")
+    return lines
 
 
 def remove_partial_files(path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from captioner.demo import DemoConfig, format_artifacts, format_comparison, run_demo
+from captioner.devices import DEVICES
 from captioner.encoder import ENCODER_NAMES, EncoderConfig
-from captioner.extract import DEVICES
 from captioner.synthetic import split_of, write_synthetic_dataset, write_unlabelled_images
 
 _DEFAULT_ENCODER = DemoConfig().encoder

@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from captioner.devices import DEVICES
 from captioner.encoder import ENCODER_NAMES, EncoderConfig, RandomWeightsWarning
 from captioner.errors import CaptionerError
-from captioner.extract import DEVICES, ExtractConfig, extract_features
+from captioner.extract import ExtractConfig, extract_features
 from captioner.integrity import damaged_shards, has_checksums
 from captioner.readers import FORMATS
 from captioner.store import (

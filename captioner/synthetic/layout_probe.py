@@ -50,10 +50,7 @@ def layout_preference(
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         rows = np.array(sorted({row for row, _, _ in chunk}))
-        if decoder.feature_kind == "pooled":
-            stored = store.read_pooled(rows)
-        else:
-            stored = store.read_spatial(rows)
+        stored = store.read(decoder.feature_kind, rows)
         image_features = torch.from_numpy(np.asarray(stored, dtype=np.float32))
         position = {row: i for i, row in enumerate(rows.tolist())}
         image_index = torch.tensor([position[row] for row, _, _ in chunk])
