@@ -116,7 +116,7 @@ def _checkpoint(path: Path, args, encoder_config: EncoderConfig, encoder) -> Pat
     torch.manual_seed(0)
     decoder = build_decoder(config)
     checkpoint = Checkpoint(
-        config, decoder.state_dict(), vocabulary, encoder_config, "bench", encoder.grid, {}
+        config, decoder.state_dict(), vocabulary, encoder_config, "bench", {}
     )
     save_checkpoint(path, checkpoint)
     return path

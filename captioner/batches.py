@@ -52,9 +52,6 @@ class EncodedCaptions:
     lengths: np.ndarray  # (M,) int64, start and end included
     first: np.ndarray  # (n_images + 1,) int64
 
-    def count(self, image: int) -> int:
-        return int(self.first[image + 1] - self.first[image])
-
 
 def encode_captions(
     corpus: Corpus, vocabulary: Vocabulary, images: Sequence[int], max_length: int

@@ -35,7 +35,6 @@ class Checkpoint:
     vocabulary: Vocabulary
     encoder_config: EncoderConfig
     store_fingerprint: str
-    grid: tuple[int, int]
     training: dict  # epoch, metrics, options: plain types only
     # Provenance ("" in checkpoints older than version 3, where it was not recorded): the exact
     # weights the training features came from (e.g. "ResNet152_Weights.IMAGENET1K_V2" and the
@@ -65,7 +64,6 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint, extra: dict | None = Non
         "vocabulary": list(checkpoint.vocabulary.words),
         "encoder_config": checkpoint.encoder_config.to_dict(),
         "store_fingerprint": checkpoint.store_fingerprint,
-        "grid": [int(size) for size in checkpoint.grid],
         "training": checkpoint.training,
         "weights_id": checkpoint.weights_id,
         "weights_checksum": checkpoint.weights_checksum,
@@ -112,7 +110,6 @@ def load_checkpoint(path: Path) -> tuple[Checkpoint, dict]:
             vocabulary=Vocabulary(list(payload["vocabulary"])),
             encoder_config=EncoderConfig.from_dict(payload["encoder_config"]),
             store_fingerprint=str(payload["store_fingerprint"]),
-            grid=(int(payload["grid"][0]), int(payload["grid"][1])),
             training=dict(payload["training"]),
             weights_id=str(payload.get("weights_id", "")),
             weights_checksum=str(payload.get("weights_checksum", "")),

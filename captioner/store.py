@@ -46,7 +46,7 @@ from captioner.corpus import (
     ImageRecord,
     SkippedLine,
 )
-from captioner.encoder import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig
+from captioner.encoder import EncoderConfig
 from captioner.errors import CaptionerError
 
 SCHEMA_VERSION = 1
@@ -433,7 +433,6 @@ def _write_empty_store(
             "settings": settings.to_dict(),
             "fingerprint": store_fingerprint(settings, image_ids),
             "split_names": split_names,
-            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             "corpus": {
                 "format": corpus.format,
                 "sources": [str(source) for source in corpus.sources],

@@ -10,8 +10,6 @@ from pathlib import Path
 
 from nltk.tokenize import RegexpTokenizer
 
-from captioner.errors import CaptionerError
-
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = range(4)
@@ -67,20 +65,7 @@ class Vocabulary:
                 words.append(self.words[i])
         return words
 
-    def to_json(self) -> dict:
-        return {"words": self.words}
-
-    @classmethod
-    def from_json(cls, data: dict) -> Vocabulary:
-        return cls(list(data["words"]))
-
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=0), "utf-8")
-
-    @classmethod
-    def load(cls, path: Path) -> Vocabulary:
-        try:
-            data = json.loads(Path(path).read_text("utf-8"))
-            return cls.from_json(data)
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CaptionerError(f"{path}: not a vocabulary file ({error})") from None
+        """vocab.json, for people and other tools (checkpoints carry their own vocabulary)."""
+        text = json.dumps({"words": self.words}, ensure_ascii=False, indent=0)
+        Path(path).write_text(text, "utf-8")

@@ -27,7 +27,7 @@ def make_checkpoint(
     encoder: EncoderConfig | None = None,
 ) -> Path:
     """A small untrained decoder saved as if trained on the store at `store_path`: vocabulary from
-    its train captions (min count 1), its encoder config and weights, fingerprint, grid and
+    its train captions (min count 1), its encoder config and weights, fingerprint and
     corpus digest. The keyword arguments make deliberately mismatched checkpoints."""
     store = FeatureStore.open(store_path)
     corpus = store.corpus()
@@ -51,7 +51,6 @@ def make_checkpoint(
         vocabulary=vocabulary,
         encoder_config=encoder or store.encoder_config,
         store_fingerprint=store.fingerprint,
-        grid=store.grid,
         training={"epoch": 1, "metrics": {}, "options": {}},
         weights_id=store.settings.weights_id,
         weights_checksum=store.settings.weights_checksum,

@@ -28,7 +28,6 @@ def make_checkpoint(model: str = "show-attend-tell") -> Checkpoint:
         vocabulary=Vocabulary(WORDS),
         encoder_config=EncoderConfig(name="tiny", weights="none", image_size=32),
         store_fingerprint="f1ngerprint",
-        grid=(2, 2),
         training={"epoch": 3, "metrics": {"val_bleu4": 0.25}, "options": {"lr": 4e-4, "seed": 1}},
     )
 
@@ -54,7 +53,6 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     assert loaded.vocabulary.words == WORDS
     assert loaded.encoder_config == checkpoint.encoder_config
     assert loaded.store_fingerprint == "f1ngerprint"
-    assert loaded.grid == (2, 2)
     assert loaded.training == checkpoint.training
     torch.testing.assert_close(loaded_extra["torch_rng"], extra["torch_rng"])
     resumed = torch.optim.Adam(original.parameters())

@@ -22,7 +22,7 @@ _NUMBERS = {1: "a", 2: "two", 3: "three"}
 _COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
 _SIZE_WORDS = {"small": ("small",), "large": ("large", "big")}
 _SIZE_OF_WORD = {word: size for size, words in _SIZE_WORDS.items() for word in words}
-_PLURALS = {shape: shape + ("es" if shape.endswith("ss") else "s") for shape in SHAPES}
+_PLURALS = {shape: shape + "s" for shape in SHAPES}
 
 _SINGLE_TEMPLATES = (
     "{a}",

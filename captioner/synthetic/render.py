@@ -55,11 +55,6 @@ def _outline(shape: str, x: float, y: float, r: float, degrees: float) -> list[t
         corners = [(1.0, -math.pi / 2 + 2 * math.pi / 3 * k) for k in range(3)]
     elif shape == "star":
         corners = [(1.0 if k % 2 == 0 else 0.42, -math.pi / 2 + math.pi / 5 * k) for k in range(10)]
-    elif shape == "cross":
-        arm = 0.34  # half the arm's width, relative to r
-        outline = [(arm, 1), (arm, arm), (1, arm), (1, -arm), (arm, -arm), (arm, -1),
-                   (-arm, -1), (-arm, -arm), (-1, -arm), (-1, arm), (-arm, arm), (-arm, 1)]
-        corners = [(math.hypot(u, v) * 0.8, math.atan2(v, u)) for u, v in outline]
     else:
         raise ValueError(f"unknown shape {shape!r}")
     turn = math.radians(degrees)

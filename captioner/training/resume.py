@@ -70,7 +70,6 @@ def save_run(run: Run, path: Path, state: RunState, resumable: bool = False) -> 
         vocabulary=run.vocabulary,
         encoder_config=run.store.encoder_config,
         store_fingerprint=run.store.fingerprint,
-        grid=run.store.grid,
         weights_id=run.store.settings.weights_id,
         weights_checksum=run.store.settings.weights_checksum,
         corpus_sha256=run.corpus_sha256,
