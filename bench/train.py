@@ -113,7 +113,7 @@ def stream_of(
     bucket_by_length: bool = False, device: torch.device | None = None,
     batch_size: int = BATCH_SIZE,
 ) -> FeatureStream:  # fmt: skip
-    """The stream captioner.training.data.feature_stream builds for `device` (None: the CPU)."""
+    """The stream captioner.training.data.training_stream builds for `device` (None: the CPU)."""
     cuda = device is not None and device.type == "cuda"
     corpus = store.corpus()
     rows = np.arange(store.num_images)
@@ -199,7 +199,7 @@ def measure_training(
     print(f"(a) training over the store, {store.num_images} images with real Flickr8k captions,"
           f" sizes 512, vocabulary {len(vocabulary)}; captions/s of whole epochs, data wait"
           f" included (ours: share of the loop spent waiting for data, target <= 5%):")  # fmt: skip
-    ours_workers = 0 if device.type == "cpu" else 2  # as captioner.training.data.feature_stream
+    ours_workers = 0 if device.type == "cpu" else 2  # as captioner.training.data's streams
     rates: dict[str, dict[str, float]] = {}
     for model in MODELS:
         kind = "pooled" if model == "show-tell" else "spatial"

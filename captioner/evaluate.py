@@ -29,6 +29,7 @@ from captioner.files import atomic_file
 from captioner.images import ImageError, load_image
 from captioner.metrics import COCO, MetricsReport, check_java, score_captions
 from captioner.store import FeatureStore, corpus_digest
+from captioner.text import SPECIAL_TOKENS
 from captioner.training.data import split_rows, training_corpus
 
 # A checkpoint trained on another store is accepted when at least this share of its words occur
@@ -192,7 +193,7 @@ def check_compatible(
             f"{path}: trained on {trained.name} features at {trained.image_size} px, but "
             f"{store.path} holds {here.name} features at {here.image_size} px"
         )
-    words = checkpoint.vocabulary.words[4:]
+    words = checkpoint.vocabulary.words[len(SPECIAL_TOKENS) :]
     seen = {token for caption in corpus.captions for token in caption.tokens}
     coverage = sum(word in seen for word in words) / max(len(words), 1)
     if coverage < MIN_VOCABULARY_COVERAGE:

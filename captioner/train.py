@@ -45,9 +45,10 @@ from captioner.store import FeatureStore, corpus_digest
 from captioner.text import Vocabulary
 from captioner.training.data import (
     feature_statistics,
-    feature_stream,
     split_rows,
     training_corpus,
+    training_stream,
+    validation_stream,
 )
 from captioner.training.metrics_log import EpochTiming, describe_epoch, epoch_row, write_metrics
 from captioner.training.resume import RunState, resume_run, save_run
@@ -150,11 +151,11 @@ def _train(
         )
 
     kind = decoder.feature_kind
-    train_stream = feature_stream(
+    train_stream = training_stream(
         store, corpus, vocabulary, train_rows, config, kind, device, ranks
     )
     if ranks.is_main:  # only rank 0 validates and writes
-        val_stream = feature_stream(store, corpus, vocabulary, val_rows, config, kind, device, None)
+        val_stream = validation_stream(store, corpus, vocabulary, val_rows, config, kind, device)
         references = reference_words(corpus, val_rows)
         out.mkdir(parents=True, exist_ok=True)
         vocabulary.save(out / "vocab.json")

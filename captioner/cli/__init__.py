@@ -47,8 +47,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    """Attach every command module's commands to `main` (imported late to keep start-up light)."""
-    # Each command module adds its import and add_command lines here.
+    """Attach every command module's commands to `main`, one module per group of commands."""
     from captioner.cli.corpus_commands import inspect
 
     main.add_command(inspect)

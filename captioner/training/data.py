@@ -3,6 +3,7 @@ feature streams over them."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,7 +88,7 @@ def feature_statistics(
     return torch.from_numpy(mean).float(), torch.from_numpy(np.maximum(std, 0.1 * typical)).float()
 
 
-def feature_stream(
+def training_stream(
     store: FeatureStore,
     corpus: Corpus,
     vocabulary: Vocabulary,
@@ -95,25 +96,46 @@ def feature_stream(
     config: TrainConfig,
     kind: str,
     device: torch.device,
-    ranks: Ranks | None,
+    ranks: Ranks,
 ) -> FeatureStream:
-    """The training stream (this rank's shuffled part) or, with `ranks` None, the validation one."""
-    training = ranks is not None
-    stream_config = StreamConfig(
+    """This rank's part of the training images `rows`, shuffled anew every epoch."""
+    stream_config = replace(
+        _stream_config(config, kind, device),
+        captions_per_image=config.captions_per_image,
+        shuffle=True,
+        # Only the attention model runs every caption of a batch to its longest.
+        bucket_by_length=config.bucket_by_length and kind == "spatial",
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+    )
+    captions = encode_captions(corpus, vocabulary, rows.tolist(), config.max_length)
+    return FeatureStream(store, rows, captions, stream_config)
+
+
+def validation_stream(
+    store: FeatureStore,
+    corpus: Corpus,
+    vocabulary: Vocabulary,
+    rows: np.ndarray,
+    config: TrainConfig,
+    kind: str,
+    device: torch.device,
+) -> FeatureStream:
+    """Every validation image of `rows` with all its captions, in row order."""
+    captions = encode_captions(corpus, vocabulary, rows.tolist(), config.max_length)
+    return FeatureStream(store, rows, captions, _stream_config(config, kind, device))
+
+
+def _stream_config(config: TrainConfig, kind: str, device: torch.device) -> StreamConfig:
+    """What both streams share: batch size, feature reading and where batches go."""
+    return StreamConfig(
         kind=kind,
         batch_size=config.batch_size,
-        captions_per_image=config.captions_per_image if training else 0,
-        shuffle=training,
-        # Only the attention model runs every caption of a batch to its longest.
-        bucket_by_length=training and config.bucket_by_length and kind == "spatial",
+        shuffle=False,
         preload=config.preload,
         workers=(0 if device.type == "cpu" else 2) if config.workers is None else config.workers,
         seed=config.seed,
-        rank=ranks.rank if training else 0,
-        world_size=ranks.world_size if training else 1,
         # Half-precision maps cross to a GPU at half the bytes; the decoders upcast them there.
         dtype=torch.float16 if device.type == "cuda" and kind == "spatial" else torch.float32,
         pin_memory=device.type == "cuda",
     )
-    captions = encode_captions(corpus, vocabulary, rows.tolist(), config.max_length)
-    return FeatureStream(store, rows, captions, stream_config)
