@@ -36,7 +36,7 @@ from captioner.devices import resolve_device  # noqa: E402
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform  # noqa: E402
 from captioner.extract import ExtractConfig, extract_features  # noqa: E402
 from captioner.images import load_image  # noqa: E402
-from captioner.store import directory_size, read_rows  # noqa: E402
+from captioner.store import directory_size, read_array_rows  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k" / "images"
 
@@ -269,7 +269,7 @@ def bench_storage(args: argparse.Namespace) -> None:
                     os.fsync(handle.fileno())
 
             def ours(rows, array=array):
-                return read_rows(array, rows)
+                return read_array_rows(array, rows)
 
             def oindex(rows, array=array):
                 return array.oindex[rows]

@@ -33,12 +33,12 @@ from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image
 from captioner.errors import CaptionerError
 from captioner.images import ImageDataset, collate_images
 from captioner.preemption import StopRequest
+from captioner.readers.builder import IMAGE_SUFFIXES
 
-FORMATS = ("csv", "jsonl")
+OUTPUT_FORMATS = ("csv", "jsonl")
 COLUMNS = ("path", "caption", "log_prob", "error")
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-)
+# What a folder scan takes for a picture: the suffixes caption files name, and Netpbm's.
+FOLDER_IMAGE_SUFFIXES = frozenset((*IMAGE_SUFFIXES, ".ppm", ".pgm", ".pbm"))
 # A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection").
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -79,8 +79,8 @@ class CaptionSummary:
 def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSummary:
     """Caption every image file the inputs name; see the module docstring."""
     started = time.perf_counter()
-    if config.format not in FORMATS:
-        raise CaptionerError(f"--format: {config.format!r} is not one of {FORMATS}")
+    if config.format not in OUTPUT_FORMATS:
+        raise CaptionerError(f"--format: {config.format!r} is not one of {OUTPUT_FORMATS}")
     if config.batch_size < 1 or config.workers < 0:
         raise CaptionerError("--batch-size must be >= 1 and --workers >= 0")
     files = find_images(config.inputs, config.recursive)
@@ -339,7 +339,7 @@ def _key(path: Path) -> str:
 def _is_image_file(path: Path, root: Path) -> bool:
     relative = path.relative_to(root).parts
     return (
-        path.suffix.lower() in IMAGE_SUFFIXES
+        path.suffix.lower() in FOLDER_IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in relative)
         and path.is_file()
     )

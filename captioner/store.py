@@ -196,7 +196,7 @@ class FeatureStore:
 
     def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
         try:
-            return read_rows(self._group[name], rows)
+            return read_array_rows(self._group[name], rows)
         except CHUNK_ERRORS:
             pass
         for shard in np.unique(np.asarray(rows) // self.images_per_shard).tolist():
@@ -244,7 +244,7 @@ class FeatureStore:
         if len(rows) == 0:
             return []
         ids = self._group["image_id"][:]
-        reasons = read_rows(self._group["failure"], rows)
+        reasons = read_array_rows(self._group["failure"], rows)
         return [(str(ids[row]), str(reason)) for row, reason in zip(rows, reasons, strict=True)]
 
     def size_on_disk(self) -> int:
@@ -476,7 +476,7 @@ def _library_versions() -> dict:
 CHUNK_ERRORS = (ValueError, RuntimeError)
 
 
-def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+def read_array_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
     """Rows in the order given (duplicates allowed), each stored row read once.
 
     Reads go by runs of consecutive rows as slices: zarr-python 3.1's integer-array (orthogonal)

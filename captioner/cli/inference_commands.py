@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from captioner.caption import FORMATS, CaptionConfig, caption_images
+from captioner.caption import OUTPUT_FORMATS, CaptionConfig, caption_images
 from captioner.decode import STRATEGIES, DecodingConfig
 from captioner.devices import DEVICES
 from captioner.evaluate import EvaluateConfig, ScoreConfig, evaluate, score_predictions
@@ -164,7 +164,9 @@ def score_command(
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="CSV or JSONL file.")
-@click.option("--format", "format_", default="csv", show_default=True, type=click.Choice(FORMATS))
+@click.option(
+    "--format", "format_", default="csv", show_default=True, type=click.Choice(OUTPUT_FORMATS)
+)
 @click.option("--recursive", is_flag=True, help="Look into subfolders too.")
 @decoding_options
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))

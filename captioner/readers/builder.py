@@ -11,7 +11,7 @@ from captioner.text import tokenize
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # Split names as they appear in the wild -> ours. "restval" is resolved later (see splits.py).
-SPLIT_NAMES = {
+SPLIT_ALIASES = {
     "train": "train",
     "val": "val",
     "dev": "val",
@@ -31,7 +31,7 @@ def is_image_name(name: str) -> bool:
 
 def split_name(value: str) -> str | None:
     """Our name for a split written as `value`; None when it is not a split we know."""
-    return SPLIT_NAMES.get(value.strip().lower())
+    return SPLIT_ALIASES.get(value.strip().lower())
 
 
 class CorpusBuilder:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from captioner.errors import CaptionerError
 from captioner.readers.builder import CorpusBuilder
 from captioner.readers.source import Source
-from captioner.readers.table import read_rows
+from captioner.readers.table import read_table_rows
 
 FORMAT = "kaggle"
 HEADER = "image,caption"
@@ -22,4 +22,4 @@ def read(source: Source, builder: CorpusBuilder) -> None:
         raise CaptionerError(
             f"{source.path}:{number}: expected the header {HEADER!r}, found {line[:80]!r}"
         )
-    read_rows(source, builder, ",", ["image", "caption"])
+    read_table_rows(source, builder, ",", ["image", "caption"])

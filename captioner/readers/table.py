@@ -40,10 +40,12 @@ def read(source: Source, builder: CorpusBuilder) -> None:
             f"{source.path}:{number}: expected a header naming the columns image, caption and "
             f"optionally split (comma- or tab-separated), found {line[:80]!r}"
         )
-    read_rows(source, builder, *header)
+    read_table_rows(source, builder, *header)
 
 
-def read_rows(source: Source, builder: CorpusBuilder, delimiter: str, columns: list[str]) -> None:
+def read_table_rows(
+    source: Source, builder: CorpusBuilder, delimiter: str, columns: list[str]
+) -> None:
     """Every row after the header (the first non-blank line) into `builder`."""
     quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
     reader = csv.reader(io.StringIO(source.text, newline=""), delimiter=delimiter, quoting=quoting)
