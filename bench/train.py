@@ -50,10 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from plain_decoders import PlainShowAttendTell  # noqa: E402
 
 from captioner.batches import Batch, FeatureStream, StreamConfig, encode_captions  # noqa: E402
-from captioner.corpus import read_corpus  # noqa: E402
 from captioner.encoder import EncoderConfig, build_encoder, image_transform  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.models import DecoderConfig, build_decoder  # noqa: E402
+from captioner.readers import read_corpus  # noqa: E402
 from captioner.store import FeatureStore, StoreSettings, create_store, directory_size  # noqa: E402
 from captioner.text import Vocabulary  # noqa: E402
 from captioner.train import TrainConfig  # noqa: E402

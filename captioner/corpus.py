@@ -6,9 +6,8 @@ Row order matters: a feature store's row i holds the features of ``corpus.images
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 SPLITS = ("train", "val", "test")
 RESTVAL = "restval"  # Karpathy's extra COCO training images, kept apart only when asked
@@ -79,24 +78,3 @@ class Corpus:
         return Corpus(
             self.format, self.sources, images, captions, list(self.skipped), self.split_rule
         )
-
-
-def read_corpus(
-    paths: Sequence[Path],
-    format: str | None = None,
-    splits_dir: Path | None = None,
-    keep_restval: bool = False,
-) -> Corpus:
-    """Read caption files of one format (detected from their content unless `format` is given).
-
-    Formats: "kaggle", "flickr8k", "karpathy", "coco", "csv" (see captioner/readers/). Splits come
-    from the split files in `splits_dir` when given; else from the caption file itself; else from
-    Flickr8k split files found next to the first caption file; else from a hash of the image id
-    (train 80 / val 10 / test 10). Karpathy's "restval" becomes "train" unless `keep_restval`.
-    Bad input raises CaptionerError naming the file and line; lines that cannot be read but do
-    not make the whole file doubtful are skipped and listed in `Corpus.skipped`.
-    """
-    # Imported here because the readers build on this module's dataclasses.
-    from captioner.readers import read_caption_files
-
-    return read_caption_files(paths, format, splits_dir, keep_restval)

@@ -21,13 +21,14 @@ from tqdm import tqdm
 from captioner import visualize
 from captioner.caption import spreadsheet_safe, spreadsheet_value
 from captioner.checkpoint import Checkpoint, load_checkpoint
-from captioner.corpus import Corpus, read_corpus
+from captioner.corpus import Corpus
 from captioner.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.devices import resolve_device
 from captioner.errors import CaptionerError
 from captioner.files import atomic_file
 from captioner.images import ImageError, load_image
 from captioner.metrics import COCO, MetricsReport, check_java, score_captions
+from captioner.readers import read_corpus
 from captioner.store import FeatureStore, corpus_digest
 from captioner.text import SPECIAL_TOKENS
 from captioner.training.data import split_rows, training_corpus

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.corpus import Corpus, read_corpus
+from captioner.corpus import Corpus
 from captioner.devices import resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
@@ -33,6 +33,7 @@ from captioner.errors import CaptionerError
 from captioner.images import ImageDataset, collate_images
 from captioner.integrity import damaged_shards
 from captioner.preemption import StopRequest
+from captioner.readers import read_corpus
 from captioner.store import (
     DEFAULT_COMPRESSION,
     DEFAULT_IMAGES_PER_SHARD,

@@ -18,10 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from captioner.corpus import read_corpus
 from captioner.errors import CaptionerError
 from captioner.images import ImageError, load_image
-from captioner.readers import FORMATS
+from captioner.readers import FORMATS, read_corpus
 
 # The same examples on every run (CI included), and no example database left in the tree.
 SETTINGS = settings(

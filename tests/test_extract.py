@@ -23,12 +23,12 @@ from factories import damage, failing_on_call
 from PIL import Image
 
 from captioner.cli import main
-from captioner.corpus import read_corpus
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
 from captioner.extract import ExtractConfig, extract_features
 from captioner.images import load_image
 from captioner.integrity import damaged_shards
+from captioner.readers import read_corpus
 from captioner.store import STATUS_DONE, STATUS_FAILED, FeatureStore, StoreWriter
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,8 +8,9 @@ from collections import Counter
 import pytest
 from flickr8k_fixture import FLICKR8K
 
-from captioner.corpus import Corpus, read_corpus
+from captioner.corpus import Corpus
 from captioner.corpus_stats import corpus_stats
+from captioner.readers import read_corpus
 
 pytestmark = pytest.mark.skipif(not FLICKR8K.is_dir(), reason=f"{FLICKR8K} is absent")
 

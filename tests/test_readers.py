@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from captioner.cli import main
-from captioner.corpus import Corpus, read_corpus
+from captioner.corpus import Corpus
 from captioner.errors import CaptionerError
+from captioner.readers import read_corpus
 from captioner.readers.splits import hash_split
 
 

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from captioner.cli import main
-from captioner.corpus import read_corpus
 from captioner.demo import DemoConfig, run_demo
 from captioner.errors import CaptionerError
+from captioner.readers import read_corpus
 from captioner.synthetic import (
     CAPTION_FILE,
     check_caption,

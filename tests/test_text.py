@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from captioner.corpus import read_corpus
+from captioner.readers import read_corpus
 from captioner.text import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, UNK_ID, Vocabulary, tokenize
 
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
-from captioner.corpus import read_corpus
 from captioner.corpus_stats import CorpusStats, corpus_stats
-from captioner.readers import FORMATS
+from captioner.readers import FORMATS, read_corpus
 from captioner.text import SPECIAL_TOKENS
 
 

@@ -1,7 +1,7 @@
 """Caption-file readers, one module per format, and the detection of a file's format.
 
 Each format module has `FORMAT` (its name), `looks_like(source) -> bool` (judged from content,
-never from the file name) and `read(source, builder)`. Use `captioner.corpus.read_corpus`.
+never from the file name) and `read(source, builder)`; `read_corpus` reads files of any of them.
 """
 
 from __future__ import annotations
@@ -39,13 +39,21 @@ def detect_format(source: Source) -> str:
     )
 
 
-def read_caption_files(
+def read_corpus(
     paths: Sequence[Path] | Path,
     format: str | None = None,
     splits_dir: Path | None = None,
     keep_restval: bool = False,
 ) -> Corpus:
-    """See `captioner.corpus.read_corpus`."""
+    """Read caption files of one format (detected from their content unless `format` is given).
+
+    Formats: "kaggle", "flickr8k", "karpathy", "coco", "csv" (see captioner/readers/). Splits come
+    from the split files in `splits_dir` when given; else from the caption file itself; else from
+    Flickr8k split files found next to the first caption file; else from a hash of the image id
+    (train 80 / val 10 / test 10). Karpathy's "restval" becomes "train" unless `keep_restval`.
+    Bad input raises CaptionerError naming the file and line; lines that cannot be read but do
+    not make the whole file doubtful are skipped and listed in `Corpus.skipped`.
+    """
     if isinstance(paths, str | Path):
         paths = [paths]
     paths = list(dict.fromkeys(Path(p) for p in paths))

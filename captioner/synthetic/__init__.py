@@ -1,7 +1,7 @@
 """The demo's dataset: rendered scenes of shapes with reference captions about what and where.
 
 `write_synthetic_dataset` writes a Karpathy-format caption file plus images (read back by
-`captioner.corpus.read_corpus` like any real dataset); `write_unlabelled_images` writes fresh
+`captioner.readers.read_corpus` like any real dataset); `write_unlabelled_images` writes fresh
 scenes to caption; `read_scenes` and `scene_accuracy` score captions against the true scenes, and
 `captioner.synthetic.layout_probe` (which loads torch models, so is not imported here) measures
 whether a trained decoder can tell a caption from its left/right mirror.

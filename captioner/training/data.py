@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from captioner.batches import FeatureStream, StreamConfig, encode_captions
-from captioner.corpus import UNASSIGNED, CaptionRecord, Corpus, ImageRecord, read_corpus
+from captioner.corpus import UNASSIGNED, CaptionRecord, Corpus, ImageRecord
 from captioner.distributed import Ranks
 from captioner.errors import CaptionerError
+from captioner.readers import read_corpus
 from captioner.store import STATUS_DONE, FeatureStore
 from captioner.text import Vocabulary
 
