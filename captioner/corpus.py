@@ -63,6 +63,11 @@ class Corpus:
             groups[caption.image].append(i)
         return groups
 
+    def references(self, rows: Iterable[int]) -> dict[int, list[CaptionRecord]]:
+        """Image row -> its captions (in file order), for the rows given."""
+        by_image = self.captions_by_image()
+        return {row: [self.captions[c] for c in by_image[row]] for row in rows}
+
     def tokens_of_split(self, split: str) -> Iterable[tuple[str, ...]]:
         return (c.tokens for c in self.captions if self.images[c.image].split == split)
 

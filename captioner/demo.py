@@ -274,11 +274,9 @@ def _constant_caption(config: DemoConfig) -> tuple[str, dict]:
         " ".join(c.tokens) for c in corpus.captions if corpus.images[c.image].split == "train"
     )
     caption = min(counts, key=lambda text: (-counts[text], text))
-    by_image = corpus.captions_by_image()
     references = {
-        image.path: [corpus.captions[c].raw for c in by_image[i]]
-        for i, image in enumerate(corpus.images)
-        if image.split == "test"
+        corpus.images[row].path: [c.raw for c in captions]
+        for row, captions in corpus.references(corpus.image_indices("test")).items()
     }
     report = score_captions(references, {image: caption for image in references})
     out.parent.mkdir(parents=True, exist_ok=True)

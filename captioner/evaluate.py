@@ -104,8 +104,9 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
     )
 
     ids = store.image_ids()
-    by_image = corpus.captions_by_image()
-    references = {ids[row]: [corpus.captions[c].raw for c in by_image[row]] for row in rows}
+    references = {
+        ids[row]: [c.raw for c in captions] for row, captions in corpus.references(rows).items()
+    }
     texts = {
         ids[row]: " ".join(c.words(checkpoint.vocabulary))
         for row, c in zip(rows, captions, strict=True)
@@ -238,9 +239,10 @@ def score_predictions(config: ScoreConfig) -> ScoreResult:
         )
     predictions = read_predictions(config.predictions)
     matched, notes = _match_predictions(predictions, corpus, rows, config.predictions)
-    by_image = corpus.captions_by_image()
-    references = {corpus.images[row].id: [corpus.captions[c].raw for c in by_image[row]]
-                  for row in matched}  # fmt: skip
+    references = {
+        corpus.images[row].id: [c.raw for c in captions]
+        for row, captions in corpus.references(matched).items()
+    }
     missing_references = [image for image, refs in references.items() if not refs]
     if missing_references:
         raise CaptionerError(

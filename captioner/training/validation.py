@@ -35,8 +35,8 @@ class Validation:
 
 def reference_words(corpus: Corpus, rows: np.ndarray) -> dict[int, list[list[str]]]:
     """Store row -> the tokens of each of its captions, for BLEU-4."""
-    by_image = corpus.captions_by_image()
-    return {row: [list(corpus.captions[c].tokens) for c in by_image[row]] for row in rows}
+    references = corpus.references(rows)
+    return {row: [list(c.tokens) for c in captions] for row, captions in references.items()}
 
 
 @torch.no_grad()
