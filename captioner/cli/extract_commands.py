@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from captioner.cli.options import field_option
 from captioner.devices import DEVICES
 from captioner.encoder import ENCODER_NAMES, EncoderConfig, RandomWeightsWarning
 from captioner.errors import CaptionerError
@@ -16,11 +17,14 @@ from captioner.integrity import damaged_shards, has_checksums
 from captioner.readers import FORMATS
 from captioner.store import (
     COMPRESSIONS,
-    DEFAULT_COMPRESSION,
-    DEFAULT_IMAGES_PER_SHARD,
     DTYPES,
     FeatureStore,
 )
+
+
+def _option(name: str, kind: click.ParamType | type, help: str):
+    """An option whose default is ExtractConfig's, so the two can never disagree."""
+    return field_option(ExtractConfig, name, kind, help)
 
 
 @click.command("extract")
@@ -41,46 +45,32 @@ from captioner.store import (
     help="Folder with Flickr split files (*trainImages.txt, ...); they decide every split.",
 )
 @click.option("--keep-restval", is_flag=True, help="Keep Karpathy's restval apart from train.")
-@click.option("--encoder", default="resnet152", show_default=True, type=click.Choice(ENCODER_NAMES))
 @click.option(
-    "--weights",
-    default="imagenet",
-    show_default=True,
-    help="imagenet (torchvision's weights, downloaded once), none (random: meaningless "
-    "captions, for trials) or PATH to a local state dict.",
+    "--encoder", default=EncoderConfig.name, show_default=True, type=click.Choice(ENCODER_NAMES)
 )
 @click.option(
-    "--image-size",
-    default=448,
-    show_default=True,
+    "--weights", default=EncoderConfig.weights, show_default=True,
+    help="imagenet (torchvision's DEFAULT weights, downloaded once), a torchvision weights name"
+    " (IMAGENET1K_V1), none (random: meaningless captions, for trials) or PATH to a state dict.",
+)  # fmt: skip
+@click.option(
+    "--image-size", default=EncoderConfig.image_size, show_default=True,
     type=click.IntRange(min=32),
     help="Pictures are resized to this square; 448 gives ResNets a 14x14 grid.",
-)
+)  # fmt: skip
 @click.option("--gpu", is_flag=True, help="Shorthand for --device cuda.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--workers",
-    default=4,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="DataLoader processes that decode and resize pictures.",
-)
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(DTYPES))
-@click.option(
-    "--images-per-shard",
-    default=DEFAULT_IMAGES_PER_SHARD,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Images per shard file: the unit of writing, resuming and fast reading.",
-)
-@click.option(
-    "--compression",
-    default=DEFAULT_COMPRESSION,
-    show_default=True,
-    type=click.Choice(COMPRESSIONS),
-    help="zstd stores ResNet maps ~30% smaller; none reads about twice as fast.",
-)
+@_option("device", click.Choice(DEVICES), "Where the CNN runs.")
+@_option("batch_size", click.IntRange(min=1), "Pictures per forward pass.")
+@_option("workers", click.IntRange(min=0), "DataLoader processes that decode and resize pictures.")
+@_option("dtype", click.Choice(DTYPES), "Stored type of the spatial maps.")
+@_option(
+    "images_per_shard", click.IntRange(min=1),
+    "Images per shard file: the unit of writing, resuming and fast reading.",
+)  # fmt: skip
+@_option(
+    "compression", click.Choice(COMPRESSIONS),
+    "zstd stores ResNet maps ~30% smaller; none reads about twice as fast.",
+)  # fmt: skip
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N images (trials).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store made differently.")
 @click.option(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from captioner.caption import OUTPUT_FORMATS, CaptionConfig, caption_images
+from captioner.cli.options import apply_options, field_option
 from captioner.decode import STRATEGIES, DecodingConfig
 from captioner.devices import DEVICES
 from captioner.evaluate import EvaluateConfig, ScoreConfig, evaluate, score_predictions
@@ -16,65 +18,29 @@ from captioner.readers import FORMATS as CAPTION_FORMATS
 
 
 def decoding_options(command: Callable) -> Callable:
-    """The decoding options every command that generates captions takes."""
-    options = [
-        click.option(
-            "--strategy", default="beam", show_default=True, type=click.Choice(STRATEGIES)
-        ),
-        click.option("--beam-size", default=3, show_default=True, type=click.IntRange(min=1)),
-        click.option(
-            "--max-length",
-            default=20,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="Most words in a caption.",
-        ),
-        click.option(
-            "--min-length",
-            default=0,
-            show_default=True,
-            type=click.IntRange(min=0),
-            help="Fewest words before the end token is allowed.",
-        ),
-        click.option(
-            "--length-penalty",
-            default=1.0,
-            show_default=True,
-            help="Beam score = log-prob / length ** penalty (>1 favours longer captions).",
-        ),
-        click.option(
-            "--no-repeat-ngram-size",
-            default=0,
-            show_default=True,
-            type=click.IntRange(min=0),
-            help="Never repeat an n-gram of this size (0: allow).",
-        ),
-        click.option(
-            "--temperature",
-            default=1.0,
-            show_default=True,
-            type=click.FloatRange(min=0, min_open=True),
-            help="Sampling only.",
-        ),
-        click.option(
-            "--top-k",
-            default=0,
-            show_default=True,
-            type=click.IntRange(min=0),
-            help="Sampling only: draw from the k likeliest words (0: all).",
-        ),
-        click.option("--seed", default=0, show_default=True, help="Sampling only."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    """The decoding options every command that generates captions takes (DecodingConfig's)."""
+
+    def option(name: str, kind: click.ParamType | type, help: str = "") -> Callable:
+        return field_option(DecodingConfig, name, kind, help)
+
+    return apply_options(command, [
+        option("strategy", click.Choice(STRATEGIES)),
+        option("beam_size", click.IntRange(min=1)),
+        option("max_length", click.IntRange(min=1), "Most words in a caption."),
+        option("min_length", click.IntRange(min=0), "Fewest words before the end token."),
+        option("length_penalty", float,
+               "Beam score = log-prob / length ** penalty (>1 favours longer captions)."),
+        option("no_repeat_ngram_size", click.IntRange(min=0),
+               "Never repeat an n-gram of this size (0: allow)."),
+        option("temperature", click.FloatRange(min=0, min_open=True), "Sampling only."),
+        option("top_k", click.IntRange(min=0),
+               "Sampling only: draw from the k likeliest words (0: all)."),
+        option("seed", int, "Sampling only."),
+    ])  # fmt: skip
 
 
 def _decoding(options: dict) -> DecodingConfig:
-    names = (
-        "strategy beam_size max_length min_length length_penalty no_repeat_ngram_size "
-        "temperature top_k seed"
-    ).split()
+    names = [field.name for field in dataclasses.fields(DecodingConfig)]
     try:
         return DecodingConfig(**{name: options.pop(name) for name in names})
     except ValueError as error:

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import click
 
+from captioner.cli.options import field_option
 from captioner.devices import DEVICES
 from captioner.models import DECODERS
 from captioner.train import TrainConfig, train
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-
 
 def _option(name: str, kind: type | click.ParamType, help: str):
     """An option whose default is TrainConfig's, so the two can never disagree."""
-    return click.option(
-        f"--{name.replace('_', '-')}", name, type=kind, default=_DEFAULTS[name],
-        show_default=True, help=help,
-    )  # fmt: skip
+    return field_option(TrainConfig, name, kind, help)
 
 
 @click.command("train")

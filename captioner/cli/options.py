@@ -1,0 +1,24 @@
+"""Command-line options defined by the configuration dataclasses they fill."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import click
+
+
+def field_option(config_class: type, name: str, kind: click.ParamType | type, help: str):
+    """``--name`` with the default of `config_class`'s field `name`, so the two never disagree."""
+    defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
+    return click.option(
+        f"--{name.replace('_', '-')}", name, type=kind, default=defaults[name],
+        show_default=True, help=help,
+    )  # fmt: skip
+
+
+def apply_options(command: Callable, options: list[Callable]) -> Callable:
+    """`command` decorated by `options` in order (the first listed shows first in --help)."""
+    for option in reversed(options):
+        command = option(command)
+    return command
