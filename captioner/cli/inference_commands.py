@@ -59,19 +59,16 @@ _metrics_option = click.option(
 @click.command("evaluate")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
 @click.option("--features", required=True, type=click.Path(path_type=Path), help="STORE.zarr")
-@click.option("--split", default="test", show_default=True)
+@field_option(EvaluateConfig, "split", str, "The split to caption and score.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Results folder.")
 @decoding_options
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
+@field_option(EvaluateConfig, "batch_size", click.IntRange(min=1), "Images decoded at once.")
+@field_option(EvaluateConfig, "device", click.Choice(DEVICES), "Where the decoder runs.")
 @_metrics_option
-@click.option(
-    "--visualize",
-    default=0,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Attention figures (one PNG per image) for the first N images.",
-)
+@field_option(
+    EvaluateConfig, "visualize", click.IntRange(min=0),
+    "Attention figures (one PNG per image) for the first N images.",
+)  # fmt: skip
 @click.option(
     "--images",
     type=click.Path(path_type=Path),
@@ -135,14 +132,10 @@ def score_command(
 )
 @click.option("--recursive", is_flag=True, help="Look into subfolders too.")
 @decoding_options
-@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--workers",
-    default=2,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="DataLoader processes that decode pictures.",
+@field_option(CaptionConfig, "device", click.Choice(DEVICES), "Where the CNN and decoder run.")
+@field_option(CaptionConfig, "batch_size", click.IntRange(min=1), "Pictures per batch.")
+@field_option(
+    CaptionConfig, "workers", click.IntRange(min=0), "DataLoader processes that decode pictures."
 )
 @click.option(
     "--weights",
