@@ -183,12 +183,14 @@ def run_demo(
         progress=progress,
     )  # fmt: skip
     say(extraction.describe())
+    _stop_if(extraction.stopped, "feature extraction")
     lap("features")
 
     trained = {}
     for model in MODELS:
         say(f"[3/5] training {model} for {config.epochs} epochs: {config.run(model)}")
         trained[model] = train(_train_config(config, model), progress=progress)
+        _stop_if(trained[model].preempted, f"training {model}")
         say(f"best validation BLEU-4 {trained[model].best_bleu4:.4f} "
             f"at epoch {trained[model].best_epoch}")  # fmt: skip
     lap("training")
@@ -223,6 +225,7 @@ def run_demo(
         ),
         progress=progress,
     )  # fmt: skip
+    _stop_if(captioning.stopped, "captioning")
     lap("captioning")
     return DemoResult(
         config, caption_file, extraction, outcomes, implementation, constant, captioning,
@@ -298,6 +301,16 @@ def _scene_accuracy(captions: dict[str, str], scenes: dict) -> dict:
     return scene_accuracy(
         [tokenize(text) for text in captions.values()], [scenes[name] for name in names]
     )
+
+
+def _stop_if(signal_name: str, phase: str) -> None:
+    """End the demo when a phase was stopped by SIGTERM or Ctrl-C: the next phases need it whole,
+    and a re-run continues it (every phase resumes)."""
+    if signal_name:
+        raise CaptionerError(
+            f"stopped by {signal_name} during {phase}: run the demo again to continue where it"
+            " stopped"
+        )
 
 
 def _read_samples(path: Path, count: int) -> list[tuple[str, str]]:

@@ -51,6 +51,14 @@ class Ranks:
         """The element-wise sum of every rank's `values`."""
         return [sum(column) for column in zip(*self.gather(values), strict=True)]
 
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether `flag` is true on any rank: one small all-reduce on `device` (the backend's)."""
+        if self.world_size == 1:
+            return flag
+        votes = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(votes)
+        return bool(votes.item() > 0)
+
     def broadcast(self, value: object) -> object:
         """Rank 0's `value` on every rank; also a barrier."""
         if self.world_size == 1:

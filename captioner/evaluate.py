@@ -148,17 +148,17 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
 
 def trained_corpus(checkpoint: Checkpoint, store: FeatureStore, path: Path) -> Corpus:
     """The captions and splits of `store` as the checkpoint was trained with them: the store's
-    own, or the caption file that replaced them in training (``--captions``), joined to the
-    store's images. Refused in one line if that file is gone or, on the very store it was
-    trained on, the corpus differs from the one recorded: its test images might be trained on."""
-    captions = checkpoint.training.get("options", {}).get("captions")
+    own, or, on the very store it was trained on, the caption file that replaced them in
+    training (``--captions``), joined to the store's images. Refused in one line if that file is
+    gone or the corpus differs from the one recorded: its test images might be trained on."""
+    same_store = checkpoint.store_fingerprint == store.fingerprint
+    captions = checkpoint.training.get("options", {}).get("captions") if same_store else None
     if captions and not Path(captions).is_file():
         raise CaptionerError(
             f"{path}: was trained with the captions and splits of {captions} (--captions), which"
             " is not there; evaluate where that file is, so the test images are the held-out ones"
         )
     corpus = training_corpus(store, Path(captions) if captions else None)
-    same_store = checkpoint.store_fingerprint == store.fingerprint
     if same_store and checkpoint.corpus_sha256 not in ("", corpus_digest(corpus)):
         raise CaptionerError(
             f"{path}: the captions or splits of {captions or store.path} differ from those it was"

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from tqdm import tqdm
 from zarr.codecs import Crc32cCodec, ShardingCodec
 
-from captioner.store import CHUNK_ERRORS, FeatureStore
+from captioner.store import CHUNK_ERRORS, STATUS_DONE, FeatureStore
 
 ARRAYS = ("spatial", "pooled")  # the arrays whose chunks hold features
 
@@ -48,14 +49,20 @@ def has_checksums(store: FeatureStore) -> bool:
 
 
 def damaged_shards(store: FeatureStore, progress: bool = False) -> Iterator[DamagedShard]:
-    """Read every shard of the feature arrays, yielding those whose chunks do not read back."""
-    ids = store.image_ids()
+    """Read every shard of the feature arrays, yielding those whose chunks do not read back, or
+    whose finished rows read back empty (a chunk file lost, say by an interrupted copy)."""
+    ids, done = store.image_ids(), store.status() == STATUS_DONE
     shards = range(-(-store.num_images // store.images_per_shard))
     checks = [(name, shard) for name in ARRAYS for shard in shards]
     for name, shard in tqdm(checks, "verifying", unit="shard", leave=False, disable=not progress):
+        start = shard * store.images_per_shard
+        rows = range(start, min(start + store.images_per_shard, store.num_images))
         try:
-            store.read_shard(name, shard)
+            values = store.read_shard(name, shard)
         except CHUNK_ERRORS as error:
-            start = shard * store.images_per_shard
-            rows = range(start, min(start + store.images_per_shard, store.num_images))
             yield DamagedShard(name, shard, rows, ids[rows.start : rows.stop], str(error))
+            continue
+        finished = values[done[rows.start : rows.stop]].reshape(-1, values[0].size)
+        if np.isnan(finished).all(axis=1).any():
+            reason = "finished rows read back empty: a chunk file is missing"
+            yield DamagedShard(name, shard, rows, ids[rows.start : rows.stop], reason)

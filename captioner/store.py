@@ -197,8 +197,8 @@ class FeatureStore:
     def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
         try:
             return read_array_rows(self._group[name], rows)
-        except CHUNK_ERRORS:
-            pass
+        except CHUNK_ERRORS as error:
+            failure = error
         for shard in np.unique(np.asarray(rows) // self.images_per_shard).tolist():
             try:
                 self.read_shard(name, shard)
@@ -210,7 +210,7 @@ class FeatureStore:
                     f" ({error}); list every damaged shard with `captioner features verify"
                     f" {self.path}`, then re-extract them: the extraction command plus --repair"
                 ) from None
-        raise CaptionerError(f"{self.path}: {name} rows could not be read")
+        raise failure  # no shard is damaged: not the store's fault
 
     def corpus(self) -> Corpus:
         ids = self.image_ids()

@@ -27,7 +27,7 @@ validation, metrics_log), one concern a module.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +112,8 @@ class TrainResult:
 def train(config: TrainConfig, progress: bool = False) -> TrainResult:
     """Train (or resume) the run `config` describes; see the module docstring."""
     _check_options(config)
+    if config.captions is not None:  # recorded in checkpoints: absolute, for evaluate to find
+        config = replace(config, captions=Path(config.captions).resolve())
     ranks = Ranks.from_environment()
     device = resolve_device(config.device, ranks.local_rank)
     with process_group(ranks, device), StopRequest() as stop:
@@ -243,11 +245,10 @@ def _train_epoch(
             bar.update(batch.num_captions)
             if progress and state.step % 25 == 0:
                 bar.set_postfix(loss=f"{output.loss.item():.3f}")
-            if ranks.sum([float(stop.requested)])[0] > 0:  # every rank stops at the same step
-                # rank 0 saves the totals of all ranks (the others resume from zero)
-                state.loss_sum, state.nll_sum, state.tokens = ranks.sum(
-                    [*(float(x) for x in sums.tolist()), state.tokens]
-                )
+            if ranks.any(stop.requested, run.device):  # all ranks stop at the same step
+                own = [*(float(x) for x in sums.tolist()), state.tokens]
+                state.loss_sum, state.nll_sum, state.tokens = own
+                state.rank_sums = ranks.gather(own) if ranks.world_size > 1 else []
                 save_run(run, Path(config.out) / "last.pt", state, resumable=True)
                 return None
             now = time.perf_counter()

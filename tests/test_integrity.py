@@ -73,3 +73,13 @@ def test_a_store_from_before_checksums_still_reads_and_says_so(tmp_path, monkeyp
     assert list(damaged_shards(store)) == []
     code, lines = verify(path)
     assert code == 0 and "predates chunk checksums" in lines[-1]
+
+
+def test_a_lost_shard_file_is_found_too(tmp_path):
+    """A missing chunk file reads back as the fill value: verify flags finished rows that are
+    empty, so a half-copied store is not taken for a sound one."""
+    path = make_store(tmp_path / "s.zarr", images=12, images_per_shard=4)
+    (path / "spatial" / "c" / "2" / "0" / "0").unlink()
+    code, lines = verify(path)
+    assert code == 1 and len(lines) == 1
+    assert "spatial shard 2, rows 8-11" in lines[0] and "a chunk file is missing" in lines[0]

@@ -307,6 +307,30 @@ def test_a_caption_file_overrides_the_store_corpus(store, tmp_path):
     assert checkpoint.corpus_sha256 != corpus_digest(FeatureStore.open(store).corpus())
 
 
+def test_resuming_with_other_splits_is_refused(store, tmp_path):
+    """The same words with other splits would train on what was held out: refused in one line."""
+    corpus = FeatureStore.open(store).corpus()
+
+    def captions_with_splits(name: str, flip: bool) -> Path:
+        splits = {"train": "val", "val": "train"} if flip else {}
+        lines = ["image,caption,split"] + [
+            f"{image.path},A zebra grazing .,{splits.get(image.split, image.split)}"
+            for image in corpus.images
+        ]
+        path = tmp_path / name
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    options = ["--features", str(store), "--out", str(tmp_path / "run"), "--model", "show-tell",
+               *TINY]  # fmt: skip
+    first = captions_with_splits("first.csv", flip=False)
+    assert run_cli(*options, "--epochs", "1", "--captions", str(first)).exit_code == 0
+    flipped = captions_with_splits("flipped.csv", flip=True)
+    result = run_cli(*options, "--epochs", "2", "--resume", "--captions", str(flipped))
+    assert result.exit_code == 1 and "captions or splits differ" in result.output
+    assert run_cli(*options, "--epochs", "2", "--resume", "--captions", str(first)).exit_code == 0
+
+
 def test_attention_maps_overlay_the_image_when_it_is_reachable(tmp_path, monkeypatch):
     path = make_store(tmp_path / "store.zarr", images=12)
     images = tmp_path / "images"

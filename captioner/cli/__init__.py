@@ -17,8 +17,8 @@ from captioner.errors import CaptionerError
 _MACHINE_FAULTS = {
     errno.ENOSPC: "free some space",
     errno.EDQUOT: "free some space (disk quota exceeded)",
-    errno.EACCES: "let this user write there",
-    errno.EPERM: "let this user write there",
+    errno.EACCES: "let this user read and write there",
+    errno.EPERM: "let this user read and write there",
     errno.EROFS: "write to a writable disk",
 }
 

@@ -49,6 +49,8 @@ class RunState:
     loss_sum: float = 0.0  # training objective of `epoch` so far, summed over target tokens
     nll_sum: float = 0.0  # unsmoothed negative log-likelihood of `epoch` so far
     tokens: int = 0
+    # Set only when every rank saved mid-epoch (preemption): [loss_sum, nll_sum, tokens] per rank.
+    rank_sums: list = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     best_bleu4: float = -1.0
     best_epoch: int = 0
@@ -119,6 +121,11 @@ def resume_run(run: Run, path: Path) -> RunState:
             f"{path}: resume with the options the run started with (pass them again where a"
             f" default has changed since); changed: {', '.join(changed)}"
         )
+    if checkpoint.corpus_sha256 not in ("", run.corpus_sha256):
+        raise CaptionerError(
+            f"{config.captions or store.path}: the captions or splits differ from those of the run"
+            " being resumed; resume with the ones it started with"
+        )
     if checkpoint.vocabulary.words != run.vocabulary.words:
         raise CaptionerError(
             f"{config.captions or store.path}: the captions give another vocabulary than the run"
@@ -134,8 +141,9 @@ def resume_run(run: Run, path: Path) -> RunState:
         run.amp.scaler.load_state_dict(extra["scaler"])
     _set_rng_state(extra["rng"][ranks.rank], run.device)
     state = RunState(**extra["state"])
-    if ranks.rank > 0:  # a mid-epoch last.pt holds the sums of all ranks: rank 0 carries them
-        state.loss_sum, state.nll_sum, state.tokens = 0.0, 0.0, 0
+    if state.rank_sums:  # a preempted multi-process run: each rank goes on from its own sums
+        state.loss_sum, state.nll_sum, state.tokens = state.rank_sums[ranks.rank]
+        state.rank_sums = []
     return state
 
 
