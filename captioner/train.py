@@ -15,7 +15,8 @@ RNG state of the step at which it was written, so a run killed at any point (SIG
 and resumed with the same options ends with the same weights and metrics as an uninterrupted run
 on the same device. last.pt is written at every epoch end and, in a single process, also mid-epoch
 every `checkpoint_minutes`; every write is atomic. SIGTERM (a scheduler's notice) or Ctrl-C ends
-the step in hand, writes last.pt at that step on every rank's behalf, and returns `preempted`.
+the step in hand (on every rank: they agree on the step), writes last.pt there with each rank's
+loss sums, and returns `preempted`.
 
 Launched by torchrun (WORLD_SIZE > 1) the decoder is wrapped in DistributedDataParallel (NCCL on
 CUDA, gloo on CPU); each rank reads its own part of the store, and rank 0 validates and writes.
