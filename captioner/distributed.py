@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from captioner.errors import CaptionerError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -68,15 +70,29 @@ class Ranks:
         return box[0]
 
 
+# What gloo and NCCL say when another rank is gone: it died (the connection closed) or it stopped
+# answering (the collective timed out, 30 minutes for gloo and 10 for NCCL by default).
+_LOST_RANK_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timeout")
+
+
 @contextlib.contextmanager
 def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
     """Inside it, this process belongs to torchrun's process group (NCCL on CUDA, gloo
-    elsewhere). A group that already exists was made by the caller: it is used and left alone."""
+    elsewhere). A group that already exists was made by the caller: it is used and left alone.
+    A rank whose peers are gone stops with one line instead of a backend's traceback."""
     joined = ranks.world_size > 1 and not dist.is_initialized()
     if joined:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield
+    except RuntimeError as error:
+        if ranks.world_size == 1 or not any(sign in str(error) for sign in _LOST_RANK_SIGNS):
+            raise
+        raise CaptionerError(
+            f"rank {ranks.rank}: lost the other processes ({str(error).splitlines()[0][:160]});"
+            " one of them has probably died: see its output, fix the cause and run the same"
+            " command again (training: with --resume)"
+        ) from None
     finally:
         if joined:
             dist.destroy_process_group()

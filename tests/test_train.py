@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -439,6 +440,45 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_resumes(st
     resumed = launch(tmp_path / "cut", "--resume")
     assert resumed.wait(timeout=180) == 0, resumed.stdout.read()[-3000:]
     assert without_timing(metrics(tmp_path / "cut")) == without_timing(metrics(tmp_path / "whole"))
+
+
+# train_decoder.py whose rank 1 dies (as if killed by the OOM killer) at its second step.
+RANK_1_DIES = """
+import os, runpy, sys
+import captioner.train as train
+step, calls = train._optimizer_step, []
+def dying_step(run, batch):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        os._exit(9)
+    return step(run, batch)
+train._optimizer_step = dying_step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_when_a_rank_dies_the_others_stop_with_one_line_at_once(store, tmp_path):
+    """Launched without torchrun (which would stop the others itself), the surviving rank sees
+    the dead one's connection close and says so in one line instead of waiting or a traceback."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", RANK_1_DIES, str(REPO / "train_decoder.py"),
+             "--features", str(store), "--out", str(tmp_path / "run"), "--epochs", "2",
+             "--device", "cpu", *TINY],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))  # fmt: skip
+    assert processes[1].wait(timeout=120) == 9
+    output = processes[0].communicate(timeout=60)[0]
+    last = output.strip().splitlines()[-1]
+    assert processes[0].returncode == 1 and last.startswith("Error: rank 0: lost the other")
+    assert "Traceback" not in output
 
 
 def test_training_standardizes_features_with_the_train_split_statistics(store, tmp_path):
