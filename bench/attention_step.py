@@ -151,12 +151,16 @@ def main() -> None:
     smoothing, alpha_c = 0.1, 1.0
 
     paths = {
-        "ours": lambda: decoder.training_loss(
-            features, image_index, captions, lengths_tensor, smoothing, alpha_c
-        ).loss,
-        "today": lambda: plain.training_loss(
-            features, image_index, captions, lengths_tensor, smoothing, alpha_c
-        ).loss,
+        "ours": lambda: (
+            decoder.training_loss(
+                features, image_index, captions, lengths_tensor, smoothing, alpha_c
+            ).loss
+        ),
+        "today": lambda: (
+            plain.training_loss(
+                features, image_index, captions, lengths_tensor, smoothing, alpha_c
+            ).loss
+        ),
         "tutorial": lambda: baseline_loss(
             plain, caption_features, captions, lengths_tensor, smoothing, alpha_c
         ),

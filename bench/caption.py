@@ -115,9 +115,7 @@ def _checkpoint(path: Path, args, encoder_config: EncoderConfig, encoder) -> Pat
     config = DecoderConfig(args.model, len(vocabulary), encoder.channels, dropout=0.0)
     torch.manual_seed(0)
     decoder = build_decoder(config)
-    checkpoint = Checkpoint(
-        config, decoder.state_dict(), vocabulary, encoder_config, "bench", {}
-    )
+    checkpoint = Checkpoint(config, decoder.state_dict(), vocabulary, encoder_config, "bench", {})
     save_checkpoint(path, checkpoint)
     return path
 

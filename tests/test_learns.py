@@ -70,9 +70,7 @@ def _test_references(store: Path) -> dict[str, list[list[str]]]:
 
 def _train_captions(store: Path) -> Counter:
     corpus = FeatureStore.open(store).corpus()
-    return Counter(
-        c.tokens for c in corpus.captions if corpus.images[c.image].split == "train"
-    )
+    return Counter(c.tokens for c in corpus.captions if corpus.images[c.image].split == "train")
 
 
 def _generated(captions_csv: Path) -> dict[str, str]:

@@ -85,8 +85,13 @@ def test_only_the_picture_tells_which_relation_word_comes():
             tokens = tokenize(raw)
             first = find_mentions(tokens)[0]
             first_named[(first.color, first.shape) == scene.groups[0].kind] += 1
-            opening_words[next(w for w in tokens if w in ("left", "right", "top", "bottom",
-                                                         "above", "below", "over", "under"))] += 1
+            opening_words[
+                next(
+                    w
+                    for w in tokens
+                    if w in ("left", "right", "top", "bottom", "above", "below", "over", "under")
+                )
+            ] += 1
             mirrored = check_caption(mirror_relation(tokens), scene)
             assert mirrored.objects and mirrored.layout is False, raw
     assert 0.4 < first_named[True] / sum(first_named.values()) < 0.6
@@ -119,8 +124,11 @@ def test_left_and_right_in_the_captions_match_the_object_positions():
 
 
 def test_the_caption_check_catches_wrong_objects_and_a_wrong_layout():
-    scene = next(s for s, _, _ in map(lambda i: make_scene(5, i), _SCENES)
-                 if s.relation == "left of" and all(g.count == 1 for g in s.groups))
+    scene = next(
+        s
+        for s, _, _ in map(lambda i: make_scene(5, i), _SCENES)
+        if s.relation == "left of" and all(g.count == 1 for g in s.groups)
+    )
     left, right = (f"a {g.color} {g.shape}" for g in scene.groups)
     wrong_color = next(c for c in COLORS if c != scene.groups[0].color)
     assert check_caption(tokenize(f"{left} to the left of {right}"), scene).layout is True

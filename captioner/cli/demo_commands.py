@@ -15,17 +15,32 @@ _DEFAULT_ENCODER = DemoConfig().encoder
 
 
 @click.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("data/shapes"),
-              show_default=True, help="Dataset folder (caption file + images/).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("data/shapes"),
+    show_default=True,
+    help="Dataset folder (caption file + images/).",
+)
 @click.option("--images", type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--image-size", type=click.IntRange(min=32), default=96, show_default=True)
 @click.option("--captions-per-image", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--unlabelled", is_flag=True,
-              help="Write only fresh images (scene_NNNNN.jpg) to caption, no caption file.")
+@click.option(
+    "--unlabelled",
+    is_flag=True,
+    help="Write only fresh images (scene_NNNNN.jpg) to caption, no caption file.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a dataset made with other parameters.")
-def synth(out: Path, images: int, seed: int, image_size: int, captions_per_image: int,
-          unlabelled: bool, overwrite: bool) -> None:
+def synth(
+    out: Path,
+    images: int,
+    seed: int,
+    image_size: int,
+    captions_per_image: int,
+    unlabelled: bool,
+    overwrite: bool,
+) -> None:
     """Render a captioning dataset of shapes, in the Karpathy split JSON format.
 
     Each image holds one to three objects; its reference captions say what they are and where
@@ -44,24 +59,58 @@ def synth(out: Path, images: int, seed: int, image_size: int, captions_per_image
 
 
 @click.command()
-@click.option("--root", type=click.Path(path_type=Path), default=Path("."), show_default=True,
-              help="Folder under which data/, features/, runs/ and results/ are written.")
-@click.option("--name", default=DemoConfig.name, show_default=True,
-              help="Name of this demo's files; use another to keep runs with other settings.")
-@click.option("--images", type=click.IntRange(min=20), default=DemoConfig.images,
-              show_default=True, help="Labelled images to render (80/10/10 train/val/test).")
-@click.option("--epochs", type=click.IntRange(min=1), default=DemoConfig.epochs,
-              show_default=True)
-@click.option("--encoder", "encoder_name", type=click.Choice(ENCODER_NAMES),
-              default=_DEFAULT_ENCODER.name, show_default=True)
-@click.option("--weights", default=_DEFAULT_ENCODER.weights, show_default=True,
-              help="imagenet (needs internet once), none (seeded random init) or a weights file.")
-@click.option("--image-size", type=click.IntRange(min=32), default=_DEFAULT_ENCODER.image_size,
-              show_default=True, help="Encoder input size (the tiny CNN's grid is size / 32).")
-@click.option("--device", type=click.Choice(DEVICES), default=DemoConfig.device,
-              show_default=True)
-def demo(root: Path, name: str, images: int, epochs: int, encoder_name: str, weights: str,
-         image_size: int, device: str) -> None:
+@click.option(
+    "--root",
+    type=click.Path(path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Folder under which data/, features/, runs/ and results/ are written.",
+)
+@click.option(
+    "--name",
+    default=DemoConfig.name,
+    show_default=True,
+    help="Name of this demo's files; use another to keep runs with other settings.",
+)
+@click.option(
+    "--images",
+    type=click.IntRange(min=20),
+    default=DemoConfig.images,
+    show_default=True,
+    help="Labelled images to render (80/10/10 train/val/test).",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=DemoConfig.epochs, show_default=True)
+@click.option(
+    "--encoder",
+    "encoder_name",
+    type=click.Choice(ENCODER_NAMES),
+    default=_DEFAULT_ENCODER.name,
+    show_default=True,
+)
+@click.option(
+    "--weights",
+    default=_DEFAULT_ENCODER.weights,
+    show_default=True,
+    help="imagenet (needs internet once), none (seeded random init) or a weights file.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=32),
+    default=_DEFAULT_ENCODER.image_size,
+    show_default=True,
+    help="Encoder input size (the tiny CNN's grid is size / 32).",
+)
+@click.option("--device", type=click.Choice(DEVICES), default=DemoConfig.device, show_default=True)
+def demo(
+    root: Path,
+    name: str,
+    images: int,
+    epochs: int,
+    encoder_name: str,
+    weights: str,
+    image_size: int,
+    device: str,
+) -> None:
     """Everything end to end on rendered shapes, offline: dataset, features, both decoders
     trained and evaluated side by side, a folder captioned to CSV, attention maps, curves.
 

@@ -83,18 +83,21 @@ def write_synthetic_dataset(
         _save_image(image, out / IMAGE_DIR / filename)
         sentences = []
         for raw in captions:
-            sentences.append({"raw": raw, "tokens": tokenize(raw), "imgid": index,
-                              "sentid": sentence_id})
+            sentences.append(
+                {"raw": raw, "tokens": tokenize(raw), "imgid": index, "sentid": sentence_id}
+            )
             sentence_id += 1
-        records.append({
-            "filepath": IMAGE_DIR,
-            "filename": filename,
-            "imgid": index,
-            "split": split_of(index),
-            "sentids": [s["sentid"] for s in sentences],
-            "sentences": sentences,
-            "scene": scene.to_dict(),
-        })
+        records.append(
+            {
+                "filepath": IMAGE_DIR,
+                "filename": filename,
+                "imgid": index,
+                "split": split_of(index),
+                "sentids": [s["sentid"] for s in sentences],
+                "sentences": sentences,
+                "scene": scene.to_dict(),
+            }
+        )
     document = {"dataset": "shapes", "synthetic": parameters, "images": records}
     _atomic_write(caption_file, json.dumps(document, indent=1).encode("utf-8"))
     return caption_file

@@ -50,9 +50,15 @@ _PAIR_TEMPLATES = {
 }
 # Words between two object mentions that say where the first one is relative to the second.
 _RELATION_WORDS = {
-    "left": "left of", "right": "right of",
-    "above": "above", "over": "above", "top": "above",
-    "below": "below", "under": "below", "beneath": "below", "bottom": "below",
+    "left": "left of",
+    "right": "right of",
+    "above": "above",
+    "over": "above",
+    "top": "above",
+    "below": "below",
+    "under": "below",
+    "beneath": "below",
+    "bottom": "below",
 }
 _INVERSE = {"right of": "left of", "below": "above"}
 _MIRRORED = {"left": "right", "above": "below", "over": "under", "top": "bottom"}
@@ -61,9 +67,7 @@ _MIRRORED.update({b: a for a, b in list(_MIRRORED.items())})
 
 def describe(scene: Scene, rng: np.random.Generator, count: int = 5) -> list[str]:
     """`count` distinct reference captions, cycling through the templates in a random order."""
-    templates = (
-        _SINGLE_TEMPLATES if scene.relation is None else _PAIR_TEMPLATES[scene.relation]
-    )
+    templates = _SINGLE_TEMPLATES if scene.relation is None else _PAIR_TEMPLATES[scene.relation]
     order = [templates[i] for i in rng.permutation(len(templates))]
     captions: list[str] = []
     for attempt in range(50 * count):
@@ -171,10 +175,11 @@ def check_caption(tokens: Sequence[str], scene: Scene) -> CaptionCheck:
 
 
 def _names(mention: Mention, group: ObjectGroup) -> bool:
-    return (
-        (mention.count, mention.color, mention.shape) == (group.count, group.color, group.shape)
-        and mention.size in (None, group.size)
-    )
+    return (mention.count, mention.color, mention.shape) == (
+        group.count,
+        group.color,
+        group.shape,
+    ) and mention.size in (None, group.size)
 
 
 def _stated_relation(tokens: Sequence[str], mentions: list[Mention], scene: Scene) -> str | None:

@@ -23,8 +23,9 @@ def render_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
         for x, y in group.centers:
             color = _jitter(COLORS[group.color], rng, 18)
             angle = float(rng.uniform(-15, 15)) if group.shape != "circle" else 0.0
-            points = _outline(group.shape, x * _SUPERSAMPLE, y * _SUPERSAMPLE,
-                              group.radius * _SUPERSAMPLE, angle)
+            points = _outline(
+                group.shape, x * _SUPERSAMPLE, y * _SUPERSAMPLE, group.radius * _SUPERSAMPLE, angle
+            )
             draw.polygon(points, fill=color)
     # Box-averaging back leaves the background's pixels exactly as drawn and smooths the edges.
     image = image.resize((size, size), Image.Resampling.BOX)

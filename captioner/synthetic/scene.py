@@ -78,7 +78,10 @@ class Scene:
     def from_dict(cls, data: dict) -> Scene:
         groups = tuple(
             ObjectGroup(
-                g["shape"], g["color"], g["size"], float(g["radius"]),
+                g["shape"],
+                g["color"],
+                g["size"],
+                float(g["radius"]),
                 tuple((float(x), float(y)) for x, y in g["centers"]),
             )
             for g in data["groups"]
@@ -118,9 +121,7 @@ def _free(center, radius, placed, image_size) -> bool:
     if not (radius <= x <= image_size - radius and radius <= y <= image_size - radius):
         return False
     gap = _GAP * image_size
-    return all(
-        (x - px) ** 2 + (y - py) ** 2 > (radius + pr + gap) ** 2 for (px, py), pr in placed
-    )
+    return all((x - px) ** 2 + (y - py) ** 2 > (radius + pr + gap) ** 2 for (px, py), pr in placed)
 
 
 def _place_alone(rng, image_size, kind, count) -> ObjectGroup:
