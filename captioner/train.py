@@ -54,6 +54,7 @@ from captioner.training.data import (
 from captioner.training.metrics_log import EpochTiming, describe_epoch, epoch_row, write_metrics
 from captioner.training.resume import RunState, resume_run, save_run
 from captioner.training.run import Run
+from captioner.training.tensorboard import TensorBoardLog
 from captioner.training.validation import (
     collapse_warning,
     reference_words,
@@ -169,38 +170,44 @@ def _train(
         + (f" x {ranks.world_size} ranks" if ranks.world_size > 1 else "")
     )
 
-    while state.epoch < config.epochs and not state.early_stopped(config.early_stop):
-        timing = _train_epoch(run, train_stream, state, stop, progress)
-        if timing is None:
-            say(f"stopped by {stop.name or 'a signal on another rank'} at epoch {state.epoch + 1}"
-                f" step {state.step}, saved in {last_path}; run the same command with --resume"
-                " to continue")  # fmt: skip
-            return TrainResult(
-                out, out / "best.pt", last_path, state.history, state.best_epoch,
-                state.best_bleu4, False, ranks.rank, stop.name or "SIGTERM",
-            )  # fmt: skip
-        row = None
-        if ranks.is_main:
-            validation = validate(run, val_stream, references)
-            row = epoch_row(state, timing, validation, ranks.world_size)
-            save_sample_attention(out, store, corpus, validation, state.epoch + 1)
-        row = ranks.broadcast(row)
-        state.history.append(row)
-        state.epoch, state.step = row["epoch"], 0
-        state.loss_sum, state.nll_sum, state.tokens = 0.0, 0.0, 0
-        improved = row["val_bleu4"] > state.best_bleu4
-        if improved:
-            state.best_bleu4, state.best_epoch = row["val_bleu4"], row["epoch"]
-            state.epochs_without_improvement = 0
-            save_run(run, out / "best.pt", state)
-        else:
-            state.epochs_without_improvement += 1
-        save_run(run, last_path, state, resumable=True)
-        if ranks.is_main:
-            write_metrics(out, state.history)
-            say(describe_epoch(row, improved, config.epochs))
-            if warning := collapse_warning(row):
-                say(warning)
+    log = TensorBoardLog(out, say) if ranks.is_main else None
+    try:
+        while state.epoch < config.epochs and not state.early_stopped(config.early_stop):
+            timing = _train_epoch(run, train_stream, state, stop, log, progress)
+            if timing is None:
+                who = stop.name or "a signal on another rank"
+                say(f"stopped by {who} at epoch {state.epoch + 1} step {state.step}, saved in"
+                    f" {last_path}; run the same command with --resume to continue")  # fmt: skip
+                return TrainResult(
+                    out, out / "best.pt", last_path, state.history, state.best_epoch,
+                    state.best_bleu4, False, ranks.rank, stop.name or "SIGTERM",
+                )  # fmt: skip
+            row = None
+            if ranks.is_main:
+                validation = validate(run, val_stream, references)
+                row = epoch_row(state, timing, validation, ranks.world_size)
+                figure = save_sample_attention(out, store, corpus, validation, state.epoch + 1)
+                log.epoch(row, figure)
+            row = ranks.broadcast(row)
+            state.history.append(row)
+            state.epoch, state.step = row["epoch"], 0
+            state.loss_sum, state.nll_sum, state.tokens = 0.0, 0.0, 0
+            improved = row["val_bleu4"] > state.best_bleu4
+            if improved:
+                state.best_bleu4, state.best_epoch = row["val_bleu4"], row["epoch"]
+                state.epochs_without_improvement = 0
+                save_run(run, out / "best.pt", state)
+            else:
+                state.epochs_without_improvement += 1
+            save_run(run, last_path, state, resumable=True)
+            if ranks.is_main:
+                write_metrics(out, state.history)
+                say(describe_epoch(row, improved, config.epochs))
+                if warning := collapse_warning(row):
+                    say(warning)
+    finally:
+        if log is not None:
+            log.close()
 
     stopped_early = state.early_stopped(config.early_stop) and state.epoch < config.epochs
     if stopped_early:
@@ -212,7 +219,12 @@ def _train(
 
 
 def _train_epoch(
-    run: Run, stream: FeatureStream, state: RunState, stop: StopRequest, progress: bool
+    run: Run,
+    stream: FeatureStream,
+    state: RunState,
+    stop: StopRequest,
+    log: TensorBoardLog | None,
+    progress: bool,
 ) -> EpochTiming | None:
     """Train `state.epoch` from batch `state.step` on; updates `state` as it goes. None when a
     stop was requested (on any rank): then last.pt holds the step reached."""
@@ -235,10 +247,11 @@ def _train_epoch(
         while True:
             waiting = time.perf_counter()
             batch = next(batches, None)
-            data_wait += time.perf_counter() - waiting
+            waited = time.perf_counter() - waiting
+            data_wait += waited
             if batch is None:
                 break
-            output = _optimizer_step(run, batch.to(run.device))
+            output, grad_norm = _optimizer_step(run, batch.to(run.device))
             sums += torch.stack([output.loss.detach() * output.tokens, output.nll_sum.detach()])
             state.tokens += output.tokens
             state.step += 1
@@ -246,6 +259,15 @@ def _train_epoch(
             bar.update(batch.num_captions)
             if progress and state.step % 25 == 0:
                 bar.set_postfix(loss=f"{output.loss.item():.3f}")
+            if log is not None:
+                step_seconds = time.perf_counter() - waiting
+                log.step(state.epoch * stream.num_batches + state.step, {
+                    "loss": output.loss.item(),
+                    "lr": run.optimizer.param_groups[0]["lr"],
+                    **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                    "captions_per_s": batch.num_captions / step_seconds,
+                    "data_wait": waited / step_seconds,
+                })  # fmt: skip
             if ranks.any(stop.requested, run.device):  # all ranks stop at the same step
                 own = [*(float(x) for x in sums.tolist()), state.tokens]
                 state.loss_sum, state.nll_sum, state.tokens = own
@@ -265,19 +287,21 @@ def _train_epoch(
     return EpochTiming(time.perf_counter() - started, data_wait, int(ranks.sum([captions])[0]))
 
 
-def _optimizer_step(run: Run, batch: Batch) -> LossOutput:
-    """Forward, backward, gradient clipping and the optimizer's update for one batch."""
+def _optimizer_step(run: Run, batch: Batch) -> tuple[LossOutput, torch.Tensor | None]:
+    """Forward, backward, gradient clipping and the optimizer's update for one batch: the loss
+    and the gradient norm before clipping (None without clipping)."""
     config, amp, optimizer = run.config, run.amp, run.optimizer
     with amp.autocast():
         output = run.model(batch.features, batch.image_index, batch.captions, batch.lengths)
     optimizer.zero_grad(set_to_none=True)
     amp.scaler.scale(output.loss).backward()
+    grad_norm = None
     if config.grad_clip > 0:
         amp.scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(run.decoder.parameters(), config.grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_(run.decoder.parameters(), config.grad_clip)
     amp.scaler.step(optimizer)
     amp.scaler.update()
-    return output
+    return output, grad_norm
 
 
 # What each option accepts; the options not named here accept any value of their type.

@@ -332,6 +332,34 @@ def test_resuming_with_other_splits_is_refused(store, tmp_path):
     assert run_cli(*options, "--epochs", "2", "--resume", "--captions", str(first)).exit_code == 0
 
 
+def test_tensorboard_gets_every_step_and_every_epoch(store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    result = run_cli("--features", str(store), "--out", str(run), "--epochs", "2", *TINY)
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    per_step = {f"train/{name}" for name in
+                ("loss", "lr", "grad_norm", "captions_per_s", "data_wait")}  # fmt: skip
+    assert per_step | {"val/loss", "val/bleu4", "epoch/train_loss"} <= scalars
+    steps = [event.step for event in events.Scalars("train/loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4  # two epochs, each step
+    val_loss = [event.value for event in events.Scalars("val/loss")]
+    assert val_loss == pytest.approx([row["val_loss"] for row in metrics(run)])
+    assert [image.step for image in events.Images("val/attention")] == [1, 2]
+
+
+def test_without_tensorboard_training_says_so_once_and_goes_on(store, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    result = run_cli("--features", str(store), "--out", str(tmp_path / "run"), "--epochs", "2",
+                     "--model", "show-tell", *TINY)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.count("not logging to TensorBoard") == 1
+    assert len(metrics(tmp_path / "run")) == 2
+
+
 def test_attention_maps_overlay_the_image_when_it_is_reachable(tmp_path, monkeypatch):
     path = make_store(tmp_path / "store.zarr", images=12)
     images = tmp_path / "images"

@@ -87,11 +87,12 @@ def collapse_warning(row: dict) -> str | None:
 
 def save_sample_attention(
     out: Path, store: FeatureStore, corpus: Corpus, validation: Validation, epoch: int
-) -> None:
+) -> Path | None:
     """The sample caption's per-word attention maps (attention model only) as a PNG: overlaid on
-    the image when it is reachable under the store's recorded image root, else as grid heatmaps."""
+    the image when it is reachable under the store's recorded image root, else as grid heatmaps.
+    Returns the PNG's path (None for a model without attention)."""
     if validation.sample_attention is None:
-        return
+        return None
     words = validation.hypotheses[validation.sample_row]
     image = None
     root = store.attrs.get("images_root")
@@ -102,3 +103,4 @@ def save_sample_attention(
     path.parent.mkdir(parents=True, exist_ok=True)
     attention = validation.sample_attention[: len(words)]
     visualize.save_attention_figure(path, words, attention, store.grid, image)
+    return path
