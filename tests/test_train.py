@@ -437,9 +437,10 @@ runpy.run_path(sys.argv[0], run_name="__main__")
                     reason="torchrun is not installed")  # fmt: skip
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_resumes(store, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
+    # batches of one image: six slowed steps per rank in an epoch, so the signal lands mid-epoch
     options = ["--features", str(store), "--model", "show-attend-tell", "--epochs", "2",
                "--device", "cpu", "--seed", "4", *TINY[:-2], "--workers", "0", "--batch-size",
-               "6"]  # fmt: skip
+               "3"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def launch(out: Path, *extra: str, slow: bool = False) -> subprocess.Popen:
@@ -459,7 +460,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_resumes(st
     while progress_of(tmp_path / "cut") < (1, 0):  # epoch 1 done: signal during epoch 2
         assert cut.poll() is None and time.monotonic() < deadline, cut.stdout.read()[-3000:]
         time.sleep(0.05)
-    time.sleep(0.8)
+    time.sleep(0.5)  # into epoch 2's first steps (0.3 s each), well before its sixth
     cut.send_signal(signal.SIGTERM)
     output = cut.communicate(timeout=120)[0]
     assert "stopped by SIGTERM at epoch 2" in output, output[-3000:]
