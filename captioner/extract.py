@@ -150,10 +150,12 @@ def _extract(
         raise CaptionerError(refusal)
 
     writer = StoreWriter(config.out)
-    if config.repair and ranks.is_main:
-        for damaged in damaged_shards(FeatureStore.open(config.out)):
-            writer.mark_pending(damaged.shard)
-    ranks.broadcast(None)  # the others wait for the shards to be marked
+    if config.repair:
+        if ranks.is_main:
+            opened = FeatureStore.open(config.out)
+            for damaged in damaged_shards(opened, progress=progress):
+                writer.mark_pending(damaged.shard)
+        ranks.broadcast(None)  # the others wait for the shards to be marked
     pending = writer.pending_shards()
     mine = [shard for shard in pending if shard % ranks.world_size == ranks.rank]
     loop_started = time.perf_counter()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from captioner.cli.options import field_option
 from captioner.demo import DemoConfig, format_artifacts, format_comparison, run_demo
 from captioner.devices import DEVICES
 from captioner.encoder import ENCODER_NAMES, EncoderConfig
@@ -66,20 +67,15 @@ def synth(
     show_default=True,
     help="Folder under which data/, features/, runs/ and results/ are written.",
 )
-@click.option(
-    "--name",
-    default=DemoConfig.name,
-    show_default=True,
-    help="Name of this demo's files; use another to keep runs with other settings.",
-)
-@click.option(
-    "--images",
-    type=click.IntRange(min=20),
-    default=DemoConfig.images,
-    show_default=True,
-    help="Labelled images to render (80/10/10 train/val/test).",
-)
-@click.option("--epochs", type=click.IntRange(min=1), default=DemoConfig.epochs, show_default=True)
+@field_option(
+    DemoConfig, "name", str,
+    "Name of this demo's files; use another to keep runs with other settings.",
+)  # fmt: skip
+@field_option(
+    DemoConfig, "images", click.IntRange(min=20),
+    "Labelled images to render (80/10/10 train/val/test).",
+)  # fmt: skip
+@field_option(DemoConfig, "epochs", click.IntRange(min=1), "Epochs each decoder trains.")
 @click.option(
     "--encoder",
     "encoder_name",
@@ -100,7 +96,7 @@ def synth(
     show_default=True,
     help="Encoder input size (the tiny CNN's grid is size / 32).",
 )
-@click.option("--device", type=click.Choice(DEVICES), default=DemoConfig.device, show_default=True)
+@field_option(DemoConfig, "device", click.Choice(DEVICES), "Where the CNN and decoders run.")
 def demo(
     root: Path,
     name: str,
