@@ -66,6 +66,10 @@ class MetricsReport:
     images: int
     sources: dict[str, str]  # metric -> what computed it
     notes: list[str] = field(default_factory=list)
+    # image -> {"CIDEr-D": ..., "BLEU-4": ...} from the same scorer runs as the corpus figures
+    # (kept out of metrics.json, which stays small; report.html shows them), and what gave them.
+    per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_image_sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def fallback(self) -> bool:
@@ -147,16 +151,25 @@ def _coco_report(
     with _stderr_silenced():  # the tokenizer reports its speed on stderr
         gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in images})
         res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in images})
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    bleu, bleu_per_image = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"BLEU-{n}": float(bleu[n - 1]) for n in range(1, 5)}
     scores["METEOR"] = _meteor_1_5(Meteor(), gts, res)
     scores["ROUGE-L"] = _rouge_l(gts, res)
-    scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
+    cider, cider_per_image = Cider().compute_score(gts, res)
+    scores["CIDEr-D"] = float(cider)
     sources = {name: "pycocoevalcap Bleu(4), PTB tokens" for name in METRICS[:4]}
     sources["METEOR"] = "pycocoevalcap METEOR 1.5 (java)"
     sources["ROUGE-L"] = "pycocoevalcap Rouge"
     sources["CIDEr-D"] = "pycocoevalcap Cider (CIDEr-D)"
-    return MetricsReport(scores, COCO, len(images), sources)
+    per_image_sources = {
+        "CIDEr-D": "pycocoevalcap Cider: the image's own term of the corpus mean",
+        "BLEU-4": "pycocoevalcap Bleu(4): the image's own BLEU-4",
+    }
+    return MetricsReport(
+        scores, COCO, len(images), sources,
+        per_image=_per_image_scores(gts, cider_per_image, bleu_per_image[3]),
+        per_image_sources=per_image_sources,
+    )  # fmt: skip
 
 
 def _fallback_report(
@@ -188,10 +201,32 @@ def _fallback_report(
     gts = {i: [" ".join(t) for t in r] for i, r in zip(images, refs, strict=True)}
     res = {i: [" ".join(h)] for i, h in zip(images, hyps, strict=True)}
     scores["ROUGE-L"] = _rouge_l(gts, res)
-    scores["CIDEr-D"] = float(Cider().compute_score(gts, res)[0])
+    cider, cider_per_image = Cider().compute_score(gts, res)
+    scores["CIDEr-D"] = float(cider)
     sources["ROUGE-L"] = "pycocoevalcap Rouge (fallback tokens)"
     sources["CIDEr-D"] = "pycocoevalcap Cider (CIDEr-D, fallback tokens)"
-    return MetricsReport(scores, FALLBACK, len(images), sources, notes)
+    bleu4_per_image = [_nltk_bleu([r], [h], 4) for r, h in zip(refs, hyps, strict=True)]
+    per_image_sources = {
+        "CIDEr-D": "pycocoevalcap Cider (fallback tokens): the image's own term of the corpus mean",
+        "BLEU-4": "FALLBACK: NLTK BLEU-4 of the image alone (fallback tokens, no smoothing: 0"
+        " when no 4-gram matches), not pycocoevalcap's",
+    }
+    return MetricsReport(
+        scores, FALLBACK, len(images), sources, notes,
+        per_image=_per_image_scores(gts, cider_per_image, bleu4_per_image),
+        per_image_sources=per_image_sources,
+    )  # fmt: skip
+
+
+def _per_image_scores(
+    gts: Mapping[str, object], cider: Sequence[float], bleu4: Sequence[float]
+) -> dict[str, dict[str, float]]:
+    """image -> its CIDEr-D and BLEU-4, from per-image lists in the order of `gts`' keys (the
+    order pycocoevalcap's scorers return them in)."""
+    return {
+        image: {"CIDEr-D": float(c), "BLEU-4": float(b)}
+        for image, c, b in zip(gts, cider, bleu4, strict=True)
+    }
 
 
 def _meteor_1_5(meteor, gts: dict, res: dict) -> float:

@@ -50,16 +50,22 @@ def flickr8k_human_split() -> tuple[dict[str, list[str]], dict[str, str]]:
     return references, predictions
 
 
-def pycocoevalcap_directly(references, predictions) -> dict[str, float]:
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
+def ptb_tokenized(references, predictions) -> tuple[dict, dict]:
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
     res = tokenizer.tokenize({i: [{"caption": c}] for i, c in predictions.items()})
+    return gts, res
+
+
+def pycocoevalcap_directly(references, predictions) -> dict[str, float]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts, res = ptb_tokenized(references, predictions)
     bleu, _ = Bleu(4).compute_score(gts, res)
     return {
         "BLEU-1": bleu[0],
@@ -94,6 +100,49 @@ def test_scores_equal_pycocoevalcap_on_flickr8k_human_captions(one_meteor_proces
     table = report.format_table()
     assert "CIDEr-D" in table and "FALLBACK" not in table
     assert report.to_dict()["metrics"]["METEOR"] == expected["METEOR"]
+    assert_per_image_scores_are_the_corpus_scorers(report, *ptb_tokenized(references, predictions))
+
+
+def assert_per_image_scores_are_the_corpus_scorers(report, gts: dict, res: dict) -> None:
+    """Each image's CIDEr-D is its term of the corpus mean (keyed to the right image, whatever
+    the order), its BLEU-4 the coco-caption BLEU-4 of that image scored alone."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    assert set(report.per_image) == set(gts)
+    cider = [report.per_image[image]["CIDEr-D"] for image in gts]
+    assert sum(cider) / len(cider) == pytest.approx(report.scores["CIDEr-D"])
+    backwards = list(reversed(gts))
+    _, reordered = Cider().compute_score(
+        {i: gts[i] for i in backwards}, {i: res[i] for i in backwards}
+    )
+    assert [report.per_image[i]["CIDEr-D"] for i in backwards] == pytest.approx(list(reordered))
+    for image in list(gts)[:20]:
+        alone, _ = Bleu(4).compute_score({image: gts[image]}, {image: res[image]}, verbose=0)
+        assert report.per_image[image]["BLEU-4"] == pytest.approx(alone[3])
+    assert len(set(cider)) > 10  # they differ from image to image
+
+
+def test_fallback_per_image_scores_are_said_to_be_nltks_and_rank_images():
+    references = {
+        "exact": ["a dog runs on the grass", "a brown dog is running"],
+        "close": ["two men ride red bikes down a hill", "two men are riding bicycles"],
+        "wrong": ["a cat sleeps on a sofa", "a grey cat is asleep"],
+    }
+    predictions = {
+        "exact": "a dog runs on the grass",
+        "close": "two men ride bikes",
+        "wrong": "x y",
+    }
+    report = score_captions(references, predictions, implementation=FALLBACK)
+    scores = report.per_image
+    assert scores["exact"]["BLEU-4"] == pytest.approx(1.0) and scores["wrong"]["BLEU-4"] == 0.0
+    assert scores["exact"]["CIDEr-D"] > scores["close"]["CIDEr-D"] > scores["wrong"]["CIDEr-D"] == 0
+    cider = [image["CIDEr-D"] for image in scores.values()]
+    assert sum(cider) / 3 == pytest.approx(report.scores["CIDEr-D"])
+    assert "NLTK" in report.per_image_sources["BLEU-4"]
+    assert "FALLBACK" in report.per_image_sources["BLEU-4"]
+    assert "per_image" not in report.to_dict()  # metrics.json stays small
 
 
 def test_without_java_auto_falls_back_and_says_so(monkeypatch, tmp_path):
