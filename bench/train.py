@@ -1,8 +1,8 @@
 """Phase-2 benchmarks (issues 4 and 10), each measured against its baseline in one run.
 
 (a) training throughput and epoch time: both decoders trained over the feature store in a loop
-    that does what captioner.train does each step (stream with data wait, loss, backward, clip,
-    Adam), ours against today's step (issue 10's baseline: the plain attention step of
+    that does what captioner.training.loop does each step (stream with data wait, loss, backward,
+    clip, Adam), ours against today's step (issue 10's baseline: the plain attention step of
     tests/plain_decoders.py, unbucketed batches read by 2 threads, Adam as before) in
     steady-state captions/s;
     then a Flickr8k epoch from the store against the same decoder with the frozen ResNet-152
@@ -49,14 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from plain_decoders import PlainShowAttendTell  # noqa: E402
 
-from captioner.batches import Batch, FeatureStream, StreamConfig, encode_captions  # noqa: E402
 from captioner.encoder import EncoderConfig, build_encoder, image_transform  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.models import DecoderConfig, build_decoder  # noqa: E402
 from captioner.readers import read_corpus  # noqa: E402
 from captioner.store import FeatureStore, StoreSettings, create_store, directory_size  # noqa: E402
 from captioner.text import Vocabulary  # noqa: E402
-from captioner.train import TrainConfig  # noqa: E402
+from captioner.training import TrainConfig  # noqa: E402
+from captioner.training.batches import Batch, FeatureStream, StreamConfig, encode_captions  # noqa: E402
 from captioner.training.run import Amp  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k"
@@ -127,8 +127,8 @@ def stream_of(
 
 
 class Trainer:
-    """One training step as captioner.train takes it (loss, backward, clip, Adam), ours or today's
-    (the plain attention step and Adam as they were before issue 10)."""
+    """One training step as captioner.training.loop takes it (loss, backward, clip, Adam), ours
+    or today's (the plain attention step and Adam as they were before issue 10)."""
 
     def __init__(self, model: str, vocabulary: Vocabulary, device: torch.device, today: bool):
         torch.manual_seed(0)

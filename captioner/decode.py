@@ -58,6 +58,7 @@ class GeneratedCaption:
     tokens: list[int]  # word ids without <start>/<end>
     log_prob: float  # summed log-probability of the words (and of <end> when the caption ended)
     attention: np.ndarray | None  # (len(tokens), L) for the attention model
+    ended: bool  # False when it reached the length limit without the end token
 
     def words(self, vocabulary: Vocabulary) -> list[str]:
         return [vocabulary.words[token] for token in self.tokens]
@@ -96,10 +97,14 @@ def greedy_decode(
     )
 
 
-def sample(decoder, features: Tensor, config: DecodingConfig) -> list[GeneratedCaption]:
+def sample(
+    decoder, features: Tensor, config: DecodingConfig, samples_per_image: int = 1
+) -> list[GeneratedCaption]:
     """Draw each next word from the (tempered, top-k truncated) distribution; seeded, so repeatable.
 
-    The reported log-probability is the model's own (temperature 1, no top-k) of the drawn words.
+    With `samples_per_image` k, the k captions of image i are items i*k .. i*k+k-1 (sharing the
+    image's memory). The reported log-probability is the model's own (temperature 1, no top-k)
+    of the drawn words.
     """
     generator = torch.Generator(device=features.device).manual_seed(config.seed)
 
@@ -112,7 +117,13 @@ def sample(decoder, features: Tensor, config: DecodingConfig) -> list[GeneratedC
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
     return _decode_word_by_word(
-        decoder, features, draw, config.max_length, config.min_length, config.no_repeat_ngram_size
+        decoder,
+        features,
+        draw,
+        config.max_length,
+        config.min_length,
+        config.no_repeat_ngram_size,
+        samples_per_image,
     )
 
 
@@ -124,15 +135,17 @@ def _decode_word_by_word(
     max_length: int,
     min_length: int,
     no_repeat_ngram_size: int,
+    rows_per_image: int = 1,
 ) -> list[GeneratedCaption]:
-    """One running sequence per image; `choose` picks each next word from the allowed log-probs.
+    """`rows_per_image` running sequences per image; `choose` picks each next word from the
+    allowed log-probs.
 
     Rows that have ended keep stepping with the batch (their later words are ignored), so the loop
     is over words, never over images.
     """
     memory = decoder.encode(features)
-    state = decoder.init_state(memory)
-    batch = features.shape[0]
+    state = tuple(s.repeat_interleave(rows_per_image, 0) for s in decoder.init_state(memory))
+    batch = features.shape[0] * rows_per_image
     tokens = torch.full((batch,), START_ID, dtype=torch.long, device=features.device)
     words = tokens.new_empty((batch, 0))
     log_prob = torch.zeros(batch, device=features.device)
@@ -159,6 +172,7 @@ def _decode_word_by_word(
                 tokens=sequence[:length],
                 log_prob=score,
                 attention=None if attention is None else attention[row, :length],
+                ended=length < len(sequence),
             )
         )
     return captions
@@ -318,6 +332,7 @@ def _hypothesis(
         tokens=tokens,
         log_prob=log_prob,
         attention=None if attention is None else attention[row].cpu().numpy(),
+        ended=end_tokens == 1,
     )
     return _Hypothesis(log_prob / max(length, 1) ** length_penalty, caption)
 

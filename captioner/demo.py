@@ -47,7 +47,7 @@ from captioner.synthetic import (
 )
 from captioner.synthetic.layout_probe import layout_preference
 from captioner.text import tokenize
-from captioner.train import TrainConfig, TrainResult, train
+from captioner.training import TrainConfig, TrainResult, train
 
 MODELS = ("show-tell", "show-attend-tell")
 CONSTANT = "constant caption"
@@ -191,7 +191,7 @@ def run_demo(
         say(f"[3/5] training {model} for {config.epochs} epochs: {config.run(model)}")
         trained[model] = train(_train_config(config, model), progress=progress)
         _stop_if(trained[model].preempted, f"training {model}")
-        say(f"best validation BLEU-4 {trained[model].best_bleu4:.4f} "
+        say(f"best validation BLEU-4 {trained[model].best_score:.4f} "
             f"at epoch {trained[model].best_epoch}")  # fmt: skip
     lap("training")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from factories import make_store
 
-from captioner.batches import FeatureStream, StreamConfig, encode_captions
 from captioner.store import FeatureStore
 from captioner.text import PAD_ID, Vocabulary
+from captioner.training.batches import FeatureStream, StreamConfig, encode_captions
 
 
 class CountingStore:

@@ -23,16 +23,16 @@ from click.testing import CliRunner
 from factories import failing_on_call, make_store
 from PIL import Image
 
-from captioner import train as train_module
 from captioner import visualize
-from captioner.batches import FeatureStream
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.decode import greedy_decode
 from captioner.store import FeatureStore, corpus_digest
-from captioner.train import TrainConfig, seed_rank, train
-from captioner.training import resume
+from captioner.training import TrainConfig, resume, train
+from captioner.training import loop as train_module
+from captioner.training.batches import FeatureStream
 from captioner.training.data import feature_statistics, training_corpus
+from captioner.training.loop import seed_rank
 from captioner.training.validation import repeated_word
 
 REPO = Path(__file__).resolve().parents[1]
@@ -422,7 +422,7 @@ def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path)
 # train_decoder.py with a slowed-down step, so that a signal lands mid-epoch.
 SLOW_TRAIN = """
 import runpy, sys, time
-import captioner.train as train
+import captioner.training.loop as train
 step = train._optimizer_step
 def slow_step(run, batch):
     time.sleep(0.3)
@@ -474,7 +474,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_resumes(st
 # train_decoder.py whose rank 1 dies (as if killed by the OOM killer) at its second step.
 RANK_1_DIES = """
 import os, runpy, sys
-import captioner.train as train
+import captioner.training.loop as train
 step, calls = train._optimizer_step, []
 def dying_step(run, batch):
     calls.append(1)

@@ -9,7 +9,8 @@ import click
 from captioner.cli.options import field_option
 from captioner.devices import DEVICES
 from captioner.models import DECODERS
-from captioner.train import TrainConfig, train
+from captioner.training import TrainConfig, train
+from captioner.training.config import DEFAULT_LR, OBJECTIVES, SCST_BASELINES
 
 
 def _option(name: str, kind: type | click.ParamType, help: str):
@@ -27,6 +28,21 @@ def _option(name: str, kind: type | click.ParamType, help: str):
     help="Run directory (runs/NAME): best.pt, last.pt, metrics.jsonl, curves.png, attention/.",
 )  # fmt: skip
 @_option("model", click.Choice(list(DECODERS)), "Decoder: no attention, or soft attention.")
+@_option(
+    "objective", click.Choice(OBJECTIVES),
+    "xe: cross entropy on the references. scst: self-critical training on sampled captions'"
+    " CIDEr-D, from the cross-entropy checkpoint --init.",
+)  # fmt: skip
+@click.option(
+    "--init", type=click.Path(path_type=Path),
+    help="scst: the cross-entropy checkpoint (best.pt) to start from; the decoder's sizes and"
+    " vocabulary are its.",
+)  # fmt: skip
+@_option("scst_samples", click.IntRange(min=2), "scst: captions sampled per image each step.")
+@_option(
+    "scst_baseline", click.Choice(SCST_BASELINES),
+    "scst: reward baseline, the mean of the image's other samples or its greedy decode's.",
+)  # fmt: skip
 @_option("epochs", click.IntRange(min=1), "Epochs to train (in all, counting resumed ones).")
 @_option("batch_size", click.IntRange(min=1), "Captions per batch.")
 @_option(
@@ -37,8 +53,11 @@ def _option(name: str, kind: type | click.ParamType, help: str):
 @_option("hidden_size", click.IntRange(min=1), "LSTM hidden size.")
 @_option("attention_size", click.IntRange(min=1), "Attention projection size.")
 @_option("dropout", click.FloatRange(0, 1, max_open=True), "Dropout before the output layer.")
-@_option("lr", click.FloatRange(0, min_open=True), "Adam learning rate.")
-@_option("label_smoothing", click.FloatRange(0, 1, max_open=True), "Label smoothing.")
+@click.option(
+    "--lr", type=click.FloatRange(0, min_open=True),
+    help=f"Adam learning rate. Default: {DEFAULT_LR['xe']:g} (xe), {DEFAULT_LR['scst']:g} (scst).",
+)  # fmt: skip
+@_option("label_smoothing", click.FloatRange(0, 1, max_open=True), "Label smoothing (xe).")
 @_option("grad_clip", click.FloatRange(0), "Clip the gradient norm to this (0: no clipping).")
 @_option("alpha_c", click.FloatRange(0), "Doubly stochastic attention regularization weight.")
 @_option("min_count", click.IntRange(min=1), "Vocabulary: words seen fewer times become <unk>.")
@@ -54,7 +73,10 @@ def _option(name: str, kind: type | click.ParamType, help: str):
     "--bucket-by-length", is_flag=True,
     help="Attention model: batch images whose longest captions are alike (fewer padded steps).",
 )  # fmt: skip
-@_option("early_stop", click.IntRange(min=0), "Stop after N epochs without a better BLEU-4.")
+@_option(
+    "early_stop", click.IntRange(min=0),
+    "Stop after N epochs without a better val BLEU-4 (CIDEr-D for scst).",
+)  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @_option("seed", int, "Seed of initialization, shuffling and dropout.")
 @click.option(
@@ -73,7 +95,8 @@ def train_command(**options) -> None:
     final = result.history[-1]
     if result.stopped_early:
         click.echo(f"stopped early after epoch {final['epoch']}")
+    name = {"val_bleu4": "BLEU-4", "val_cider": "CIDEr-D"}[result.selection_metric]
     click.echo(
-        f"best val BLEU-4 {result.best_bleu4:.4f} at epoch {result.best_epoch}: "
+        f"best val {name} {result.best_score:.4f} at epoch {result.best_epoch}: "
         f"{result.best_checkpoint}\nlast epoch {final['epoch']}: {result.last_checkpoint}"
     )

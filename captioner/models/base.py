@@ -75,6 +75,13 @@ def label_smoothed_loss(
     return LossOutput(smoothed.sum() / max(tokens, 1), tokens, nll.sum())
 
 
+def summed_log_probs(logits: Tensor, targets: Tensor, rows: Tensor, count: int) -> Tensor:
+    """(count,) float32: for each row, the summed log-probability of its `targets` (N,) under
+    `logits` (N, V); `rows` (N,) names the row of each target."""
+    token = logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return token.new_zeros(count).index_add(0, rows, token)
+
+
 def length_mask(lengths: Tensor, steps: int) -> Tensor:
     """(B, steps) bool, True where step t < lengths[b]."""
     return torch.arange(steps, device=lengths.device) < lengths.unsqueeze(1)
@@ -169,6 +176,14 @@ class CaptionDecoder(nn.Module):
         """Teacher-forced loss. `features` are per image; `image_index` (B_cap,) maps each caption
         to its image row; `captions` (B_cap, T) are ``<start> .. <end>`` padded with PAD_ID;
         `lengths` (B_cap,) count start and end."""
+        raise NotImplementedError
+
+    def caption_log_probs(
+        self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
+    ) -> Tensor:
+        """(B_cap,) the log-probability of each caption's words after <start> (its <end> too,
+        where it has one), computed as training computes it: what self-critical training weighs
+        by the caption's reward. Arguments as `training_loss`."""
         raise NotImplementedError
 
     def teacher_forced_log_probs(

@@ -35,6 +35,7 @@ from captioner.models.base import (
     length_mask,
     rows_per_image,
     select_rows,
+    summed_log_probs,
 )
 from captioner.models.step_weights import LoopWeight
 
@@ -246,6 +247,14 @@ class ShowAttendTell(CaptionDecoder):
         if alpha_c == 0.0:
             return output
         return output._replace(loss=output.loss + alpha_c * attention_penalty(alphas, mask))
+
+    def caption_log_probs(
+        self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
+    ) -> Tensor:
+        hidden, _, targets = self._teacher_forced(features, image_index, captions, lengths)
+        mask = length_mask(lengths.to(hidden.device) - 1, targets.size(1))
+        rows = mask.nonzero()[:, 0]  # the caption of each real token, in hidden[mask] order
+        return summed_log_probs(self.head(hidden[mask]), targets[mask], rows, len(captions))
 
     def teacher_forced_log_probs(
         self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor

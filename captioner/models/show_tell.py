@@ -8,6 +8,7 @@ API, so decoding and training share every line that matters.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -19,6 +20,7 @@ from captioner.models.base import (
     State,
     label_smoothed_loss,
     select_rows,
+    summed_log_probs,
 )
 
 
@@ -74,6 +76,19 @@ class ShowTell(CaptionDecoder):
         (no attention) and accepted so both decoders are trained the same way."""
         logits, targets = self._packed_logits(features, image_index, captions, lengths)
         return label_smoothed_loss(logits.data, targets.data, label_smoothing)
+
+    def caption_log_probs(
+        self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
+    ) -> Tensor:
+        logits, targets = self._packed_logits(features, image_index, captions, lengths)
+        caption_of_position = torch.arange(len(captions), device=captions.device)[:, None]
+        rows = pack_padded_sequence(
+            caption_of_position.expand(-1, captions.size(1) - 1),
+            lengths.cpu() - 1,
+            batch_first=True,
+            enforce_sorted=False,
+        )
+        return summed_log_probs(logits.data, targets.data, rows.data, len(captions))
 
     def teacher_forced_log_probs(
         self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor

@@ -5,21 +5,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from captioner.batches import FeatureStream, StreamConfig, encode_captions
 from captioner.corpus import UNASSIGNED, CaptionRecord, Corpus, ImageRecord
 from captioner.distributed import Ranks
 from captioner.errors import CaptionerError
 from captioner.readers import read_corpus
 from captioner.store import STATUS_DONE, FeatureStore
 from captioner.text import Vocabulary
-
-if TYPE_CHECKING:
-    from captioner.train import TrainConfig
+from captioner.training.batches import FeatureStream, StreamConfig, encode_captions
+from captioner.training.config import TrainConfig
 
 
 def training_corpus(store: FeatureStore, captions: Path | None) -> Corpus:

@@ -22,21 +22,20 @@ class EpochTiming:
 
 
 def epoch_row(
-    state: RunState, timing: EpochTiming, validation: Validation, world_size: int
+    state: RunState, timing: EpochTiming, validation: Validation, world_size: int, train: dict
 ) -> dict:
-    """The metrics.jsonl row of the epoch `state` has just trained and `validation` measured."""
+    """The metrics.jsonl row of the epoch `state` has just trained (`train`: the objective's
+    `epoch_means`) and `validation` measured."""
     repeating = validation.repeating()
-    tokens = max(state.tokens, 1)
     return {
         "epoch": state.epoch + 1,
         # Losses are mean negative log-likelihood per target token, train and val alike; the
-        # objective adds label smoothing and the attention penalty to the train one.
-        "objective": state.loss_sum / tokens,
-        "train_loss": state.nll_sum / tokens,
-        "train_ppl": _perplexity(state.nll_sum / tokens),
+        # cross-entropy objective adds label smoothing and the attention penalty to the train one.
+        **train,
         "val_loss": validation.loss,
-        "val_ppl": _perplexity(validation.loss),
+        "val_ppl": perplexity(validation.loss),
         "val_bleu4": validation.bleu4,
+        "val_cider": validation.cider,
         "sample": " ".join(validation.hypotheses[validation.sample_row]),
         "repeating_captions": len(repeating),
         "repeating_example": " ".join(repeating[0]) if repeating else "",
@@ -48,11 +47,16 @@ def epoch_row(
 
 
 def describe_epoch(row: dict, improved: bool, epochs: int) -> str:
-    """The lines printed after an epoch: its losses, BLEU-4, speed and sample caption."""
+    """The lines printed after an epoch: its losses (or SCST's mean reward), validation BLEU-4 and
+    CIDEr-D, speed and sample caption."""
+    if "mean_reward" in row:
+        train = f"mean reward {row['mean_reward']:.3f}"
+    else:
+        train = f"train loss {row['train_loss']:.3f} ppl {row['train_ppl']:.1f}"
     return (
-        f"epoch {row['epoch']}/{epochs}  objective {row['objective']:.3f}"
-        f"  train loss {row['train_loss']:.3f} ppl {row['train_ppl']:.1f}"
+        f"epoch {row['epoch']}/{epochs}  objective {row['objective']:.3f}  {train}"
         f"  val loss {row['val_loss']:.3f} ppl {row['val_ppl']:.1f}  BLEU-4 {row['val_bleu4']:.4f}"
+        f"  CIDEr-D {row['val_cider']:.3f}"
         f"{' (best)' if improved else ''}  {row['captions_per_s']:.0f} captions/s"
         f"  data wait {100 * row['data_wait']:.1f}%\n  sample: {row['sample']}"
     )
@@ -67,5 +71,5 @@ def write_metrics(out: Path, history: list[dict]) -> None:
         visualize.save_training_curves(out / "curves.png", history)
 
 
-def _perplexity(mean_nll: float) -> float:
+def perplexity(mean_nll: float) -> float:
     return math.exp(min(mean_nll, 50.0))

@@ -1,4 +1,5 @@
-"""best.pt and last.pt: what they hold, writing them, and resuming a run from last.pt.
+"""best.pt and last.pt: what they hold, writing them, resuming a run from last.pt, and starting a
+self-critical run from a cross-entropy run's checkpoint (`initial_checkpoint`).
 
 Both hold the decoder's weights with everything captioning needs (captioner.checkpoint). last.pt
 adds what makes resume exact: the optimizer and loss-scaler state, every rank's RNG state, and
@@ -9,18 +10,16 @@ RESUMABLE_CHANGES must match the ones last.pt was written with.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from captioner.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from captioner.errors import CaptionerError
+from captioner.store import FeatureStore
+from captioner.training.config import TrainConfig
 from captioner.training.run import Run
-
-if TYPE_CHECKING:
-    from captioner.train import TrainConfig
 
 # Options that may change when a run is resumed; any other change is refused (it would silently
 # make the resumed run a different run).
@@ -46,13 +45,12 @@ class RunState:
 
     epoch: int = 0  # the epoch in progress, 0-based (equals the epochs done at an epoch end)
     step: int = 0  # batches of `epoch` already trained
-    loss_sum: float = 0.0  # training objective of `epoch` so far, summed over target tokens
-    nll_sum: float = 0.0  # unsmoothed negative log-likelihood of `epoch` so far
-    tokens: int = 0
-    # Set only when every rank saved mid-epoch (preemption): [loss_sum, nll_sum, tokens] per rank.
-    rank_sums: list = field(default_factory=list)
+    # The objective's running sums of `epoch` so far (captioner.training.objectives).
+    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    # Set only when every rank saved mid-epoch (preemption): each rank's totals.
+    rank_totals: list = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
-    best_bleu4: float = -1.0
+    best_score: float = -1.0  # the best epoch's selection metric (TrainConfig.selection_metric)
     best_epoch: int = 0
     epochs_without_improvement: int = 0
 
@@ -140,11 +138,58 @@ def resume_run(run: Run, path: Path) -> RunState:
     if run.amp.scaler.is_enabled() and extra["scaler"]:
         run.amp.scaler.load_state_dict(extra["scaler"])
     _set_rng_state(extra["rng"][ranks.rank], run.device)
-    state = RunState(**extra["state"])
-    if state.rank_sums:  # a preempted multi-process run: each rank goes on from its own sums
-        state.loss_sum, state.nll_sum, state.tokens = state.rank_sums[ranks.rank]
-        state.rank_sums = []
+    state = _run_state(extra["state"])
+    if state.rank_totals:  # a preempted multi-process run: each rank goes on from its own sums
+        state.totals = state.rank_totals[ranks.rank]
+        state.rank_totals = []
     return state
+
+
+def _run_state(saved: dict) -> RunState:
+    """The RunState last.pt holds, also from a last.pt written before the objective's totals
+    replaced the cross-entropy sums (loss_sum, nll_sum, tokens) and best_bleu4."""
+    saved = dict(saved)
+    if "loss_sum" in saved:
+        saved["totals"] = [saved.pop("loss_sum"), saved.pop("nll_sum"), saved.pop("tokens")]
+        saved["rank_totals"] = saved.pop("rank_sums")
+        saved["best_score"] = saved.pop("best_bleu4")
+    return RunState(**saved)
+
+
+def initial_checkpoint(
+    config: TrainConfig, store: FeatureStore, corpus_sha256: str
+) -> tuple[TrainConfig, Checkpoint]:
+    """The checkpoint `config.init` a self-critical run starts from, and `config` with the sizes
+    and vocabulary threshold of the decoder in it (and no dropout: SCST's samples and their
+    log-probabilities must come from the same network). Refused in one line unless it was
+    trained on this store, as this kind of decoder, on these captions."""
+    checkpoint, _ = load_checkpoint(config.init)
+    trained = checkpoint.decoder_config
+    if checkpoint.store_fingerprint != store.fingerprint:
+        raise CaptionerError(
+            f"{config.init}: trained on another feature store ({checkpoint.store_fingerprint});"
+            f" {store.path} is {store.fingerprint}"
+        )
+    if trained.model != config.model:
+        raise CaptionerError(
+            f"{config.init}: holds a {trained.model} decoder, not {config.model};"
+            f" pass --model {trained.model}"
+        )
+    if checkpoint.corpus_sha256 not in ("", corpus_sha256):
+        raise CaptionerError(
+            f"{config.init}: trained on other captions or splits than"
+            f" {config.captions or store.path}; pass the --captions it was trained with"
+        )
+    options = checkpoint.training.get("options", {})
+    config = replace(
+        config,
+        embed_size=trained.embed_size,
+        hidden_size=trained.hidden_size,
+        attention_size=trained.attention_size,
+        dropout=0.0,
+        min_count=options.get("min_count", config.min_count),
+    )
+    return config, checkpoint
 
 
 def _options(config: TrainConfig) -> dict:

@@ -1,60 +1,50 @@
-"""The decoder under training and what each optimizer step needs with it: the optimizer, mixed
-precision, and (under torchrun) the DistributedDataParallel wrapper."""
+"""The decoder under training and what each optimizer step needs with it: the objective, the
+optimizer, mixed precision, and (under torchrun) the DistributedDataParallel wrapper."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from captioner.distributed import Ranks
-from captioner.models import CaptionDecoder, LossOutput
+from captioner.models import CaptionDecoder
 from captioner.store import FeatureStore
 from captioner.text import Vocabulary
-
-if TYPE_CHECKING:
-    from captioner.train import TrainConfig
+from captioner.training.config import TrainConfig
 
 
 class Run:
-    """What every step of a run uses: its config and process, the decoder and its optimizer,
-    and the store, vocabulary and corpus digest that every checkpoint records."""
+    """What every step of a run uses: its config and process, the decoder, the objective that
+    trains it and its optimizer, and the store, vocabulary and corpus digest that every
+    checkpoint records."""
 
     def __init__(
-        self, config: TrainConfig, ranks: Ranks, device: torch.device, store: FeatureStore,
-        vocabulary: Vocabulary, decoder: CaptionDecoder, corpus_sha256: str,
-    ) -> None:  # fmt: skip
+        self,
+        config: TrainConfig,
+        ranks: Ranks,
+        device: torch.device,
+        store: FeatureStore,
+        vocabulary: Vocabulary,
+        decoder: CaptionDecoder,
+        objective: nn.Module,
+        corpus_sha256: str,
+    ) -> None:
         self.config, self.ranks, self.device = config, ranks, device
         self.store, self.vocabulary, self.decoder = store, vocabulary, decoder
+        self.objective = objective  # captioner.training.objectives: its forward is the step's loss
         self.corpus_sha256 = corpus_sha256  # of the corpus and splits trained on
         # One fused kernel for the whole update where PyTorch has it, instead of a dozen passes.
         fused = device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr, fused=fused)
         self.amp = Amp(device)
-        self.model: nn.Module = LossModel(decoder, config.label_smoothing, config.alpha_c)
+        self.model: nn.Module = objective
         if ranks.world_size > 1:
             self.model = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None
+                objective, device_ids=[device.index] if device.type == "cuda" else None
             )
-
-
-class LossModel(nn.Module):
-    """The training loss as `forward`, which is what DistributedDataParallel synchronizes."""
-
-    def __init__(self, decoder: CaptionDecoder, label_smoothing: float, alpha_c: float) -> None:
-        super().__init__()
-        self.decoder = decoder
-        self.label_smoothing, self.alpha_c = label_smoothing, alpha_c
-
-    def forward(
-        self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
-    ) -> LossOutput:
-        return self.decoder.training_loss(
-            features, image_index, captions, lengths, self.label_smoothing, self.alpha_c
-        )
 
 
 class Amp:

@@ -1,10 +1,10 @@
 """TensorBoard event files in the run folder, so that `tensorboard --logdir runs` compares runs.
 
 Per step: the training loss, learning rate, gradient norm, captions/s and the share of the step
-spent waiting for data. Per epoch: validation loss, BLEU-4, train loss and perplexity, and the
-sample caption's attention figure. tensorboard is an optional dependency
-(``pip install 'captioner[tensorboard]'``); without it a run says once that it is not logging to
-TensorBoard and trains as before.
+spent waiting for data. Per epoch: validation loss, BLEU-4 and CIDEr-D, train loss and perplexity
+(self-critical runs: the mean sample reward), and the sample caption's attention figure.
+tensorboard is an optional dependency (``pip install 'captioner[tensorboard]'``); without it a run
+says once that it is not logging to TensorBoard and trains as before.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# The per-epoch metrics.jsonl values also plotted, under these TensorBoard names.
+# The per-epoch metrics.jsonl values also plotted (those the row has), under these names.
 EPOCH_SCALARS = {
     "val_loss": "val/loss",
     "val_bleu4": "val/bleu4",
+    "val_cider": "val/cider",
     "train_loss": "epoch/train_loss",
     "train_ppl": "epoch/train_ppl",
+    "mean_reward": "epoch/mean_reward",
     "captions_per_s": "epoch/captions_per_s",
 }
 
@@ -53,7 +55,8 @@ class TensorBoardLog:
             return
         epoch = row["epoch"]
         for key, name in EPOCH_SCALARS.items():
-            self._writer.add_scalar(name, row[key], epoch)
+            if key in row:
+                self._writer.add_scalar(name, row[key], epoch)
         self._writer.add_text("val/sample", row["sample"], epoch)
         if attention_figure is not None and attention_figure.is_file():
             with Image.open(attention_figure) as figure:

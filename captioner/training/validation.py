@@ -1,5 +1,5 @@
-"""Each epoch's validation, on rank 0: the loss, greedy decodes and their BLEU-4, the signs of a
-collapsing decoder, and the per-word attention maps of one sample caption."""
+"""Each epoch's validation, on rank 0: the loss, greedy decodes and their BLEU-4 and CIDEr-D, the
+signs of a collapsing decoder, and the per-word attention maps of one sample caption."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import numpy as np
 import torch
 
 from captioner import visualize
-from captioner.batches import FeatureStream
+from captioner.cider import CiderD
 from captioner.corpus import Corpus
 from captioner.decode import greedy_decode
 from captioner.images import ImageError, load_image
 from captioner.metrics import corpus_bleu4
 from captioner.store import FeatureStore
+from captioner.training.batches import FeatureStream
 from captioner.training.run import Run
 
 
@@ -24,6 +25,7 @@ from captioner.training.run import Run
 class Validation:
     loss: float  # mean unsmoothed NLL per target token
     bleu4: float  # corpus BLEU-4 of greedy decodes against all references
+    cider: float  # their CIDEr-D, document frequencies from these references (as coco-caption)
     hypotheses: dict[int, list[str]]  # store row -> decoded words
     sample_row: int
     sample_attention: np.ndarray | None  # (words, L) for the attention model
@@ -41,7 +43,9 @@ def reference_words(corpus: Corpus, rows: np.ndarray) -> dict[int, list[list[str
 
 @torch.no_grad()
 def validate(run: Run, stream: FeatureStream, references: dict[int, list[list[str]]]) -> Validation:
-    """Validation loss and greedy-decode BLEU-4 over every image of `stream` (in row order)."""
+    """Validation loss and greedy-decode BLEU-4 and CIDEr-D over every image of `stream` (in row
+    order). CIDEr-D is our exact implementation on the tokens, without coco-caption's Java
+    tokenizer: evaluate.py gives the official figures."""
     decoder, vocabulary = run.decoder, run.vocabulary
     decoder.eval()
     nll_sum, tokens = 0.0, 0
@@ -62,7 +66,9 @@ def validate(run: Run, stream: FeatureStream, references: dict[int, list[list[st
     decoder.train()
     rows = sorted(hypotheses)
     bleu4 = corpus_bleu4([references[r] for r in rows], [hypotheses[r] for r in rows])
-    return Validation(nll_sum / max(tokens, 1), bleu4, hypotheses, *sample)
+    cider = CiderD.from_references({r: references[r] for r in rows})
+    cider_d = float(cider.scores([hypotheses[r] for r in rows], rows).mean())
+    return Validation(nll_sum / max(tokens, 1), bleu4, cider_d, hypotheses, *sample)
 
 
 def repeated_word(words: list[str], times: int = 3) -> str | None:

@@ -2,10 +2,12 @@
 
 The store alone is enough: the vocabulary is built from the train split of the corpus stored in it
 (or of `captions`, a caption file joined to the store's images by path). Each epoch trains on the
-train split (captioner.batches streams it), then measures validation loss and BLEU-4 on greedy
-decodes of the val split. Everything goes to `out`:
+train split (training.batches streams it) with the run's objective (training.objectives: cross
+entropy, or self-critical training that starts from a cross-entropy checkpoint), then measures
+validation loss, BLEU-4 and CIDEr-D on greedy decodes of the val split. Everything goes to `out`:
 
-    best.pt        the weights with the best validation BLEU-4 (captioning needs only this file)
+    best.pt        the weights with the best validation score (BLEU-4; CIDEr-D for SCST):
+                   captioning needs only this file
     last.pt        the same plus optimizer, loss-scaler and RNG state and the position in the epoch
     metrics.jsonl  one row per epoch;  curves.png  loss and BLEU-4 per epoch
     vocab.json     the vocabulary;     attention/  per-word attention maps of a sample caption
@@ -16,19 +18,19 @@ and resumed with the same options ends with the same weights and metrics as an u
 on the same device. last.pt is written at every epoch end and, in a single process, also mid-epoch
 every `checkpoint_minutes`; every write is atomic. SIGTERM (a scheduler's notice) or Ctrl-C ends
 the step in hand (on every rank: they agree on the step), writes last.pt there with each rank's
-loss sums, and returns `preempted`.
+sums, and returns `preempted`.
 
-Launched by torchrun (WORLD_SIZE > 1) the decoder is wrapped in DistributedDataParallel (NCCL on
-CUDA, gloo on CPU); each rank reads its own part of the store, and rank 0 validates and writes.
+Launched by torchrun (WORLD_SIZE > 1) the objective is wrapped in DistributedDataParallel (NCCL
+on CUDA, gloo on CPU); each rank reads its own part of the store, and rank 0 validates and writes.
 
-This module is the loop; the parts it uses live in captioner/training/ (data, run, resume,
-validation, metrics_log), one concern a module.
+This module is the loop; the parts it uses live beside it in captioner/training/ (config, data,
+batches, objectives, reward, run, resume, validation, metrics_log, tensorboard), one concern a
+module.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +38,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from captioner.batches import Batch, FeatureStream
-from captioner.devices import DEVICES, resolve_device
+from captioner.corpus import Corpus
+from captioner.devices import resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.errors import CaptionerError
-from captioner.models import DECODERS, DecoderConfig, LossOutput, build_decoder
+from captioner.models import DecoderConfig, build_decoder
 from captioner.preemption import StopRequest
 from captioner.store import FeatureStore, corpus_digest
 from captioner.text import Vocabulary
+from captioner.training.batches import Batch, FeatureStream
+from captioner.training.config import TrainConfig, TrainResult, checked_config
 from captioner.training.data import (
     feature_statistics,
     split_rows,
@@ -52,7 +56,9 @@ from captioner.training.data import (
     validation_stream,
 )
 from captioner.training.metrics_log import EpochTiming, describe_epoch, epoch_row, write_metrics
-from captioner.training.resume import RunState, resume_run, save_run
+from captioner.training.objectives import CrossEntropy, SelfCritical, StepOutput
+from captioner.training.resume import RunState, initial_checkpoint, resume_run, save_run
+from captioner.training.reward import CiderReward
 from captioner.training.run import Run
 from captioner.training.tensorboard import TensorBoardLog
 from captioner.training.validation import (
@@ -63,59 +69,9 @@ from captioner.training.validation import (
 )
 
 
-@dataclass
-class TrainConfig:
-    features: Path  # the feature store (.zarr)
-    out: Path  # run directory, e.g. runs/NAME
-    model: str = "show-attend-tell"  # "show-tell" | "show-attend-tell"
-    epochs: int = 20
-    # Captions per batch (whole images: batch_size // captions per image): 16 images x 5 captions
-    # as neuraltalk2; 2.5x the 32 of the common tutorial keeps a CPU's matrix units busier.
-    batch_size: int = 80
-    captions_per_image: int = 0  # captions drawn per image each epoch; 0 = all of them
-    embed_size: int = 512
-    hidden_size: int = 512
-    attention_size: int = 512
-    dropout: float = 0.5
-    lr: float = 4e-4
-    label_smoothing: float = 0.1
-    grad_clip: float = 5.0  # max gradient norm; 0 = no clipping
-    alpha_c: float = 1.0  # doubly stochastic attention regularization (attention model only)
-    min_count: int = 5  # words seen fewer times in the train split become <unk>
-    max_length: int = 20  # words kept per caption, and the longest greedy decode
-    device: str = "auto"  # auto | cpu | cuda | mps
-    # Feature-reading threads; 0 reads in the training thread. None: 0 on a CPU, where reader
-    # threads take cores from the step (it ran 30 % slower with 2), else 2.
-    workers: int | None = None
-    preload: bool = False  # hold the spatial maps in RAM instead of streaming shards
-    early_stop: int = 0  # stop after this many epochs without a better val BLEU-4; 0 = never
-    resume: bool = False  # continue the run in `out` from last.pt
-    seed: int = 0
-    captions: Path | None = None  # caption file overriding the store's corpus (joined by path)
-    checkpoint_minutes: float = 10.0  # also write last.pt mid-epoch this often; 0 = every step
-    # Attention model: batches of images whose longest captions are alike (fewer padded steps).
-    # Off by default: on the demo's scenes it made batches of alike scenes and slowed learning.
-    bucket_by_length: bool = False
-
-
-@dataclass
-class TrainResult:
-    out: Path
-    best_checkpoint: Path
-    last_checkpoint: Path
-    history: list[dict]  # the metrics.jsonl rows
-    best_epoch: int
-    best_bleu4: float
-    stopped_early: bool
-    rank: int = 0  # under torchrun every process returns a result; rank 0 wrote the files
-    preempted: str = ""  # the signal (SIGTERM, SIGINT) that stopped it mid-epoch, if one did
-
-
 def train(config: TrainConfig, progress: bool = False) -> TrainResult:
     """Train (or resume) the run `config` describes; see the module docstring."""
-    _check_options(config)
-    if config.captions is not None:  # recorded in checkpoints: absolute, for evaluate to find
-        config = replace(config, captions=Path(config.captions).resolve())
+    config = checked_config(config)
     ranks = Ranks.from_environment()
     device = resolve_device(config.device, ranks.local_rank)
     with process_group(ranks, device), StopRequest() as stop:
@@ -129,23 +85,12 @@ def _train(
     out, last_path = Path(config.out), Path(config.out) / "last.pt"
     store = FeatureStore.open(config.features)
     corpus = training_corpus(store, config.captions)
-    vocabulary = Vocabulary.build(corpus.tokens_of_split("train"), config.min_count)
     train_rows, val_rows = (split_rows(corpus, store, split) for split in ("train", "val"))
     for split, rows in (("train", train_rows), ("val", val_rows)):
         if len(rows) == 0:
             raise CaptionerError(f"{store.path}: no {split} images with features and captions")
-
-    torch.manual_seed(config.seed)
-    decoder_config = DecoderConfig(
-        config.model, len(vocabulary), store.channels, config.embed_size, config.hidden_size,
-        config.attention_size, config.dropout,
-    )  # fmt: skip
-    decoder = build_decoder(decoder_config)
-    if not config.resume:  # a resumed run takes its statistics from the checkpoint
-        decoder.set_feature_statistics(*feature_statistics(store, train_rows, decoder.feature_kind))
-    decoder = decoder.to(device)
-    seed_rank(config.seed, ranks.rank)
-    run = Run(config, ranks, device, store, vocabulary, decoder, corpus_digest(corpus))
+    run = _start_run(config, ranks, device, store, corpus, train_rows)
+    config, vocabulary = run.config, run.vocabulary
     state = RunState()
     if config.resume:
         state = resume_run(run, last_path)
@@ -154,7 +99,7 @@ def _train(
             f"{out}: already holds a run; pass --resume to continue it or choose another --out"
         )
 
-    kind = decoder.feature_kind
+    kind = run.decoder.feature_kind
     train_stream = training_stream(
         store, corpus, vocabulary, train_rows, config, kind, device, ranks
     )
@@ -165,8 +110,8 @@ def _train(
         vocabulary.save(out / "vocab.json")
         write_metrics(out, state.history)
     say(
-        f"training {config.model} on {store.path} ({len(train_rows)} train, {len(val_rows)} val"
-        f" images, vocabulary {len(vocabulary)}) on {device}"
+        f"training {config.model} ({config.objective}) on {store.path} ({len(train_rows)} train,"
+        f" {len(val_rows)} val images, vocabulary {len(vocabulary)}) on {device}"
         + (f" x {ranks.world_size} ranks" if ranks.world_size > 1 else "")
     )
 
@@ -176,25 +121,24 @@ def _train(
             timing = _train_epoch(run, train_stream, state, stop, log, progress)
             if timing is None:
                 who = stop.name or "a signal on another rank"
-                say(f"stopped by {who} at epoch {state.epoch + 1} step {state.step}, saved in"
-                    f" {last_path}; run the same command with --resume to continue")  # fmt: skip
-                return TrainResult(
-                    out, out / "best.pt", last_path, state.history, state.best_epoch,
-                    state.best_bleu4, False, ranks.rank, stop.name or "SIGTERM",
-                )  # fmt: skip
+                say(
+                    f"stopped by {who} at epoch {state.epoch + 1} step {state.step}, saved in"
+                    f" {last_path}; run the same command with --resume to continue"
+                )
+                return _result(run, state, stopped_early=False, preempted=stop.name or "SIGTERM")
             row = None
             if ranks.is_main:
                 validation = validate(run, val_stream, references)
-                row = epoch_row(state, timing, validation, ranks.world_size)
+                means = run.objective.epoch_means(state.totals)
+                row = epoch_row(state, timing, validation, ranks.world_size, means)
                 figure = save_sample_attention(out, store, corpus, validation, state.epoch + 1)
                 log.epoch(row, figure)
             row = ranks.broadcast(row)
             state.history.append(row)
-            state.epoch, state.step = row["epoch"], 0
-            state.loss_sum, state.nll_sum, state.tokens = 0.0, 0.0, 0
-            improved = row["val_bleu4"] > state.best_bleu4
+            state.epoch, state.step, state.totals = row["epoch"], 0, [0.0, 0.0, 0.0]
+            improved = row[config.selection_metric] > state.best_score
             if improved:
-                state.best_bleu4, state.best_epoch = row["val_bleu4"], row["epoch"]
+                state.best_score, state.best_epoch = row[config.selection_metric], row["epoch"]
                 state.epochs_without_improvement = 0
                 save_run(run, out / "best.pt", state)
             else:
@@ -211,11 +155,54 @@ def _train(
 
     stopped_early = state.early_stopped(config.early_stop) and state.epoch < config.epochs
     if stopped_early:
-        say(f"early stop: no better validation BLEU-4 for {config.early_stop} epochs")
-    return TrainResult(
-        out, out / "best.pt", last_path, state.history, state.best_epoch, state.best_bleu4,
-        stopped_early, ranks.rank,
-    )  # fmt: skip
+        name = config.selection_metric.removeprefix("val_")
+        say(f"early stop: no better validation {name} for {config.early_stop} epochs")
+    return _result(run, state, stopped_early)
+
+
+def _start_run(
+    config: TrainConfig,
+    ranks: Ranks,
+    device: torch.device,
+    store: FeatureStore,
+    corpus: Corpus,
+    train_rows: np.ndarray,
+) -> Run:
+    """The decoder a run starts with and the objective that trains it: a new decoder with the
+    train split's vocabulary and feature statistics for cross entropy, the `init` checkpoint's
+    decoder for self-critical training."""
+    digest = corpus_digest(corpus)
+    torch.manual_seed(config.seed)
+    if config.objective == "scst":
+        config, start = initial_checkpoint(config, store, digest)
+        vocabulary = start.vocabulary
+    else:
+        vocabulary = Vocabulary.build(corpus.tokens_of_split("train"), config.min_count)
+    decoder = build_decoder(
+        DecoderConfig(
+            config.model,
+            len(vocabulary),
+            store.channels,
+            config.embed_size,
+            config.hidden_size,
+            config.attention_size,
+            config.dropout,
+        )
+    )
+    if config.objective == "scst":
+        decoder.load_state_dict(start.state_dict)
+        reward = CiderReward(corpus, train_rows.tolist(), vocabulary)
+        objective: nn.Module = SelfCritical(
+            decoder, reward, config.scst_samples, config.scst_baseline, config.max_length
+        )
+    else:
+        if not config.resume:  # a resumed run takes its statistics from the checkpoint
+            statistics = feature_statistics(store, train_rows, decoder.feature_kind)
+            decoder.set_feature_statistics(*statistics)
+        objective = CrossEntropy(decoder, config.label_smoothing, config.alpha_c)
+    objective = objective.to(device)
+    seed_rank(config.seed, ranks.rank)
+    return Run(config, ranks, device, store, vocabulary, decoder, objective, digest)
 
 
 def _train_epoch(
@@ -230,7 +217,7 @@ def _train_epoch(
     stop was requested (on any rank): then last.pt holds the step reached."""
     config, ranks = run.config, run.ranks
     run.model.train()
-    sums = torch.tensor([state.loss_sum, state.nll_sum], dtype=torch.float32, device=run.device)
+    totals = torch.tensor(state.totals, dtype=torch.float32, device=run.device)
     bar = tqdm(
         total=stream.num_captions(state.epoch, state.step),
         unit="cap",
@@ -252,47 +239,46 @@ def _train_epoch(
             if batch is None:
                 break
             output, grad_norm = _optimizer_step(run, batch.to(run.device))
-            sums += torch.stack([output.loss.detach() * output.tokens, output.nll_sum.detach()])
-            state.tokens += output.tokens
+            totals += output.totals
             state.step += 1
-            captions += batch.num_captions
+            captions += output.captions
             bar.update(batch.num_captions)
             if progress and state.step % 25 == 0:
                 bar.set_postfix(loss=f"{output.loss.item():.3f}")
             if log is not None:
                 step_seconds = time.perf_counter() - waiting
-                log.step(state.epoch * stream.num_batches + state.step, {
-                    "loss": output.loss.item(),
-                    "lr": run.optimizer.param_groups[0]["lr"],
-                    **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
-                    "captions_per_s": batch.num_captions / step_seconds,
-                    "data_wait": waited / step_seconds,
-                })  # fmt: skip
+                log.step(
+                    state.epoch * stream.num_batches + state.step,
+                    {
+                        "loss": output.loss.item(),
+                        "lr": run.optimizer.param_groups[0]["lr"],
+                        **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                        "captions_per_s": output.captions / step_seconds,
+                        "data_wait": waited / step_seconds,
+                    },
+                )
             if ranks.any(stop.requested, run.device):  # all ranks stop at the same step
-                own = [*(float(x) for x in sums.tolist()), state.tokens]
-                state.loss_sum, state.nll_sum, state.tokens = own
-                state.rank_sums = ranks.gather(own) if ranks.world_size > 1 else []
+                state.totals = totals.tolist()
+                state.rank_totals = ranks.gather(state.totals) if ranks.world_size > 1 else []
                 save_run(run, Path(config.out) / "last.pt", state, resumable=True)
                 return None
             now = time.perf_counter()
             if mid_epoch_saves and now - last_save >= config.checkpoint_minutes * 60:
-                state.loss_sum, state.nll_sum = (float(x) for x in sums.tolist())
+                state.totals = totals.tolist()
                 save_run(run, Path(config.out) / "last.pt", state, resumable=True)
                 last_save = time.perf_counter()
     finally:  # (also when a fault ends the epoch: the error then starts its own line)
         bar.close()
-    state.loss_sum, state.nll_sum, state.tokens = ranks.sum(
-        [*(float(x) for x in sums.tolist()), state.tokens]
-    )
+    state.totals = ranks.sum(totals.tolist())
     return EpochTiming(time.perf_counter() - started, data_wait, int(ranks.sum([captions])[0]))
 
 
-def _optimizer_step(run: Run, batch: Batch) -> tuple[LossOutput, torch.Tensor | None]:
-    """Forward, backward, gradient clipping and the optimizer's update for one batch: the loss
-    and the gradient norm before clipping (None without clipping)."""
+def _optimizer_step(run: Run, batch: Batch) -> tuple[StepOutput, torch.Tensor | None]:
+    """Forward, backward, gradient clipping and the optimizer's update for one batch: the
+    objective's output and the gradient norm before clipping (None without clipping)."""
     config, amp, optimizer = run.config, run.amp, run.optimizer
     with amp.autocast():
-        output = run.model(batch.features, batch.image_index, batch.captions, batch.lengths)
+        output = run.model(batch)
     optimizer.zero_grad(set_to_none=True)
     amp.scaler.scale(output.loss).backward()
     grad_norm = None
@@ -304,33 +290,20 @@ def _optimizer_step(run: Run, batch: Batch) -> tuple[LossOutput, torch.Tensor | 
     return output, grad_norm
 
 
-# What each option accepts; the options not named here accept any value of their type.
-_ACCEPTS = {
-    "model": lambda name: name in DECODERS,
-    "device": lambda name: name in DEVICES,
-    "lr": lambda lr: lr > 0,
-    **dict.fromkeys(
-        ("epochs", "batch_size", "embed_size", "hidden_size", "attention_size", "min_count",
-         "max_length"),
-        lambda number: number >= 1,
-    ),
-    **dict.fromkeys(
-        ("captions_per_image", "grad_clip", "alpha_c", "early_stop", "checkpoint_minutes"),
-        lambda number: number >= 0,
-    ),
-    **dict.fromkeys(("dropout", "label_smoothing"), lambda fraction: 0 <= fraction < 1),
-    "workers": lambda number: number is None or number >= 0,
-}  # fmt: skip
-
-
-def _check_options(config: TrainConfig) -> None:
-    """Bad option values as one-line errors before any work starts."""
-    for option in fields(config):
-        value = getattr(config, option.name)
-        if option.name in _ACCEPTS and not _ACCEPTS[option.name](value):
-            raise CaptionerError(
-                f"--{option.name.replace('_', '-')}: {value!r} is not a valid value"
-            )
+def _result(run: Run, state: RunState, stopped_early: bool, preempted: str = "") -> TrainResult:
+    out = Path(run.config.out)
+    return TrainResult(
+        out,
+        out / "best.pt",
+        out / "last.pt",
+        state.history,
+        state.best_epoch,
+        state.best_score,
+        run.config.selection_metric,
+        stopped_early,
+        run.ranks.rank,
+        preempted,
+    )
 
 
 def seed_rank(seed: int, rank: int) -> None:
