@@ -6,7 +6,8 @@ exactly one row (``path, caption, log_prob, error``, the path absolute, so that 
 file whatever folder a re-run starts in); a file that cannot be read gets an empty caption and
 its reason. Rows are flushed batch by batch, and a re-run with the same output skips
 the files it already holds, so a killed run resumes without losing or repeating a row (a
-half-written last line is cut off and redone).
+half-written last line is cut off and redone). With `html`, the whole output is also shown as a
+page of cards (captioner.report): each picture with its caption, sortable by log-probability.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from captioner.errors import CaptionerError
 from captioner.images import ImageDataset, collate_images
 from captioner.preemption import StopRequest
 from captioner.readers.builder import IMAGE_SUFFIXES
+from captioner.report import Card, ReportPage, describe_config, write_report
 
 OUTPUT_FORMATS = ("csv", "jsonl")
 COLUMNS = ("path", "caption", "log_prob", "error")
@@ -56,6 +58,7 @@ class CaptionConfig:
     workers: int = 2
     weights: str | None = None  # a local encoder weights file instead of the checkpoint's record
     allow_other_weights: bool = False  # caption with weights the decoder was not trained on
+    html: Path | None = None  # also write a page of the output's pictures and captions here
 
 
 @dataclass
@@ -146,8 +149,27 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
             if previous is not None:
                 write(previous)
         summary.stopped = stop.name
+    if config.html is not None:
+        write_report(config.html, _gallery(config, output.rows()), progress)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _gallery(config: CaptionConfig, rows: list[CaptionRow]) -> ReportPage:
+    """Every row of the output (earlier runs' too) as a card, scored by its log-probability."""
+    cards = [
+        Card(
+            path, caption, picture=Path(path), note=error or "",
+            scores={} if log_prob is None else {"log-prob": log_prob},
+        )
+        for path, caption, log_prob, error in rows
+    ]  # fmt: skip
+    details = [
+        ("checkpoint", str(config.checkpoint)),
+        ("captions", str(config.out)),
+        ("decoding", describe_config(config.decoding)),
+    ]
+    return ReportPage(f"Captions of {len(cards)} images", cards, details)
 
 
 def recorded_encoder(checkpoint: Checkpoint) -> EncoderConfig:
@@ -232,6 +254,9 @@ def _is_formula(value: str) -> bool:
         return True
 
 
+CaptionRow = tuple[str, str, float | None, str | None]  # path, caption, log_prob, error
+
+
 class CaptionOutput:
     """The output file: what it already holds, and appending rows to it (flushed per batch)."""
 
@@ -242,34 +267,49 @@ class CaptionOutput:
 
     def captioned_paths(self) -> set[str]:
         """Keys of the files already in the output; a half-written last line is cut off first."""
+        if self.path.exists():
+            _cut_partial_last_line(self.path)
+        return {_key(Path(path)) for path, *_ in self.rows()}
+
+    def rows(self) -> list[CaptionRow]:
+        """The rows in the output, as `write` took them."""
         if not self.path.exists():
-            return set()
-        _cut_partial_last_line(self.path)
+            return []
         text = self.path.read_text("utf-8")
         if not text:
-            return set()
-        paths = self._csv_paths(text) if self.format == "csv" else self._jsonl_paths(text)
-        return {_key(Path(path)) for path in paths}
+            return []
+        return self._csv_rows(text) if self.format == "csv" else self._jsonl_rows(text)
 
-    def _csv_paths(self, text: str) -> list[str]:
+    def _csv_rows(self, text: str) -> list[CaptionRow]:
         rows = list(csv.reader(io.StringIO(text)))
         if tuple(rows[0]) != COLUMNS:
             raise CaptionerError(
                 f"{self.path}: exists and is not a captions CSV (columns {','.join(COLUMNS)}); "
                 "choose another --out"
             )
-        return [spreadsheet_value(row[0]) for row in rows[1:] if row]
+        parsed = []
+        for number, row in enumerate(rows[1:], start=2):
+            try:
+                path, caption, log_prob, error = (spreadsheet_value(cell) for cell in row)
+                parsed.append((path, caption, float(log_prob) if log_prob else None, error or None))
+            except ValueError:
+                raise CaptionerError(
+                    f"{self.path}: line {number} is not a captions CSV row; choose another --out"
+                ) from None
+        return parsed
 
-    def _jsonl_paths(self, text: str) -> list[str]:
-        paths = []
+    def _jsonl_rows(self, text: str) -> list[CaptionRow]:
+        rows = []
         for number, line in enumerate(text.splitlines(), start=1):
             try:
-                paths.append(json.loads(line)["path"])
+                entry = json.loads(line)
+                rows.append((entry["path"], entry.get("caption", ""), entry.get("log_prob"),
+                             entry.get("error")))  # fmt: skip
             except (ValueError, KeyError, TypeError):
                 raise CaptionerError(
                     f"{self.path}: line {number} is not a captions JSONL row; choose another --out"
                 ) from None
-        return paths
+        return rows
 
     def __enter__(self) -> CaptionOutput:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +326,7 @@ class CaptionOutput:
         self._file.close()
         self._file = None
 
-    def write(self, rows: list[tuple[str, str, float | None, str | None]]) -> None:
+    def write(self, rows: list[CaptionRow]) -> None:
         """Append whole rows and flush, so a killed run loses at most the batch being written."""
         assert self._file is not None
         buffer = io.StringIO()

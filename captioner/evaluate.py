@@ -2,8 +2,10 @@
 
 Outputs in the `out` directory: `metrics.json` (the scores and how they were computed),
 `captions.csv` (image_id, caption, log_prob, references), `results.json` (the COCO results format,
-``[{"image_id", "caption"}]``) and, with `visualize`, `attention/<image>.png`.
-`score_predictions` scores another system's captions against a caption dataset the same way.
+``[{"image_id", "caption"}]``), `report.html` (a page to look at every image's caption, references,
+per-image scores and attention; captioner.report) and, with `visualize`, `attention/<image>.png`.
+`score_predictions` scores another system's captions against a caption dataset the same way, and
+writes metrics.json and report.html.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from captioner.files import atomic_file
 from captioner.images import ImageError, load_image
 from captioner.metrics import COCO, MetricsReport, check_java, score_captions
 from captioner.readers import read_corpus
+from captioner.report import REPORT_NAME, Card, ReportPage, describe_config, write_report
 from captioner.store import FeatureStore, corpus_digest
 from captioner.text import SPECIAL_TOKENS
 from captioner.training.data import split_rows, training_corpus
@@ -72,6 +75,7 @@ class ScoreConfig:
     format: str | None = None
     splits_dir: Path | None = None
     metrics: str = "auto"
+    images: Path | None = None  # image folder for the report's pictures
 
 
 @dataclass
@@ -143,7 +147,48 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
             out / "attention", checkpoint, store, corpus, config, rows, captions
         )
         notes += figure_notes
+    page = _evaluation_page(
+        config, checkpoint, store, corpus, rows, captions, references, report, notes
+    )
+    write_report(out / REPORT_NAME, page, progress)
     return EvaluationResult(report, out, len(rows), figures, notes)
+
+
+def _evaluation_page(
+    config: EvaluateConfig,
+    checkpoint: Checkpoint,
+    store: FeatureStore,
+    corpus: Corpus,
+    rows: np.ndarray,
+    captions: list[GeneratedCaption],
+    references: Mapping[str, list[str]],
+    report: MetricsReport,
+    notes: list[str],
+) -> ReportPage:
+    """report.html's content: the scores, where they came from, and a card per image."""
+    ids = store.image_ids()
+    root, why_not = _image_root(config.images, store.attrs.get("images_root"))
+    cards = [
+        Card(
+            ids[row], " ".join(caption.words(checkpoint.vocabulary)),
+            picture=root / corpus.images[row].path if root else None, missing=why_not,
+            references=references[ids[row]], scores=report.per_image.get(ids[row], {}),
+            words=caption.words(checkpoint.vocabulary), attention=caption.attention,
+        )
+        for row, caption in zip(rows, captions, strict=True)
+    ]  # fmt: skip
+    encoder, settings, model = store.encoder_config, store.settings, checkpoint.decoder_config.model
+    details = [
+        ("checkpoint", f"{config.checkpoint} ({model})"),
+        ("features", f"{store.path}, split {config.split!r}"),
+        ("encoder", f"{encoder.name} at {encoder.image_size} px, grid "
+                    f"{store.grid[0]}x{store.grid[1]}, {store.channels} channels"),
+        ("weights", f"{settings.weights_id} (sha256 {settings.weights_checksum[:12]})"),
+        ("decoding", describe_config(config.decoding)),
+        ("pictures", str(root) if root else why_not),
+    ]  # fmt: skip
+    title = f"{model} on the {config.split} split of {store.path.name}"
+    return ReportPage(title, cards, details, report, store.grid, notes)
 
 
 def trained_corpus(checkpoint: Checkpoint, store: FeatureStore, path: Path) -> Corpus:
@@ -260,6 +305,23 @@ def score_predictions(config: ScoreConfig) -> ScoreResult:
         "notes": report.notes + notes,
     }
     _write_json(out / "metrics.json", summary)
+    root, why_not = _image_root(config.images, None)
+    cards = [
+        Card(
+            corpus.images[row].id, caption,
+            picture=root / corpus.images[row].path if root else None, missing=why_not,
+            references=references[corpus.images[row].id],
+            scores=report.per_image[corpus.images[row].id],
+        )
+        for row, caption in matched.items()
+    ]  # fmt: skip
+    details = [
+        ("predictions", str(config.predictions)),
+        ("references", f"{', '.join(map(str, config.captions))}, split {config.split!r}"),
+        ("pictures", str(root) if root else why_not),
+    ]
+    title = f"{Path(config.predictions).name} on the {config.split} split"
+    write_report(out / REPORT_NAME, ReportPage(title, cards, details, report, notes=notes))
     return ScoreResult(report, out, notes)
 
 
@@ -356,13 +418,8 @@ def _attention_figures(
     """One PNG per image for the first `config.visualize` images; the photo when it is found."""
     if captions[0].attention is None:
         return 0, [f"{checkpoint.decoder_config.model} has no attention: nothing to visualize"]
-    root = config.images or store.attrs.get("images_root")
-    notes = []
-    if root is None:
-        notes.append("no image folder known (pass --images): attention drawn on the grid only")
-    elif not Path(root).is_dir():
-        notes.append(f"{root}: image folder not reachable: attention drawn on the grid only")
-        root = None
+    root, why_not = _image_root(config.images, store.attrs.get("images_root"))
+    notes = [f"{why_not}: attention drawn on the grid only"] if root is None else []
     folder.mkdir(parents=True, exist_ok=True)
     count = min(config.visualize, len(rows))
     for row, caption in zip(rows[:count], captions[:count], strict=True):
@@ -381,6 +438,17 @@ def _attention_figures(
             image,
         )
     return count, notes
+
+
+def _image_root(images: Path | None, recorded: str | None) -> tuple[Path | None, str]:
+    """The folder pictures are read from (`images`, else the one recorded at extraction), or
+    None and why there is none."""
+    root = images or recorded
+    if root is None:
+        return None, "no image folder known (pass --images)"
+    if not Path(root).is_dir():
+        return None, f"{root}: image folder not reachable"
+    return Path(root), ""
 
 
 def _write_captions_csv(

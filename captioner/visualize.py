@@ -51,7 +51,7 @@ def save_attention_figure(
     panels = list(zip(words, alphas.reshape(-1, height, width), strict=True))
     if not panels:
         panels = [("(empty caption)", None)]
-    picture = _shrunk(image) if image is not None else None
+    picture = shrunk(image) if image is not None else None
 
     columns = min(MAX_COLUMNS, len(panels))
     rows = math.ceil(len(panels) / columns)
@@ -68,6 +68,29 @@ def save_attention_figure(
         elif alpha is not None:
             axes.imshow(alpha, cmap="inferno", interpolation="nearest")
     _save(figure, path)
+
+
+def attention_strip(
+    alphas: np.ndarray, grid: tuple[int, int], image: Image.Image | None, side: int
+) -> Image.Image:
+    """One picture with a panel per word, side by side, each fitting in `side` x `side` pixels:
+    the image dimmed where the word's attention is low (the strip in report.html), or, without
+    an image, the grid of weights in gray. `alphas` is (words, H*W) over the `grid` (H, W)."""
+    height, width = grid
+    alphas = np.asarray(alphas, dtype=np.float32).reshape(-1, height, width)
+    picture = shrunk(image, side) if image is not None else None
+    size = picture.size if picture is not None else (side, side)
+    strip = Image.new("RGB", (size[0] * max(len(alphas), 1), size[1]), (255, 255, 255))
+    for number, alpha in enumerate(alphas):
+        weights = alpha / max(float(alpha.max()), 1e-12)  # the word's strongest region is 1
+        if picture is None:
+            gray = Image.fromarray(np.uint8(255 * weights)).resize(size, Image.Resampling.NEAREST)
+            panel = gray.convert("RGB")
+        else:
+            light = 0.25 + 0.75 * np.clip(_upsampled(weights, size), 0.0, 1.0)
+            panel = Image.fromarray(np.uint8(np.asarray(picture) * light[..., None]))
+        strip.paste(panel, (number * size[0], 0))
+    return strip
 
 
 def save_training_curves(path: Path, rows: Sequence[dict]) -> None:
@@ -97,9 +120,10 @@ def _series(rows: Sequence[dict], key: str) -> tuple[list, list]:
     return [epoch for epoch, _ in points], [value for _, value in points]
 
 
-def _shrunk(image: Image.Image) -> Image.Image:
+def shrunk(image: Image.Image, side: int = IMAGE_SIDE) -> Image.Image:
+    """A copy of `image` in RGB, at most `side` pixels a side, aspect kept."""
     picture = image.convert("RGB")
-    picture.thumbnail((IMAGE_SIDE, IMAGE_SIDE))
+    picture.thumbnail((side, side))
     return picture
 
 

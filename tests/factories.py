@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from captioner.corpus import SPLITS, CaptionRecord, Corpus, ImageRecord
 from captioner.encoder import EncoderConfig
-from captioner.store import StoreSettings, create_store
+from captioner.store import FeatureStore, StoreSettings, create_store
 from captioner.text import tokenize
 
 # Each image belongs to a class (row % 4); its captions name the class's colour and shape, and its
@@ -88,6 +89,16 @@ def make_store(
         failures = {row: "generated failure" for row in rows if row in set(failed)}
         writer.write_shard(shard, spatial, pooled, failures)
     return Path(path)
+
+
+def write_split_pictures(store: Path, folder: Path, split: str = "test") -> Path:
+    """A small distinct picture for each image of the store's `split`, in `folder` (the image
+    folder an evaluation shows the pictures from)."""
+    opened = FeatureStore.open(store)
+    folder.mkdir(parents=True)
+    for row in opened.split_indices(split):
+        Image.new("RGB", (40, 30), (row * 10, 80, 160)).save(folder / opened.image_ids()[row])
+    return folder
 
 
 def damage(path: Path, array: str, shard: int) -> None:

@@ -5,6 +5,8 @@ Import as ``from inference_factories import make_checkpoint`` (pytest puts tests
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
@@ -58,3 +60,13 @@ def make_checkpoint(
     )
     save_checkpoint(path, checkpoint)
     return path
+
+
+def report_data(page: Path) -> dict:
+    """The JSON a report.html page renders its cards from."""
+    text = Path(page).read_text("utf-8")
+    match = re.search(
+        r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S
+    )
+    assert match, f"{page}: no data block"
+    return json.loads(match[1])

@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from factories import failing_on_call, make_store
-from inference_factories import make_checkpoint
+from inference_factories import make_checkpoint, report_data
 from PIL import Image
 
 from captioner import caption as caption_module
@@ -106,6 +106,30 @@ def test_a_folder_gives_one_row_per_file_with_errors_where_due(tmp_path, checkpo
             assert row["caption"] == "" and row["log_prob"] == "" and row["error"], name
     assert "empty" in by_name["empty.jpg"]["error"]
     assert (summary.files, summary.captioned, summary.failed, summary.skipped) == (10, 7, 3, 0)
+
+
+def test_html_shows_every_row_of_the_output_with_its_picture_or_its_error(tmp_path, checkpoint):
+    pictures = tmp_path / "pics"
+    pictures.mkdir()
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(pictures / "red.jpg")
+    (pictures / "empty.jpg").write_bytes(b"")
+    out, page = tmp_path / "captions.jsonl", tmp_path / "gallery.html"
+    common = ("--checkpoint", checkpoint, "--out", out, "--format", "jsonl", "--html", page,
+              "--beam-size", 2, "--min-length", 1, "--max-length", 6, "--workers", 0)  # fmt: skip
+    assert run_cli("caption", pictures, *common)[0] == 0
+    Image.new("RGB", (40, 40), (0, 0, 200)).save(pictures / "blue.png")
+    code, output = run_cli("caption", pictures, *common)  # a re-run captions only blue.png
+    assert code == 0 and f"report: {page}" in output
+    rows = {Path(row["path"]).name: row for row in map(json.loads, out.read_text().splitlines())}
+    cards = {Path(card["id"]).name: card for card in report_data(page)["cards"]}
+    assert set(cards) == set(rows) == {"red.jpg", "empty.jpg", "blue.png"}
+    for name in ("red.jpg", "blue.png"):
+        assert cards[name]["caption"] == rows[name]["caption"] != ""
+        assert cards[name]["scores"] == {"log-prob": rows[name]["log_prob"]}
+        assert (tmp_path / cards[name]["thumb"]).is_file()
+        assert (tmp_path / cards[name]["link"]).resolve() == pictures / name
+    assert cards["empty.jpg"]["note"] == rows["empty.jpg"]["error"]
+    assert "empty" in cards["empty.jpg"]["missing"] and not cards["empty.jpg"]["scores"]
 
 
 def test_without_recursive_subfolders_are_left_out_and_globs_work(tmp_path):

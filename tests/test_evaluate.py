@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import failing_on_call, make_store
+from factories import failing_on_call, make_store, write_split_pictures
 from flickr8k_fixture import flickr8k_test_captions
 from inference_factories import make_checkpoint
 from PIL import Image
@@ -98,11 +98,7 @@ def test_show_tell_evaluates_from_pooled_features_and_has_nothing_to_visualize(
 def test_visualize_draws_on_the_images_when_the_folder_is_reachable(
     tmp_path, store_path, checkpoint_path
 ):
-    images = tmp_path / "images"
-    images.mkdir()
-    store = FeatureStore.open(store_path)
-    for row in store.split_indices("test"):
-        Image.new("RGB", (40, 30), (row * 10, 80, 160)).save(images / store.image_ids()[row])
+    images = write_split_pictures(store_path, tmp_path / "images")
     config = EvaluateConfig(
         checkpoint_path, store_path, tmp_path / "out", visualize=2, images=images, metrics=FALLBACK
     )

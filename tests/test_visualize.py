@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.visualize import save_attention_figure, save_training_curves
+from captioner.visualize import attention_strip, save_attention_figure, save_training_curves
 
 GRID = (3, 4)
 
@@ -78,3 +78,15 @@ def test_training_curves(tmp_path):
     assert drawn.shape == (400, 1000, 3)
     save_training_curves(path, rows[:1])  # overwritten in place, one epoch is enough
     assert not np.array_equal(pixels(path), drawn)
+
+
+def test_attention_strip_lights_each_words_region_of_the_picture(tmp_path):
+    alphas = np.concatenate([one_hot_alphas(1, region=0), one_hot_alphas(1, region=11)])
+    picture = Image.new("RGB", (80, 60), (200, 200, 200))
+    strip = np.asarray(attention_strip(alphas, GRID, picture, side=40), dtype=int)
+    assert strip.shape == (30, 80, 3)  # two panels of the picture shrunk to 40 x 30
+    first, second = strip[:, :40], strip[:, 40:]
+    assert first[2, 2, 0] > 180 and first[-3, -3, 0] < 80  # top-left lit, bottom-right dim
+    assert second[2, 2, 0] < 80 and second[-3, -3, 0] > 180
+    grid = np.asarray(attention_strip(alphas, GRID, None, side=24), dtype=int)
+    assert grid.shape == (24, 48, 3) and grid[0, 0, 0] == 255 and grid[-1, 0, 0] < 10

@@ -15,6 +15,7 @@ from captioner.devices import DEVICES
 from captioner.evaluate import EvaluateConfig, ScoreConfig, evaluate, score_predictions
 from captioner.metrics import IMPLEMENTATIONS
 from captioner.readers import FORMATS as CAPTION_FORMATS
+from captioner.report import REPORT_NAME
 
 
 def decoding_options(command: Callable) -> Callable:
@@ -82,6 +83,7 @@ def evaluate_command(**options) -> None:
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo(f"wrote {result.out}/metrics.json, captions.csv, results.json")
+    click.echo(f"report: {result.out / REPORT_NAME}")
     if result.figures:
         click.echo(f"wrote {result.figures} attention figures to {result.out}/attention/")
 
@@ -105,6 +107,10 @@ def evaluate_command(**options) -> None:
 @click.option("--format", "format_", type=click.Choice(CAPTION_FORMATS), help="Caption format.")
 @click.option("--splits", "splits_dir", type=click.Path(path_type=Path), help="Split files.")
 @_metrics_option
+@click.option(
+    "--images", type=click.Path(path_type=Path),
+    help="Image folder of the caption dataset: the report shows the pictures.",
+)  # fmt: skip
 def score_command(
     predictions: Path,
     captions: tuple[Path, ...],
@@ -113,14 +119,17 @@ def score_command(
     format_: str | None,
     splits_dir: Path | None,
     metrics: str,
+    images: Path | None,
 ) -> None:
     """Score any system's captions against a caption dataset, with the same metrics."""
-    config = ScoreConfig(predictions, list(captions), out, split, format_, splits_dir, metrics)
+    config = ScoreConfig(
+        predictions, list(captions), out, split, format_, splits_dir, metrics, images
+    )
     result = score_predictions(config)
     click.echo(result.report.format_table())
     for note in result.notes:
         click.echo(f"note: {note}")
-    click.echo(f"wrote {result.out}/metrics.json")
+    click.echo(f"wrote {result.out}/metrics.json\nreport: {result.out / REPORT_NAME}")
 
 
 @click.command("caption")
@@ -146,6 +155,10 @@ def score_command(
     "--allow-other-weights", is_flag=True,
     help="Caption even with encoder weights other than those the decoder was trained on.",
 )  # fmt: skip
+@click.option(
+    "--html", type=click.Path(path_type=Path),
+    help="Also write a page (PATH.html, pictures in PATH_files/) of every image and its caption.",
+)  # fmt: skip
 def caption_command(inputs: tuple[str, ...], format_: str, **options) -> None:
     """Caption image files, folders and globs into a CSV (path,caption,log_prob,error).
 
@@ -159,6 +172,8 @@ def caption_command(inputs: tuple[str, ...], format_: str, **options) -> None:
         f"{summary.files} files: {summary.captioned} captioned, {summary.failed} unreadable, "
         f"{summary.skipped} already in {summary.out}{rate}"
     )
+    if config.html is not None:
+        click.echo(f"report: {config.html}")
     if summary.stopped:
         click.echo(
             f"stopped by {summary.stopped} after the batch in hand: run the same command again"
