@@ -9,7 +9,7 @@ is imported inside the drawing functions: it takes a noticeable time to import, 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -111,6 +111,29 @@ def save_training_curves(path: Path, rows: Sequence[dict]) -> None:
         axes.grid(alpha=0.3)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
+    _save(figure, path)
+
+
+def save_run_comparison(path: Path, histories: Mapping[str, Sequence[dict]]) -> None:
+    """One PNG comparing runs: their validation loss, BLEU-4 and, when some run's rows carry
+    it, CIDEr-D per epoch, one line per run (named by the mapping's keys) on shared axes."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [("val_loss", "Validation loss per token"), ("val_bleu4", "Validation BLEU-4")]
+    if any(row.get("val_cider") is not None for rows in histories.values() for row in rows):
+        panels.append(("val_cider", "Validation CIDEr-D"))
+    figure = Figure(figsize=(5 * len(panels), 4.5), dpi=DPI)
+    axes_row = figure.subplots(1, len(panels), squeeze=False)[0]
+    for axes, (key, title) in zip(axes_row, panels, strict=True):
+        for name, rows in histories.items():
+            axes.plot(*_series(rows, key), marker=".", label=name)
+        axes.set(xlabel="epoch", title=title)
+        axes.grid(alpha=0.3)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axes_row[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
+    figure.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3), 1, 1))
     _save(figure, path)
 
 

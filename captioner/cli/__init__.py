@@ -67,6 +67,9 @@ def _register() -> None:
     main.add_command(evaluate_command)
     main.add_command(score_command)
     main.add_command(caption_command)
+    from captioner.cli.runs_commands import runs_command
+
+    main.add_command(runs_command)
 
 
 _register()

@@ -1,0 +1,26 @@
+"""`captioner runs`: training runs compared in one table and one figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from captioner.cli.options import field_option
+from captioner.runs import RunsConfig, compare_runs, format_runs
+
+
+@click.command("runs")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@field_option(
+    RunsConfig, "out", click.Path(path_type=Path),
+    "PNG of the runs' validation curves on shared axes.",
+)  # fmt: skip
+def runs_command(runs: tuple[Path, ...], out: Path) -> None:
+    """Compare training runs (output folders of `captioner train`, e.g. runs/*): model, sizes,
+    objective, epochs, best epoch, best val BLEU-4 (and CIDEr-D where recorded), speed, time."""
+    summaries, skipped = compare_runs(RunsConfig(list(runs), out))
+    click.echo(format_runs(summaries))
+    for note in skipped:
+        click.echo(f"skipped {note}")
+    click.echo(f"validation curves: {out}")

@@ -1,0 +1,161 @@
+"""Training runs side by side: one table of what each run is and reached, and one figure of their
+validation curves on shared axes (`captioner runs runs/*`).
+
+A run is a training output folder. Each epoch's figures come from its metrics.jsonl; what the
+decoder is (model, sizes) and how it was trained (the objective, "xe" unless the run recorded
+another) from its checkpoint, best.pt or else last.pt, opened like every checkpoint with
+``torch.load(weights_only=True)``. The best epoch is the one best.pt holds, so it follows
+whatever criterion training chose it by.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from captioner import visualize
+from captioner.checkpoint import Checkpoint, load_checkpoint
+from captioner.errors import CaptionerError
+
+METRICS_FILE = "metrics.jsonl"
+DEFAULT_OBJECTIVE = "xe"  # runs from before training recorded an objective were all xe
+
+
+@dataclass
+class RunsConfig:
+    runs: list[Path]  # training output folders
+    out: Path = Path("runs.png")  # the figure of their validation curves
+
+
+@dataclass
+class RunSummary:
+    path: Path
+    history: list[dict]  # the metrics.jsonl rows
+    model: str  # "?" where the run has no checkpoint yet
+    sizes: str  # embed/hidden/attention, e.g. "512/512/512" ("512/512/-" without attention)
+    vocabulary: int | None
+    objective: str
+    best_epoch: int
+
+    @property
+    def best_row(self) -> dict:
+        return next(row for row in self.history if row["epoch"] == self.best_epoch)
+
+    @property
+    def captions_per_second(self) -> float | None:
+        """Over all epochs, each weighted by its time."""
+        timed = [(row.get("captions_per_s"), row.get("seconds")) for row in self.history]
+        timed = [(rate, seconds) for rate, seconds in timed if rate and seconds]
+        total = sum(seconds for _, seconds in timed)
+        return sum(rate * seconds for rate, seconds in timed) / total if total else None
+
+    @property
+    def seconds(self) -> float:
+        """Time spent training, all epochs together (validation not counted)."""
+        return sum(row.get("seconds") or 0.0 for row in self.history)
+
+
+def compare_runs(config: RunsConfig) -> tuple[list[RunSummary], list[str]]:
+    """The runs among `config.runs`, and a note for each folder left out because it holds no
+    metrics yet (not a run, or one before its first epoch); writes the figure to `config.out`.
+    CaptionerError when no folder is a run, or a run's files are damaged."""
+    runs, skipped = [], []
+    for path in map(Path, config.runs):
+        if (path / METRICS_FILE).is_file():
+            runs.append(read_run(path))
+        else:
+            skipped.append(f"{path}: no {METRICS_FILE} (not a training run, or not one epoch yet)")
+    if not runs:
+        raise CaptionerError(
+            f"{', '.join(map(str, config.runs))}: no training run there (none holds {METRICS_FILE})"
+        )
+    visualize.save_run_comparison(config.out, {str(run.path): run.history for run in runs})
+    return runs, skipped
+
+
+def read_run(path: Path) -> RunSummary:
+    """What the run in folder `path` is and reached."""
+    history = _read_history(path / METRICS_FILE)
+    best = _checkpoint(path / "best.pt")
+    checkpoint = best or _checkpoint(path / "last.pt")
+    best_epoch = _best_epoch(best, history)
+    if checkpoint is None:
+        return RunSummary(path, history, "?", "?", None, DEFAULT_OBJECTIVE, best_epoch)
+    decoder = checkpoint.decoder_config
+    attention = decoder.attention_size if decoder.model == "show-attend-tell" else "-"
+    return RunSummary(
+        path, history, decoder.model, f"{decoder.embed_size}/{decoder.hidden_size}/{attention}",
+        decoder.vocab_size,
+        checkpoint.training.get("options", {}).get("objective", DEFAULT_OBJECTIVE),
+        best_epoch,
+    )  # fmt: skip
+
+
+def format_runs(runs: list[RunSummary]) -> str:
+    """The runs as a plain-text table, one line each."""
+    header = (
+        "run", "model", "emb/hid/att", "vocab", "objective", "epochs", "best",
+        "val BLEU-4", "val CIDEr-D", "captions/s", "train time",
+    )  # fmt: skip
+    lines = [header]
+    for run in runs:
+        best = run.best_row
+        lines.append((
+            str(run.path), run.model, run.sizes, _text(run.vocabulary), run.objective,
+            str(len(run.history)), str(run.best_epoch), _text(best.get("val_bleu4"), ".4f"),
+            _text(best.get("val_cider"), ".4f"), _text(run.captions_per_second, ".0f"),
+            _duration(run.seconds),
+        ))  # fmt: skip
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(width) if column < 5 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    )
+
+
+def _read_history(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise CaptionerError(f"{path}:{number}: not a JSON line ({error})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            raise CaptionerError(f"{path}:{number}: not a metrics row (no epoch number)")
+        rows.append(row)
+    if not rows:
+        raise CaptionerError(f"{path}: no epochs in it")
+    return rows
+
+
+def _checkpoint(path: Path) -> Checkpoint | None:
+    return load_checkpoint(path)[0] if path.is_file() else None
+
+
+def _best_epoch(best: Checkpoint | None, history: list[dict]) -> int:
+    """The epoch best.pt was saved at; without it, the first epoch of the best val BLEU-4."""
+    if best is not None:
+        epoch = best.training.get("metrics", {}).get("epoch")
+        if any(row["epoch"] == epoch for row in history):
+            return epoch
+    scored = [row for row in history if math.isfinite(row.get("val_bleu4") or math.nan)]
+    if not scored:
+        return history[-1]["epoch"]
+    return max(scored, key=lambda row: (row["val_bleu4"], -row["epoch"]))["epoch"]
+
+
+def _text(value: float | int | None, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"

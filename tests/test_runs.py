@@ -1,0 +1,98 @@
+"""`captioner runs`: training runs in one table and one figure, read from their output folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from factories import make_store
+from inference_factories import make_checkpoint
+from PIL import Image
+
+from captioner.checkpoint import load_checkpoint, save_checkpoint
+from captioner.cli import main
+from captioner.errors import CaptionerError
+from captioner.runs import RunsConfig, compare_runs, read_run
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return make_store(tmp_path_factory.mktemp("store") / "s.zarr")
+
+
+def make_run(folder: Path, store: Path, model: str, rows: list[dict], best: int | None, **options):
+    """A run folder as training leaves it: metrics.jsonl and best.pt saved at epoch `best`
+    (none when None), its options recorded as `options`."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if best is not None:
+        checkpoint, _ = load_checkpoint(make_checkpoint(folder / "best.pt", store, model))
+        row = next(row for row in rows if row["epoch"] == best)
+        checkpoint.training = {"epoch": best - 1, "metrics": row, "options": options}
+        save_checkpoint(folder / "best.pt", checkpoint)
+    return folder
+
+
+def epoch(number: int, bleu4: float, **more) -> dict:
+    return {"epoch": number, "val_loss": 3.0 - bleu4, "val_bleu4": bleu4,
+            "captions_per_s": 100.0 * number, "seconds": 10.0, **more}  # fmt: skip
+
+
+def test_the_table_says_what_each_run_is_and_reached(tmp_path, store):
+    xe = make_run(tmp_path / "xe", store, "show-tell", [epoch(1, 0.2), epoch(2, 0.3)], best=2)
+    # An SCST run chose its best.pt by CIDEr-D: epoch 2, though epoch 3 has the better BLEU-4.
+    scst_rows = [epoch(n, b, val_cider=c, mean_reward=c / 2)
+                 for n, b, c in ((1, 0.25, 0.8), (2, 0.28, 0.95), (3, 0.29, 0.9))]  # fmt: skip
+    scst = make_run(tmp_path / "scst", store, "show-attend-tell", scst_rows, best=2,
+                    objective="scst")  # fmt: skip
+    runs, skipped = compare_runs(
+        RunsConfig([xe, scst, tmp_path / "xe" / "best.pt"], tmp_path / "c.png")
+    )
+    assert [run.path for run in runs] == [xe, scst] and "best.pt: no metrics.jsonl" in skipped[0]
+    first, second = runs
+    assert (first.model, first.objective, first.best_epoch, first.sizes) == (
+        "show-tell",
+        "xe",
+        2,
+        "16/24/-",
+    )
+    assert (second.model, second.objective, second.best_epoch) == ("show-attend-tell", "scst", 2)
+    assert second.sizes == "16/24/12" and second.best_row["val_cider"] == 0.95
+    assert first.captions_per_second == pytest.approx(150.0) and first.seconds == 20.0
+
+    code, output = run_cli("runs", xe, scst, "--out", tmp_path / "curves.png")
+    assert code == 0, output
+    header, xe_line, scst_line = output.splitlines()[:3]
+    assert header.split()[:4] == ["run", "model", "emb/hid/att", "vocab"]
+    assert xe_line.split()[4:] == ["xe", "2", "2", "0.3000", "-", "150", "0m20s"]
+    assert scst_line.split()[4:] == ["scst", "3", "2", "0.2800", "0.9500", "200", "0m30s"]
+    # validation loss, BLEU-4 and (rows carry it) CIDEr-D: three panels, on one figure
+    assert Image.open(tmp_path / "curves.png").size == (1500, 450)
+
+
+def test_a_run_without_a_checkpoint_takes_its_best_bleu4_epoch(tmp_path, store):
+    path = make_run(tmp_path / "r", store, "show-tell", [epoch(1, 0.3), epoch(2, 0.1)], None)
+    run = read_run(path)
+    assert (run.model, run.objective, run.best_epoch) == ("?", "xe", 1)
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_bad_folders_are_one_line_errors(tmp_path, store):
+    code, output = run_cli("runs", tmp_path, "--out", tmp_path / "c.png")
+    assert code == 1 and output.startswith("Error: ") and "no training run" in output
+    path = make_run(tmp_path / "r", store, "show-tell", [epoch(1, 0.3)], None)
+    with open(path / "metrics.jsonl", "a") as file:
+        file.write('{"epoch": 2, "val_bl')  # cut off
+    code, output = run_cli("runs", path, "--out", tmp_path / "c.png")
+    assert code == 1 and len(output.strip().splitlines()) == 1
+    assert "metrics.jsonl:2: not a JSON line" in output
+    (path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (path / "best.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CaptionerError, match="best.pt: not a captioner checkpoint"):
+        read_run(path)
