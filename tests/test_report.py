@@ -139,11 +139,12 @@ class _Page(HTMLParser):
         self._open = None
 
 
-def rendered(page: Path) -> _Page:
-    """The page as headless Chromium leaves it once its script ran and its pictures loaded."""
+def rendered(page: Path, view: str = "") -> _Page:
+    """The page (with `view`, e.g. "#word=red", in its address) as headless Chromium leaves it
+    once its script ran and its pictures loaded."""
     result = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-         "--dump-dom", page.resolve().as_uri()],
+         "--dump-dom", page.resolve().as_uri() + view],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -183,3 +184,17 @@ def test_a_large_page_opens_one_page_of_cards_worst_first(tmp_path):
     assert page.status["data-errors"] == "0" and page.status["data-cards"] == "60"
     worst = sorted(range(130), key=lambda index: (scores[index], index))[:60]
     assert page.texts["image-id"] == [f"img_{index}" for index in worst]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (headless browser)")
+def test_the_view_in_the_address_filters_by_word_and_sorts(tmp_path):
+    cards = [
+        Card("a", "a red circle", missing="-", references=["a blue square"], scores={"s": 2.0}),
+        Card("b", "two red stars", missing="-", scores={"s": 1.0}),
+        Card("c", "a green circle", missing="-", references=["one red star"], scores={"s": 3.0}),
+    ]
+    page = write_report(tmp_path / "report.html", ReportPage("view", cards, []))
+    shown = rendered(page, "#word=Red&sort=best:s")
+    assert shown.status["data-errors"] == "0" and shown.texts["image-id"] == ["a", "b"]
+    shown = rendered(page, "#word=red&references=1&sort=worst:s")
+    assert shown.texts["image-id"] == ["b", "a", "c"]

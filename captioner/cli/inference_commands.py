@@ -83,9 +83,9 @@ def evaluate_command(**options) -> None:
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo(f"wrote {result.out}/metrics.json, captions.csv, results.json")
-    click.echo(f"report: {result.out / REPORT_NAME}")
     if result.figures:
         click.echo(f"wrote {result.figures} attention figures to {result.out}/attention/")
+    click.echo(f"report: {result.out / REPORT_NAME}")
 
 
 @click.command("score")
