@@ -251,7 +251,8 @@ def test_resume_against_another_store_is_refused_in_one_line(store, tmp_path):
 
 def test_bucketed_attention_run_and_a_run_from_before_an_option_existed_resume(store, tmp_path):
     """--bucket-by-length trains and resumes; a last.pt written before an option existed resumes
-    as a run with that option's default, and asking for another value is refused."""
+    as a run with that option's default, and asking for another value is refused; a last.pt
+    written before the objectives kept their totals resumes."""
     run = tmp_path / "run"
     options = ["--features", str(store), "--out", str(run), *TINY]
     assert run_cli("--epochs", "1", "--bucket-by-length", *options).exit_code == 0
@@ -261,7 +262,12 @@ def test_bucketed_attention_run_and_a_run_from_before_an_option_existed_resume(s
     old = tmp_path / "old"
     assert run_cli("--epochs", "1", *options[:3], str(old), *TINY).exit_code == 0
     payload = torch.load(old / "last.pt", weights_only=True)
-    del payload["training"]["options"]["bucket_by_length"]  # as written before the option
+    # as written before --bucket-by-length and the objectives existed
+    for option in ("bucket_by_length", "objective", "init", "scst_samples", "scst_baseline"):
+        del payload["training"]["options"][option]
+    state = payload["extra"]["state"]
+    (state["loss_sum"], state["nll_sum"], state["tokens"]) = state.pop("totals")
+    state["rank_sums"], state["best_bleu4"] = state.pop("rank_totals"), state.pop("best_score")
     torch.save(payload, old / "last.pt")
     refused = run_cli("--epochs", "2", "--resume", "--bucket-by-length", *options[:3], str(old),
                       *TINY)  # fmt: skip
@@ -417,6 +423,19 @@ def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path)
     assert [row["ranks"] for row in rows] == [2, 2]
     checkpoint, extra = load_checkpoint(run / "last.pt")
     assert checkpoint.training["epoch"] == 2 and len(extra["rng"]) == 2
+
+    # self-critical fine-tuning of that run, on the same two processes
+    completed = subprocess.run(
+        [
+            str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "train_decoder.py"),
+            "--features", str(store), "--out", str(tmp_path / "scst"), "--epochs", "1",
+            "--objective", "scst", "--init", str(run / "best.pt"), "--device", "cpu", *TINY,
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (row,) = metrics(tmp_path / "scst")
+    assert row["ranks"] == 2 and row["mean_reward"] > 0
 
 
 # train_decoder.py with a slowed-down step, so that a signal lands mid-epoch.
