@@ -13,7 +13,7 @@ interruption, redoes only what is missing:
    against the true scenes (objects named right; relation right where two groups are shown),
    next to the best a constant caption can do;
 5. caption the fresh folder to CSV with the attention model;
-6. list every artifact.
+6. list every artifact, and last the page to open: the attention model's report.html.
 
 Everything goes under `root`: data/NAME, data/NAME_fresh, features/NAME_<encoder>.zarr,
 runs/NAME-<model>, results/NAME-<model>, results/NAME_fresh_captions.csv. A run with settings
@@ -38,6 +38,7 @@ from captioner.errors import CaptionerError
 from captioner.evaluate import EvaluateConfig, evaluate
 from captioner.extract import ExtractConfig, ExtractSummary, extract_features
 from captioner.metrics import METRICS, score_captions
+from captioner.report import REPORT_NAME
 from captioner.store import FeatureStore
 from captioner.synthetic import (
     read_scenes,
@@ -118,6 +119,11 @@ class DemoConfig:
     @property
     def fresh_captions(self) -> Path:
         return self.root / "results" / f"{self.name}_fresh_captions.csv"
+
+    @property
+    def report(self) -> Path:
+        """The page to look at: the attention model's test evaluation, image by image."""
+        return self.results(MODELS[-1]) / REPORT_NAME
 
 
 @dataclass
@@ -247,12 +253,16 @@ def _train_config(config: DemoConfig, model: str) -> TrainConfig:
 
 
 def _evaluated(config: DemoConfig, model: str, progress: bool) -> dict:
-    """metrics.json of the model's test evaluation, evaluating only if it is missing or older
-    than the checkpoint."""
+    """metrics.json of the model's test evaluation, evaluating only if it or its report.html is
+    missing, or it is older than the checkpoint."""
     checkpoint = config.run(model) / "best.pt"
     out = config.results(model)
     metrics_file = out / "metrics.json"
-    if not metrics_file.exists() or metrics_file.stat().st_mtime < checkpoint.stat().st_mtime:
+    if (
+        not metrics_file.exists()
+        or not (out / REPORT_NAME).exists()
+        or metrics_file.stat().st_mtime < checkpoint.stat().st_mtime
+    ):
         figures = config.figures if model == "show-attend-tell" else 0
         evaluate(
             EvaluateConfig(
@@ -363,6 +373,7 @@ def format_artifacts(result: DemoResult) -> str:
         ("attention overlays (test images)", attention),
         ("attention during training", config.run("show-attend-tell") / "attention"),
         ("captions of the fresh images", config.fresh_captions),
+        *[(f"{model} test report", config.results(model) / REPORT_NAME) for model in MODELS],
     ]
     width = max(len(label) for label, _ in entries)
     return "\n".join(f"  {label:<{width}}  {path}" for label, path in entries)

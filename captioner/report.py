@@ -122,7 +122,8 @@ def _card_entry(
             entry["size"] = thumbnail.size
             entry["link"] = _relative_url(card.picture, page_folder)
     if card.attention is not None and grid is not None and len(card.words):
-        strip = visualize.attention_strip(card.attention, grid, picture, PANEL_SIDE)
+        alphas = card.attention[: len(card.words)]  # a panel per word, none for <end>
+        strip = visualize.attention_strip(alphas, grid, picture, PANEL_SIDE)
         entry["strip"] = _save_jpeg(strip, folder / f"a{number:05d}.jpg", page_folder)
         entry["panel"] = [strip.width // len(card.words), strip.height]
         entry["words"] = list(card.words)

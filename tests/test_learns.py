@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from inference_factories import report_data
 
 from captioner.demo import MODELS, DemoConfig, DemoResult, run_demo
 from captioner.encoder import EncoderConfig
@@ -56,6 +57,13 @@ def test_the_attention_model_reads_layout_at_least_as_well_as_the_pooled_one(dem
     pooled = demo.outcomes["show-tell"].layout_preference
     assert attention >= pooled, (attention, pooled)
     assert attention >= 0.62, attention  # well above the 0.5 of a decoder blind to layout
+
+
+def test_the_demo_ends_with_a_report_of_every_test_image_with_picture_and_attention(demo):
+    cards = report_data(demo.config.report)["cards"]
+    generated = _generated(demo.config.results("show-attend-tell") / "captions.csv")
+    assert {card["id"]: card["caption"] for card in cards} == generated
+    assert all("thumb" in card and "strip" in card for card in cards)
 
 
 def _test_references(store: Path) -> dict[str, list[list[str]]]:

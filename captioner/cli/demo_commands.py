@@ -126,3 +126,4 @@ def demo(
     click.echo(f"\nTime: {phases}.")
     click.echo("Artifacts:")
     click.echo(format_artifacts(result))
+    click.echo(f"\nOpen in a browser, image by image: {result.config.report}")
