@@ -151,7 +151,7 @@ def _run_state(saved: dict) -> RunState:
     saved = dict(saved)
     if "loss_sum" in saved:
         saved["totals"] = [saved.pop("loss_sum"), saved.pop("nll_sum"), saved.pop("tokens")]
-        saved["rank_totals"] = saved.pop("rank_sums")
+        saved["rank_totals"] = saved.pop("rank_sums", [])  # (added later than the sums)
         saved["best_score"] = saved.pop("best_bleu4")
     return RunState(**saved)
 
