@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/attention_step.py
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/caption.py
+	$(BIN)/python bench/scst.py
 
 bench-gpu: $(STAMP)  # on a CUDA machine; writes bench/gpu-results.txt
 	bash bench/gpu.sh

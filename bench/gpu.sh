@@ -19,10 +19,11 @@ run() {  # one benchmark, at most $1 seconds
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     run 120 "$python" bench/extract.py pipeline --device cuda --images 1024
-    run 150 "$python" bench/train.py --device cuda --repeats 3
+    run 130 "$python" bench/train.py --device cuda --repeats 3
     run 60 "$python" bench/attention_step.py --device cuda --images 16 --repeats 10
     run 45 "$python" bench/decode.py --device cuda --images 256 --model show-attend-tell
     run 45 "$python" bench/decode.py --device cuda --images 256 --model show-tell
     run 60 "$python" bench/caption.py --device cuda --encoder resnet152 --image-size 448 \
         --images 512 --batch-size 64 --workers 8
+    run 20 "$python" bench/scst.py --device cuda --repeats 5
 } 2>&1 | tee bench/gpu-results.txt

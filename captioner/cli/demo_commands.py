@@ -76,6 +76,10 @@ def synth(
     "Labelled images to render (80/10/10 train/val/test).",
 )  # fmt: skip
 @field_option(DemoConfig, "epochs", click.IntRange(min=1), "Epochs each decoder trains.")
+@field_option(
+    DemoConfig, "scst_epochs", click.IntRange(min=0),
+    "Epochs of self-critical fine-tuning of the attention model (0: none).",
+)  # fmt: skip
 @click.option(
     "--encoder",
     "encoder_name",
@@ -102,24 +106,26 @@ def demo(
     name: str,
     images: int,
     epochs: int,
+    scst_epochs: int,
     encoder_name: str,
     weights: str,
     image_size: int,
     device: str,
 ) -> None:
     """Everything end to end on rendered shapes, offline: dataset, features, both decoders
-    trained and evaluated side by side, a folder captioned to CSV, attention maps, curves.
+    trained (and the attention one fine-tuned on CIDEr-D) and evaluated side by side, a folder
+    captioned to CSV, attention maps, curves.
 
     A re-run reuses every finished phase.
     """
     config = DemoConfig(
-        root=root, name=name, images=images, epochs=epochs, device=device,
+        root=root, name=name, images=images, epochs=epochs, scst_epochs=scst_epochs, device=device,
         encoder=EncoderConfig(encoder_name, weights, image_size),
     )  # fmt: skip
     result = run_demo(config, say=click.echo, progress=True)
-    click.echo("\nBoth decoders on the held-out test images:")
+    click.echo("\nThe decoders on the held-out test images:")
     click.echo(format_comparison(result))
-    click.echo("\nThe attention model on fresh images (all rows in the CSV below):")
+    click.echo(f"\n{config.models[-1]} on fresh images (all rows in the CSV below):")
     for path, caption in result.samples:  # the CSV holds absolute paths; shown from here
         click.echo(f"  {os.path.relpath(path)}: {caption}")
     phases = ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in result.seconds.items())
