@@ -46,6 +46,17 @@ class DecoderConfig:
         return cls(**data)
 
 
+class RealTokens(NamedTuple):
+    """The real target tokens of a teacher-forced batch (every word after <start>, and <end>
+    where the caption has one), in whatever order the decoder computes them."""
+
+    logits: Tensor  # (N, V) of each token's prediction
+    targets: Tensor  # (N,) the token
+    captions: Tensor  # (N,) the caption (row of the batch) it belongs to
+    positions: Tensor  # (N,) its step: 0 predicts the first word
+    penalty: Tensor | None  # the attention model's `attention_penalty`; None without attention
+
+
 class LossOutput(NamedTuple):
     loss: Tensor  # to minimise: label-smoothed mean over real target tokens (+ attention penalty)
     tokens: int  # number of real target tokens in the batch
@@ -75,13 +86,6 @@ def label_smoothed_loss(
     return LossOutput(smoothed.sum() / max(tokens, 1), tokens, nll.sum())
 
 
-def summed_log_probs(logits: Tensor, targets: Tensor, rows: Tensor, count: int) -> Tensor:
-    """(count,) float32: for each row, the summed log-probability of its `targets` (N,) under
-    `logits` (N, V); `rows` (N,) names the row of each target."""
-    token = logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return token.new_zeros(count).index_add(0, rows, token)
-
-
 def length_mask(lengths: Tensor, steps: int) -> Tensor:
     """(B, steps) bool, True where step t < lengths[b]."""
     return torch.arange(steps, device=lengths.device) < lengths.unsqueeze(1)
@@ -107,7 +111,8 @@ class CaptionDecoder(nn.Module):
 
     Subclasses set `feature_kind` ("pooled": features (B, C); "spatial": features (B, L, C)) and
     implement `encode`, `init_state`, `advance` (one step from an embedded token) and
-    `training_loss` / `teacher_forced_log_probs` (a whole teacher-forced batch).
+    `real_tokens` (a whole teacher-forced batch, computed only at its real tokens), from which
+    the loss and the log-probabilities of whole captions follow here.
     """
 
     feature_kind: str
@@ -163,6 +168,15 @@ class CaptionDecoder(nn.Module):
         return logits.float().log_softmax(-1), state, alpha
 
     # --- teacher forcing ---------------------------------------------------------------------
+    # `features` are per image; `image_index` (B_cap,) maps each caption to its image row;
+    # `captions` (B_cap, T) are ``<start> .. <end>`` padded with PAD_ID (a sampled caption cut
+    # off at the length limit has no <end>); `lengths` (B_cap,) count start and end.
+
+    def real_tokens(
+        self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
+    ) -> RealTokens:
+        """The batch's real target tokens with their logits given the true prefix."""
+        raise NotImplementedError
 
     def training_loss(
         self,
@@ -173,22 +187,37 @@ class CaptionDecoder(nn.Module):
         label_smoothing: float = 0.0,
         alpha_c: float = 0.0,
     ) -> LossOutput:
-        """Teacher-forced loss. `features` are per image; `image_index` (B_cap,) maps each caption
-        to its image row; `captions` (B_cap, T) are ``<start> .. <end>`` padded with PAD_ID;
-        `lengths` (B_cap,) count start and end."""
-        raise NotImplementedError
+        """Label-smoothed cross entropy over the real tokens, plus `alpha_c` times the attention
+        penalty (for a decoder that has one)."""
+        real = self.real_tokens(features, image_index, captions, lengths)
+        output = label_smoothed_loss(real.logits, real.targets, label_smoothing)
+        if alpha_c == 0.0 or real.penalty is None:
+            return output
+        return output._replace(loss=output.loss + alpha_c * real.penalty)
 
     def caption_log_probs(
         self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
     ) -> Tensor:
-        """(B_cap,) the log-probability of each caption's words after <start> (its <end> too,
-        where it has one), computed as training computes it: what self-critical training weighs
-        by the caption's reward. Arguments as `training_loss`."""
-        raise NotImplementedError
+        """(B_cap,) float32: the log-probability of each caption's words after <start> (and of
+        its <end>, where it has one): what self-critical training weighs by the reward."""
+        real = self.real_tokens(features, image_index, captions, lengths)
+        token = _token_log_probs(real)
+        return token.new_zeros(len(captions)).index_add(0, real.captions, token)
 
     def teacher_forced_log_probs(
         self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
     ) -> Tensor:
         """(B_cap, max(lengths) - 1, V) float32 log-probs of each next token given the true prefix,
-        computed the way training computes them. Positions past a caption's end are meaningless."""
-        raise NotImplementedError
+        computed the way training computes them; 0 at positions past a caption's end."""
+        real = self.real_tokens(features, image_index, captions, lengths)
+        log_probs = real.logits.new_zeros(
+            (len(captions), int(lengths.max()) - 1, real.logits.size(-1)), dtype=torch.float32
+        )
+        log_probs[real.captions, real.positions] = real.logits.float().log_softmax(-1)
+        return log_probs
+
+
+def _token_log_probs(real: RealTokens) -> Tensor:
+    """(N,) float32 log-probability of each real token."""
+    log_probs = real.logits.float().log_softmax(-1)
+    return log_probs.gather(-1, real.targets.unsqueeze(-1)).squeeze(-1)

@@ -28,14 +28,12 @@ from torch import Tensor, nn
 from captioner.models.base import (
     CaptionDecoder,
     DecoderConfig,
-    LossOutput,
     Memory,
+    RealTokens,
     State,
-    label_smoothed_loss,
     length_mask,
     rows_per_image,
     select_rows,
-    summed_log_probs,
 )
 from captioner.models.step_weights import LoopWeight
 
@@ -212,10 +210,11 @@ class ShowAttendTell(CaptionDecoder):
             hidden_bias=torch.cat([query.bias, gate.bias, torch.zeros_like(cell.bias_hh)]),
         )
 
-    def _teacher_forced(
+    def real_tokens(
         self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Hidden states (B, S, H), alphas (B, S, L) and targets (B, S) for S = max(lengths) - 1."""
+    ) -> RealTokens:
+        """Masked full-length decoding: every caption runs to the batch's longest, and the head
+        runs once after the loop on the hidden states of the real tokens only."""
         memory = self.encode(features)
         rows = rows_per_image(image_index, features.size(0))
         if rows is None:  # images with unequal numbers of captions: one memory row per caption
@@ -229,35 +228,12 @@ class ShowAttendTell(CaptionDecoder):
             state, alpha = self._recur(step_gates, state, memory, weights)
             hidden.append(state[0])
             alphas.append(alpha)
-        return torch.stack(hidden, 1), torch.stack(alphas, 1), captions[:, 1 : steps + 1]
-
-    def training_loss(
-        self,
-        features: Tensor,
-        image_index: Tensor,
-        captions: Tensor,
-        lengths: Tensor,
-        label_smoothing: float = 0.0,
-        alpha_c: float = 0.0,
-    ) -> LossOutput:
-        """Masked cross entropy over the real tokens plus `alpha_c` times `attention_penalty`."""
-        hidden, alphas, targets = self._teacher_forced(features, image_index, captions, lengths)
-        mask = length_mask(lengths.to(hidden.device) - 1, targets.size(1))
-        output = label_smoothed_loss(self.head(hidden[mask]), targets[mask], label_smoothing)
-        if alpha_c == 0.0:
-            return output
-        return output._replace(loss=output.loss + alpha_c * attention_penalty(alphas, mask))
-
-    def caption_log_probs(
-        self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
-    ) -> Tensor:
-        hidden, _, targets = self._teacher_forced(features, image_index, captions, lengths)
-        mask = length_mask(lengths.to(hidden.device) - 1, targets.size(1))
-        rows = mask.nonzero()[:, 0]  # the caption of each real token, in hidden[mask] order
-        return summed_log_probs(self.head(hidden[mask]), targets[mask], rows, len(captions))
-
-    def teacher_forced_log_probs(
-        self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
-    ) -> Tensor:
-        hidden, _, _ = self._teacher_forced(features, image_index, captions, lengths)
-        return self.head(hidden).float().log_softmax(-1)
+        mask = length_mask(lengths.to(captions.device) - 1, steps)
+        caption_of, position = mask.nonzero().unbind(1)  # in the order of hidden[mask]
+        return RealTokens(
+            logits=self.head(torch.stack(hidden, 1)[mask]),
+            targets=captions[:, 1 : steps + 1][mask],
+            captions=caption_of,
+            positions=position,
+            penalty=attention_penalty(torch.stack(alphas, 1), mask),
+        )

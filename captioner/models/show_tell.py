@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from captioner.models.base import (
     CaptionDecoder,
     DecoderConfig,
-    LossOutput,
     Memory,
+    RealTokens,
     State,
-    label_smoothed_loss,
     select_rows,
-    summed_log_probs,
 )
 
 
@@ -47,52 +45,24 @@ class ShowTell(CaptionDecoder):
         output, (h, c) = self.lstm(embedded.unsqueeze(1), (h.unsqueeze(0), c.unsqueeze(0)))
         return self.head(output.squeeze(1)), (h.squeeze(0), c.squeeze(0)), None
 
-    def _packed_logits(
+    def real_tokens(
         self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
-    ) -> tuple[PackedSequence, PackedSequence]:
-        """Logits and targets as PackedSequences in the same (packed) order."""
+    ) -> RealTokens:
+        """The batch packed (`pack_padded_sequence`, any order), so the LSTM and the head only
+        ever see real tokens; `nn.LSTM` permutes the initial state into the packed order."""
         h, c = self.init_state(select_rows(self.encode(features), image_index))
         steps = lengths.cpu() - 1  # the inputs drop <end>, the targets drop <start>
-        inputs = pack_padded_sequence(
-            self.embedding(captions[:, :-1]), steps, batch_first=True, enforce_sorted=False
-        )
-        # nn.LSTM permutes a given initial state into the packed (sorted) order itself.
-        outputs, _ = self.lstm(inputs, (h.unsqueeze(0), c.unsqueeze(0)))
-        targets = pack_padded_sequence(
-            captions[:, 1:], steps, batch_first=True, enforce_sorted=False
-        )
-        return outputs._replace(data=self.head(outputs.data)), targets
 
-    def training_loss(
-        self,
-        features: Tensor,
-        image_index: Tensor,
-        captions: Tensor,
-        lengths: Tensor,
-        label_smoothing: float = 0.0,
-        alpha_c: float = 0.0,
-    ) -> LossOutput:
-        """Loss on the packed targets: only real tokens are ever computed. `alpha_c` is unused
-        (no attention) and accepted so both decoders are trained the same way."""
-        logits, targets = self._packed_logits(features, image_index, captions, lengths)
-        return label_smoothed_loss(logits.data, targets.data, label_smoothing)
+        def packed(padded: Tensor) -> PackedSequence:
+            return pack_padded_sequence(padded, steps, batch_first=True, enforce_sorted=False)
 
-    def caption_log_probs(
-        self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
-    ) -> Tensor:
-        logits, targets = self._packed_logits(features, image_index, captions, lengths)
-        caption_of_position = torch.arange(len(captions), device=captions.device)[:, None]
-        rows = pack_padded_sequence(
-            caption_of_position.expand(-1, captions.size(1) - 1),
-            lengths.cpu() - 1,
-            batch_first=True,
-            enforce_sorted=False,
+        outputs, _ = self.lstm(packed(self.embedding(captions[:, :-1])), (h[None], c[None]))
+        rows, width = captions.size(0), captions.size(1) - 1
+        device = captions.device
+        return RealTokens(
+            logits=self.head(outputs.data),
+            targets=packed(captions[:, 1:]).data,
+            captions=packed(torch.arange(rows, device=device)[:, None].expand(-1, width)).data,
+            positions=packed(torch.arange(width, device=device).expand(rows, -1)).data,
+            penalty=None,
         )
-        return summed_log_probs(logits.data, targets.data, rows.data, len(captions))
-
-    def teacher_forced_log_probs(
-        self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
-    ) -> Tensor:
-        logits, _ = self._packed_logits(features, image_index, captions, lengths)
-        padded, _ = pad_packed_sequence(logits, batch_first=True)
-        return padded.float().log_softmax(-1)
