@@ -128,21 +128,17 @@ def _train(
                 return _result(run, state, stopped_early=False, preempted=stop.name or "SIGTERM")
             row = None
             if ranks.is_main:
-                validation = validate(run, val_stream, references)
+                validation = validate(
+                    run.decoder, val_stream, references, vocabulary, config.max_length, run.amp
+                )
                 means = run.objective.epoch_means(state.totals)
                 row = epoch_row(state, timing, validation, ranks.world_size, means)
                 figure = save_sample_attention(out, store, corpus, validation, state.epoch + 1)
                 log.epoch(row, figure)
             row = ranks.broadcast(row)
-            state.history.append(row)
-            state.epoch, state.step, state.totals = row["epoch"], 0, [0.0, 0.0, 0.0]
-            improved = row[config.selection_metric] > state.best_score
+            improved = state.finish_epoch(row, config.selection_metric)
             if improved:
-                state.best_score, state.best_epoch = row[config.selection_metric], row["epoch"]
-                state.epochs_without_improvement = 0
                 save_run(run, out / "best.pt", state)
-            else:
-                state.epochs_without_improvement += 1
             save_run(run, last_path, state, resumable=True)
             if ranks.is_main:
                 write_metrics(out, state.history)

@@ -57,6 +57,19 @@ class RunState:
     def early_stopped(self, patience: int) -> bool:
         return patience > 0 and self.epochs_without_improvement >= patience
 
+    def finish_epoch(self, row: dict, selection_metric: str) -> bool:
+        """Record the metrics row of the epoch just trained and start the next; whether its
+        `selection_metric` is the best so far (best.pt is then due)."""
+        self.history.append(row)
+        self.epoch, self.step, self.totals = row["epoch"], 0, [0.0, 0.0, 0.0]
+        improved = row[selection_metric] > self.best_score
+        if improved:
+            self.best_score, self.best_epoch = row[selection_metric], row["epoch"]
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        return improved
+
 
 def save_run(run: Run, path: Path, state: RunState, resumable: bool = False) -> None:
     """Write best.pt / last.pt from rank 0. A resumable (last.pt) checkpoint also holds the

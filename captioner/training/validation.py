@@ -16,9 +16,11 @@ from captioner.corpus import Corpus
 from captioner.decode import greedy_decode
 from captioner.images import ImageError, load_image
 from captioner.metrics import corpus_bleu4
+from captioner.models import CaptionDecoder
 from captioner.store import FeatureStore
+from captioner.text import Vocabulary
 from captioner.training.batches import FeatureStream
-from captioner.training.run import Run
+from captioner.training.run import Amp
 
 
 @dataclass
@@ -42,22 +44,29 @@ def reference_words(corpus: Corpus, rows: np.ndarray) -> dict[int, list[list[str
 
 
 @torch.no_grad()
-def validate(run: Run, stream: FeatureStream, references: dict[int, list[list[str]]]) -> Validation:
+def validate(
+    decoder: CaptionDecoder,
+    stream: FeatureStream,
+    references: dict[int, list[list[str]]],
+    vocabulary: Vocabulary,
+    max_length: int,
+    amp: Amp,
+) -> Validation:
     """Validation loss and greedy-decode BLEU-4 and CIDEr-D over every image of `stream` (in row
-    order). CIDEr-D is our exact implementation on the tokens, without coco-caption's Java
-    tokenizer: evaluate.py gives the official figures."""
-    decoder, vocabulary = run.decoder, run.vocabulary
+    order), on the decoder's device. CIDEr-D is our exact implementation on the tokens, without
+    coco-caption's Java tokenizer: evaluate.py gives the official figures."""
+    device = decoder.feature_mean.device
     decoder.eval()
     nll_sum, tokens = 0.0, 0
     hypotheses: dict[int, list[str]] = {}
     sample: tuple[int, np.ndarray | None] | None = None
     for batch in stream.epoch(0):
-        batch = batch.to(run.device)
-        with run.amp.autocast():
+        batch = batch.to(device)
+        with amp.autocast():
             output = decoder.training_loss(
                 batch.features, batch.image_index, batch.captions, batch.lengths
             )
-            generated = greedy_decode(decoder, batch.features, run.config.max_length)
+            generated = greedy_decode(decoder, batch.features, max_length)
         nll_sum, tokens = nll_sum + float(output.nll_sum), tokens + output.tokens
         for row, caption in zip(batch.rows.tolist(), generated, strict=True):
             hypotheses[row] = vocabulary.decode(caption.tokens)
