@@ -73,10 +73,14 @@ def main() -> None:
 
         def captioning(repeat: int) -> float:
             config = CaptionConfig(
-                [photos], checkpoint, Path(tmp) / f"captions{repeat}.csv",
-                decoding=DecodingConfig(beam_size=args.beam_size), device=str(device),
-                batch_size=args.batch_size, workers=args.workers,
-            )  # fmt: skip
+                [photos],
+                checkpoint,
+                Path(tmp) / f"captions{repeat}.csv",
+                decoding=DecodingConfig(beam_size=args.beam_size),
+                device=str(device),
+                batch_size=args.batch_size,
+                workers=args.workers,
+            )
             started = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

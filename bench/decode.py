@@ -42,9 +42,14 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     config = DecoderConfig(
-        args.model, args.vocab, args.feature_size, args.hidden_size, args.hidden_size,
-        args.hidden_size, dropout=0.0,
-    )  # fmt: skip
+        args.model,
+        args.vocab,
+        args.feature_size,
+        args.hidden_size,
+        args.hidden_size,
+        args.hidden_size,
+        dropout=0.0,
+    )
     decoder = build_decoder(config).to(device).eval()
     with torch.no_grad():
         decoder.head[1].weight.mul_(6.0)  # untrained heads are flat; make captions end and differ

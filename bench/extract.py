@@ -326,8 +326,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     # resnet152 at 448 px runs ~1 image/s on a CPU core: the CPU defaults are a smaller encoder.
     gpu = resolve_device(args.device).type == "cuda"
-    defaults = {"encoder": ("resnet152", "resnet50"), "image_size": (448, 224),
-                "images": (2048, 96), "batch_size": (64, 16), "workers": (8, 1)}  # fmt: skip
+    defaults = {
+        "encoder": ("resnet152", "resnet50"),
+        "image_size": (448, 224),
+        "images": (2048, 96),
+        "batch_size": (64, 16),
+        "workers": (8, 1),
+    }
     for name, (on_gpu, on_cpu) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)

@@ -123,8 +123,11 @@ def main() -> None:
             steps, rewards = [], []
             for repeat in range(args.repeats + 1):  # the first is a warm-up
                 rows = rng.choice(train_rows, IMAGES, replace=False)
-                shape = (IMAGES, GRID, CHANNELS) if decoder.feature_kind == "spatial" else (
-                    IMAGES, CHANNELS)  # fmt: skip
+                shape = (
+                    (IMAGES, GRID, CHANNELS)
+                    if decoder.feature_kind == "spatial"
+                    else (IMAGES, CHANNELS)
+                )
                 features = torch.relu(torch.randn(shape)).to(device)
                 batch = Batch(rows, features, *[torch.empty(0, dtype=torch.long)] * 3)
                 timed.seconds = 0.0

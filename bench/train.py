@@ -95,9 +95,13 @@ def build_store(path: Path, compression: str = "zstd") -> tuple[FeatureStore, Vo
     vocabulary = Vocabulary.build(corpus.tokens_of_split("train"), min_count=5)
     corpus = corpus.subset(list(range(STORE_IMAGES)))
     settings = StoreSettings(
-        encoder=EncoderConfig("resnet152", "none", 448), weights_id="bench",
-        weights_checksum="bench", grid=GRID, channels=CHANNELS, compression=compression,
-    )  # fmt: skip
+        encoder=EncoderConfig("resnet152", "none", 448),
+        weights_id="bench",
+        weights_checksum="bench",
+        grid=GRID,
+        channels=CHANNELS,
+        compression=compression,
+    )
     writer = create_store(path, corpus, settings)
     rng = np.random.default_rng(0)
     for shard in range(writer.num_shards):
@@ -109,20 +113,28 @@ def build_store(path: Path, compression: str = "zstd") -> tuple[FeatureStore, Vo
 
 
 def stream_of(
-    store: FeatureStore, vocabulary: Vocabulary, kind: str, workers: int = 2,
-    bucket_by_length: bool = False, device: torch.device | None = None,
+    store: FeatureStore,
+    vocabulary: Vocabulary,
+    kind: str,
+    workers: int = 2,
+    bucket_by_length: bool = False,
+    device: torch.device | None = None,
     batch_size: int = BATCH_SIZE,
-) -> FeatureStream:  # fmt: skip
+) -> FeatureStream:
     """The stream captioner.training.data.training_stream builds for `device` (None: the CPU)."""
     cuda = device is not None and device.type == "cuda"
     corpus = store.corpus()
     rows = np.arange(store.num_images)
     captions = encode_captions(corpus, vocabulary, rows.tolist(), max_length=20)
     config = StreamConfig(
-        kind=kind, batch_size=batch_size, workers=workers, window_shards=2,
+        kind=kind,
+        batch_size=batch_size,
+        workers=workers,
+        window_shards=2,
         bucket_by_length=bucket_by_length,
-        dtype=torch.float16 if cuda and kind == "spatial" else torch.float32, pin_memory=cuda,
-    )  # fmt: skip
+        dtype=torch.float16 if cuda and kind == "spatial" else torch.float32,
+        pin_memory=cuda,
+    )
     return FeatureStream(store, rows, captions, config)
 
 
@@ -185,8 +197,9 @@ def measure_cnn(repeats: int, device: torch.device) -> tuple[float, float]:
         cnn_times = median_seconds(forward, repeats)
     print(f"(a) per-image costs of the CNN in the loop ({len(paths)} real Flickr8k JPEGs):")
     decode = show("JPEG decode + resize to 448 px, per image", decode_times, 1e3, "ms")
-    cnn = show(f"ResNet-152 forward at 448 px, per image (batch of {batch})", cnn_times,
-               1e3 / batch, "ms")  # fmt: skip
+    cnn = show(
+        f"ResNet-152 forward at 448 px, per image (batch of {batch})", cnn_times, 1e3 / batch, "ms"
+    )
     return decode, cnn / batch
 
 
@@ -196,26 +209,36 @@ def measure_training(
     """Steady-state captions/s of whole epochs over the store (data wait included, after one
     warm-up step) for each path, alternating: today's step at today's defaults, ours at those
     same options, and ours at train_decoder.py's defaults now."""
-    print(f"(a) training over the store, {store.num_images} images with real Flickr8k captions,"
-          f" sizes 512, vocabulary {len(vocabulary)}; captions/s of whole epochs, data wait"
-          f" included (ours: share of the loop spent waiting for data, target <= 5%):")  # fmt: skip
+    print(
+        f"(a) training over the store, {store.num_images} images with real Flickr8k captions,"
+        f" sizes 512, vocabulary {len(vocabulary)}; captions/s of whole epochs, data wait"
+        f" included (ours: share of the loop spent waiting for data, target <= 5%):"
+    )
     ours_workers = 0 if device.type == "cpu" else 2  # as captioner.training.data's streams
     rates: dict[str, dict[str, float]] = {}
     for model in MODELS:
         kind = "pooled" if model == "show-tell" else "spatial"
         paths = {  # name: (today's step?, stream)
-            "today": (True, stream_of(store, vocabulary, kind, workers=2, device=device,
-                                      batch_size=TODAY_BATCH_SIZE)),
-            f"ours, batch {TODAY_BATCH_SIZE}": (False, stream_of(
-                store, vocabulary, kind, ours_workers, False, device, TODAY_BATCH_SIZE)),
+            "today": (
+                True,
+                stream_of(
+                    store, vocabulary, kind, workers=2, device=device, batch_size=TODAY_BATCH_SIZE
+                ),
+            ),
+            f"ours, batch {TODAY_BATCH_SIZE}": (
+                False,
+                stream_of(store, vocabulary, kind, ours_workers, False, device, TODAY_BATCH_SIZE),
+            ),
             "ours": (False, stream_of(store, vocabulary, kind, ours_workers, False, device)),
-        }  # fmt: skip
+        }
         if kind == "spatial":  # --bucket-by-length (the attention model's option)
             paths["ours, bucketed"] = (
-                False, stream_of(store, vocabulary, kind, ours_workers, True, device)
-            )  # fmt: skip
-        trainers = {name: Trainer(model, vocabulary, device, today)
-                    for name, (today, _) in paths.items()}  # fmt: skip
+                False,
+                stream_of(store, vocabulary, kind, ours_workers, True, device),
+            )
+        trainers = {
+            name: Trainer(model, vocabulary, device, today) for name, (today, _) in paths.items()
+        }
         for name, (_, stream) in paths.items():  # warm-up (first-call allocations)
             trainers[name].step(next(iter(stream.epoch(0))))
         times: dict[str, list[float]] = {name: [] for name in paths}
@@ -242,9 +265,11 @@ def measure_training(
             if stream.config.bucket_by_length:
                 label = f"ours (--batch-size {stream.config.batch_size} --bucket-by-length)"
             wait = 100 * statistics.median(waits[name])
-            print(f"  {model:<17} {label:<44} {rates[model][name]:7.1f} captions/s,"
-                  f" {rates[model][name] / rates[model]['today']:5.2f}x today's,"
-                  f" data wait {wait:4.1f}%  (each: {each})")  # fmt: skip
+            print(
+                f"  {model:<17} {label:<44} {rates[model][name]:7.1f} captions/s,"
+                f" {rates[model][name] / rates[model]['today']:5.2f}x today's,"
+                f" data wait {wait:4.1f}%  (each: {each})"
+            )
     return rates
 
 
@@ -265,10 +290,14 @@ def report_epochs(decode: float, cnn: float, rates: dict[str, dict[str, float]])
         print(f"  {model}:")
         print(f"    from the store (ours)                         {hours(ours)}")
         print(f"    from the store (today's step)                 {hours(today)}")
-        print(f"    CNN once per image, all its captions          {hours(once_per_image)}"
-              f"   ours is {once_per_image / ours:7.1f}x faster")  # fmt: skip
-        print(f"    CNN once per (image, caption) sample          {hours(once_per_sample)}"
-              f"   ours is {once_per_sample / ours:7.1f}x faster")  # fmt: skip
+        print(
+            f"    CNN once per image, all its captions          {hours(once_per_image)}"
+            f"   ours is {once_per_image / ours:7.1f}x faster"
+        )
+        print(
+            f"    CNN once per (image, caption) sample          {hours(once_per_sample)}"
+            f"   ours is {once_per_sample / ours:7.1f}x faster"
+        )
 
 
 def hours(seconds: float) -> str:
@@ -280,16 +309,20 @@ def hours(seconds: float) -> str:
 
 def measure_stream_alone(store: FeatureStore, vocabulary: Vocabulary) -> None:
     """How often each stream delivers a batch with no training step consuming it."""
-    print("(b) the streams alone (spatial maps streamed from whole shards by 2 threads, pooled"
-          " vectors from RAM):")  # fmt: skip
+    print(
+        "(b) the streams alone (spatial maps streamed from whole shards by 2 threads, pooled"
+        " vectors from RAM):"
+    )
     for kind in ("spatial", "pooled"):
         stream = stream_of(store, vocabulary, kind)
         started = time.perf_counter()
         count = sum(1 for _ in stream.epoch(2))
         per_batch = (time.perf_counter() - started) / count
-        print(f"  the {kind} stream alone delivers a batch every {per_batch * 1e3:.2f} ms"
-              f" ({stream.images_per_batch / per_batch:.0f} images/s): steps of at least"
-              f" {per_batch / 0.05 * 1e3:.0f} ms wait under 5% even with no overlap")  # fmt: skip
+        print(
+            f"  the {kind} stream alone delivers a batch every {per_batch * 1e3:.2f} ms"
+            f" ({stream.images_per_batch / per_batch:.0f} images/s): steps of at least"
+            f" {per_batch / 0.05 * 1e3:.0f} ms wait under 5% even with no overlap"
+        )
 
 
 # ---- (d) read throughput ---------------------------------------------------------------------
@@ -335,9 +368,12 @@ def measure_reads(stores: dict[str, FeatureStore], raw: Path, repeats: int) -> N
         for name, times in by_reader.items():
             rates = [maps.nbytes / t / 1e6 for t in times]
             rate = statistics.median(rates)
-            print(f"  {temperature}  {name:<34} {rate:7.0f} MB/s = {rate / raw_rate:5.2f} x raw"
-                  f"  ({rate / map_megabytes:.0f} maps/s; each: "
-                  + ", ".join(f"{x:.0f}" for x in rates) + ")")  # fmt: skip
+            print(
+                f"  {temperature}  {name:<34} {rate:7.0f} MB/s = {rate / raw_rate:5.2f} x raw"
+                f"  ({rate / map_megabytes:.0f} maps/s; each: "
+                + ", ".join(f"{x:.0f}" for x in rates)
+                + ")"
+            )
 
 
 def main() -> None:
@@ -348,8 +384,10 @@ def main() -> None:
     device = torch.device(args.device)
     if not (FIXTURES / "captions.txt").is_file():
         sys.exit(f"needs the Flickr8k fixtures at {FIXTURES}")
-    print(f"{device}, torch threads {torch.get_num_threads()}, torch {torch.__version__},"
-          f" load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"{device}, torch threads {torch.get_num_threads()}, torch {torch.__version__},"
+        f" load average {os.getloadavg()[0]:.1f}"
+    )
     with tempfile.TemporaryDirectory() as scratch:
         store, vocabulary = build_store(Path(scratch) / "bench.zarr")
         decode, cnn = measure_cnn(args.repeats, device)

@@ -33,6 +33,7 @@ from captioner.devices import resolve_device
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
 from captioner.images import ImageDataset, collate_images
+from captioner.option_checks import at_least, check_options, one_of
 from captioner.preemption import StopRequest
 from captioner.readers.builder import IMAGE_SUFFIXES
 from captioner.report import Card, ReportPage, describe_config, write_report
@@ -82,10 +83,10 @@ class CaptionSummary:
 def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSummary:
     """Caption every image file the inputs name; see the module docstring."""
     started = time.perf_counter()
-    if config.format not in OUTPUT_FORMATS:
-        raise CaptionerError(f"--format: {config.format!r} is not one of {OUTPUT_FORMATS}")
-    if config.batch_size < 1 or config.workers < 0:
-        raise CaptionerError("--batch-size must be >= 1 and --workers >= 0")
+    check_options(
+        config,
+        {"format": one_of(OUTPUT_FORMATS), "batch_size": at_least(1), "workers": at_least(0)},
+    )
     files = find_images(config.inputs, config.recursive)
     if not files:
         raise CaptionerError(f"no image files in {', '.join(map(str, config.inputs))}")
@@ -159,11 +160,14 @@ def _gallery(config: CaptionConfig, rows: list[CaptionRow]) -> ReportPage:
     """Every row of the output (earlier runs' too) as a card, scored by its log-probability."""
     cards = [
         Card(
-            path, caption, picture=Path(path), note=error or "",
+            path,
+            caption,
+            picture=Path(path),
+            note=error or "",
             scores={} if log_prob is None else {"log-prob": log_prob},
         )
         for path, caption, log_prob, error in rows
-    ]  # fmt: skip
+    ]
     details = [
         ("checkpoint", str(config.checkpoint)),
         ("captions", str(config.out)),
@@ -303,8 +307,14 @@ class CaptionOutput:
         for number, line in enumerate(text.splitlines(), start=1):
             try:
                 entry = json.loads(line)
-                rows.append((entry["path"], entry.get("caption", ""), entry.get("log_prob"),
-                             entry.get("error")))  # fmt: skip
+                rows.append(
+                    (
+                        entry["path"],
+                        entry.get("caption", ""),
+                        entry.get("log_prob"),
+                        entry.get("error"),
+                    )
+                )
             except (ValueError, KeyError, TypeError):
                 raise CaptionerError(
                     f"{self.path}: line {number} is not a captions JSONL row; choose another --out"

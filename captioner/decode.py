@@ -203,8 +203,7 @@ def beam_search(decoder, features: Tensor, config: DecodingConfig) -> list[Gener
 
     for _ in range(config.max_length):
         log_probs, state, alpha = decoder.step(search.tokens, search.state, search.memory)
-        log_probs = _forbid(log_probs, search.words, config.min_length,
-                            config.no_repeat_ngram_size)  # fmt: skip
+        log_probs = _forbid(log_probs, search.words, config.min_length, config.no_repeat_ngram_size)
         searching_now, vocab = search.scores.shape[0], log_probs.shape[1]
         candidates = (search.scores.reshape(-1, 1) + log_probs).reshape(
             searching_now, beams * vocab
@@ -214,18 +213,24 @@ def beam_search(decoder, features: Tensor, config: DecodingConfig) -> list[Gener
         source_row = top_beam + torch.arange(searching_now, device=device)[:, None] * beams
         ends = top_token == END_ID
         search.collect_finished(
-            finished, ends[:, :beams], top_scores[:, :beams], source_row[:, :beams],
+            finished,
+            ends[:, :beams],
+            top_scores[:, :beams],
+            source_row[:, :beams],
             config.length_penalty,
-        )  # fmt: skip
+        )
         searching = [i for i, image in enumerate(search.images) if len(finished[image]) < beams]
         if not searching:
             break
         # Each beam has one end token, so the 2k best hold at least k that go on; keep the first k.
         keep = torch.sort(ends.to(torch.uint8), dim=1, stable=True).indices[:, :beams]
         search.advance(
-            top_scores.gather(1, keep), top_token.gather(1, keep).reshape(-1),
-            source_row.gather(1, keep).reshape(-1), state, alpha,
-        )  # fmt: skip
+            top_scores.gather(1, keep),
+            top_token.gather(1, keep).reshape(-1),
+            source_row.gather(1, keep).reshape(-1),
+            state,
+            alpha,
+        )
         if len(searching) < searching_now:
             search.keep_positions(searching)
     else:
@@ -257,8 +262,16 @@ class _BeamBatch:
         # pick the same word k times.
         scores = torch.full((batch, beams), float("-inf"), device=device)
         scores[:, 0] = 0.0
-        return cls(list(range(batch)), beams, scores, tokens, tokens.new_empty((len(rows), 0)),
-                   None, state, memory)  # fmt: skip
+        return cls(
+            list(range(batch)),
+            beams,
+            scores,
+            tokens,
+            tokens.new_empty((len(rows), 0)),
+            None,
+            state,
+            memory,
+        )
 
     def advance(
         self, scores: Tensor, tokens: Tensor, parents: Tensor, state: tuple, alpha: Tensor | None
@@ -303,9 +316,15 @@ class _BeamBatch:
         for position, rank in torch.nonzero(ends & torch.isfinite(scores)).tolist():
             row = int(source_row[position, rank])
             finished[self.images[position]].append(
-                _hypothesis(self.words[row], float(scores[position, rank]), self.attention, row,
-                            length_penalty, 1)
-            )  # fmt: skip
+                _hypothesis(
+                    self.words[row],
+                    float(scores[position, rank]),
+                    self.attention,
+                    row,
+                    length_penalty,
+                    1,
+                )
+            )
 
     def collect_running(self, finished: list[list[_Hypothesis]], length_penalty: float) -> None:
         """At the length limit, the running beams of the images still searching become
@@ -313,9 +332,15 @@ class _BeamBatch:
         for position, beam in torch.nonzero(torch.isfinite(self.scores)).tolist():
             row = position * self.beams + beam
             finished[self.images[position]].append(
-                _hypothesis(self.words[row], float(self.scores[position, beam]), self.attention,
-                            row, length_penalty, 0)
-            )  # fmt: skip
+                _hypothesis(
+                    self.words[row],
+                    float(self.scores[position, beam]),
+                    self.attention,
+                    row,
+                    length_penalty,
+                    0,
+                )
+            )
 
 
 def _hypothesis(

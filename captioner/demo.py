@@ -189,17 +189,23 @@ def run_demo(
 
     say(f"[2/5] features: {config.encoder.name} CNN at {config.encoder.image_size} px")
     if config.encoder.weights == "none":
-        say(RANDOM_WEIGHTS_NOTE.format(
-            name=config.encoder.name, captions=caption_file, images=config.dataset
-        ))  # fmt: skip
+        say(
+            RANDOM_WEIGHTS_NOTE.format(
+                name=config.encoder.name, captions=caption_file, images=config.dataset
+            )
+        )
     extraction = extract_features(
         ExtractConfig(
-            captions=[caption_file], images=config.dataset, out=config.store,
-            encoder=config.encoder, device=config.device, workers=config.workers,
+            captions=[caption_file],
+            images=config.dataset,
+            out=config.store,
+            encoder=config.encoder,
+            device=config.device,
+            workers=config.workers,
             dtype="float32",
         ),
         progress=progress,
-    )  # fmt: skip
+    )
     say(extraction.describe())
     _stop_if(extraction.stopped, "feature extraction")
     lap("features")
@@ -209,15 +215,21 @@ def run_demo(
         say(f"[3/5] training {model} for {config.epochs} epochs: {config.run(model)}")
         trained[model] = train(_train_config(config, model), progress=progress)
         _stop_if(trained[model].preempted, f"training {model}")
-        say(f"best validation BLEU-4 {trained[model].best_score:.4f} "
-            f"at epoch {trained[model].best_epoch}")  # fmt: skip
+        say(
+            f"best validation BLEU-4 {trained[model].best_score:.4f} "
+            f"at epoch {trained[model].best_epoch}"
+        )
     if config.scst_epochs:
-        say(f"[3/5] self-critical fine-tuning of show-attend-tell on CIDEr-D for"
-            f" {config.scst_epochs} epochs: {config.run(SCST)}")  # fmt: skip
+        say(
+            f"[3/5] self-critical fine-tuning of show-attend-tell on CIDEr-D for"
+            f" {config.scst_epochs} epochs: {config.run(SCST)}"
+        )
         trained[SCST] = train(_scst_config(config), progress=progress)
         _stop_if(trained[SCST].preempted, "self-critical training")
-        say(f"best validation CIDEr-D {trained[SCST].best_score:.4f} "
-            f"at epoch {trained[SCST].best_epoch}")  # fmt: skip
+        say(
+            f"best validation CIDEr-D {trained[SCST].best_score:.4f} "
+            f"at epoch {trained[SCST].best_epoch}"
+        )
     lap("training")
 
     say("[4/5] evaluation on the test split")
@@ -236,51 +248,84 @@ def run_demo(
     constant, constant_metrics = _constant_caption(config)
     outcomes[CONSTANT] = ModelOutcome(
         constant_metrics,
-        _scene_accuracy({image: constant for image in _test_captions(
-            config.results(MODELS[0]) / "captions.csv")}, scenes),
-    )  # fmt: skip
+        _scene_accuracy(
+            {
+                image: constant
+                for image in _test_captions(config.results(MODELS[0]) / "captions.csv")
+            },
+            scenes,
+        ),
+    )
     lap("evaluation")
 
     say(f"[5/5] captioning the fresh images in {config.fresh}")
     captioning = caption_images(
         CaptionConfig(
-            inputs=[config.fresh], checkpoint=config.run(config.models[-1]) / "best.pt",
-            out=config.fresh_captions, decoding=DecodingConfig(beam_size=config.beam_size),
-            device=config.device, workers=config.workers,
+            inputs=[config.fresh],
+            checkpoint=config.run(config.models[-1]) / "best.pt",
+            out=config.fresh_captions,
+            decoding=DecodingConfig(beam_size=config.beam_size),
+            device=config.device,
+            workers=config.workers,
         ),
         progress=progress,
-    )  # fmt: skip
+    )
     _stop_if(captioning.stopped, "captioning")
     lap("captioning")
     return DemoResult(
-        config, caption_file, extraction, outcomes, implementation, constant, captioning,
-        _read_samples(config.fresh_captions, 5), seconds,
-    )  # fmt: skip
+        config,
+        caption_file,
+        extraction,
+        outcomes,
+        implementation,
+        constant,
+        captioning,
+        _read_samples(config.fresh_captions, 5),
+        seconds,
+    )
 
 
 def _train_config(config: DemoConfig, model: str) -> TrainConfig:
     out = config.run(model)
     return TrainConfig(
-        features=config.store, out=out, model=model, epochs=config.epochs,
-        batch_size=config.batch_size, captions_per_image=config.captions_per_image,
-        embed_size=config.embed_size, hidden_size=config.hidden_size,
-        attention_size=config.attention_size, dropout=config.dropout, lr=config.lr,
-        alpha_c=config.alpha_c, min_count=1, device=config.device,
-        preload=True, seed=config.seed,
+        features=config.store,
+        out=out,
+        model=model,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        captions_per_image=config.captions_per_image,
+        embed_size=config.embed_size,
+        hidden_size=config.hidden_size,
+        attention_size=config.attention_size,
+        dropout=config.dropout,
+        lr=config.lr,
+        alpha_c=config.alpha_c,
+        min_count=1,
+        device=config.device,
+        preload=True,
+        seed=config.seed,
         resume=(out / "last.pt").exists(),
-    )  # fmt: skip
+    )
 
 
 def _scst_config(config: DemoConfig) -> TrainConfig:
     """Self-critical fine-tuning of the attention model from its best cross-entropy epoch."""
     out = config.run(SCST)
     return TrainConfig(
-        features=config.store, out=out, model="show-attend-tell", objective="scst",
-        init=config.run("show-attend-tell") / "best.pt", epochs=config.scst_epochs,
-        batch_size=config.batch_size, captions_per_image=config.captions_per_image,
-        lr=config.scst_lr, device=config.device, preload=True, seed=config.seed,
+        features=config.store,
+        out=out,
+        model="show-attend-tell",
+        objective="scst",
+        init=config.run("show-attend-tell") / "best.pt",
+        epochs=config.scst_epochs,
+        batch_size=config.batch_size,
+        captions_per_image=config.captions_per_image,
+        lr=config.scst_lr,
+        device=config.device,
+        preload=True,
+        seed=config.seed,
         resume=(out / "last.pt").exists(),
-    )  # fmt: skip
+    )
 
 
 def _evaluated(config: DemoConfig, model: str, progress: bool) -> dict:
@@ -297,12 +342,17 @@ def _evaluated(config: DemoConfig, model: str, progress: bool) -> dict:
         figures = config.figures if model != "show-tell" else 0
         evaluate(
             EvaluateConfig(
-                checkpoint=checkpoint, features=config.store, out=out, split="test",
-                decoding=DecodingConfig(beam_size=config.beam_size), device=config.device,
-                visualize=figures, images=config.dataset,
+                checkpoint=checkpoint,
+                features=config.store,
+                out=out,
+                split="test",
+                decoding=DecodingConfig(beam_size=config.beam_size),
+                device=config.device,
+                visualize=figures,
+                images=config.dataset,
             ),
             progress=progress,
-        )  # fmt: skip
+        )
     return json.loads(metrics_file.read_text("utf-8"))
 
 

@@ -30,6 +30,7 @@ from captioner.errors import CaptionerError
 from captioner.files import atomic_file
 from captioner.images import ImageError, load_image
 from captioner.metrics import COCO, MetricsReport, check_java, score_captions
+from captioner.option_checks import at_least, check_options
 from captioner.readers import read_corpus
 from captioner.report import REPORT_NAME, Card, ReportPage, describe_config, write_report
 from captioner.store import FeatureStore, corpus_digest
@@ -87,8 +88,7 @@ class ScoreResult:
 
 def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult:
     """Decode the split from stored features, score it, write the outputs (see the module doc)."""
-    if config.batch_size < 1 or config.visualize < 0:
-        raise CaptionerError("--batch-size must be >= 1 and --visualize >= 0")
+    check_options(config, {"batch_size": at_least(1), "visualize": at_least(0)})
     if config.metrics == COCO:
         check_java()  # before the decoding, not after it
     checkpoint, _ = load_checkpoint(config.checkpoint)
@@ -170,23 +170,30 @@ def _evaluation_page(
     root, why_not = _image_root(config.images, store.attrs.get("images_root"))
     cards = [
         Card(
-            ids[row], " ".join(caption.words(checkpoint.vocabulary)),
-            picture=root / corpus.images[row].path if root else None, missing=why_not,
-            references=references[ids[row]], scores=report.per_image.get(ids[row], {}),
-            words=caption.words(checkpoint.vocabulary), attention=caption.attention,
+            ids[row],
+            " ".join(caption.words(checkpoint.vocabulary)),
+            picture=root / corpus.images[row].path if root else None,
+            missing=why_not,
+            references=references[ids[row]],
+            scores=report.per_image.get(ids[row], {}),
+            words=caption.words(checkpoint.vocabulary),
+            attention=caption.attention,
         )
         for row, caption in zip(rows, captions, strict=True)
-    ]  # fmt: skip
+    ]
     encoder, settings, model = store.encoder_config, store.settings, checkpoint.decoder_config.model
     details = [
         ("checkpoint", f"{config.checkpoint} ({model})"),
         ("features", f"{store.path}, split {config.split!r}"),
-        ("encoder", f"{encoder.name} at {encoder.image_size} px, grid "
-                    f"{store.grid[0]}x{store.grid[1]}, {store.channels} channels"),
+        (
+            "encoder",
+            f"{encoder.name} at {encoder.image_size} px, grid "
+            f"{store.grid[0]}x{store.grid[1]}, {store.channels} channels",
+        ),
         ("weights", f"{settings.weights_id} (sha256 {settings.weights_checksum[:12]})"),
         ("decoding", describe_config(config.decoding)),
         ("pictures", str(root) if root else why_not),
-    ]  # fmt: skip
+    ]
     title = f"{model} on the {config.split} split of {store.path.name}"
     return ReportPage(title, cards, details, report, store.grid, notes)
 
@@ -308,13 +315,15 @@ def score_predictions(config: ScoreConfig) -> ScoreResult:
     root, why_not = _image_root(config.images, None)
     cards = [
         Card(
-            corpus.images[row].id, caption,
-            picture=root / corpus.images[row].path if root else None, missing=why_not,
+            corpus.images[row].id,
+            caption,
+            picture=root / corpus.images[row].path if root else None,
+            missing=why_not,
             references=references[corpus.images[row].id],
             scores=report.per_image[corpus.images[row].id],
         )
         for row, caption in matched.items()
-    ]  # fmt: skip
+    ]
     details = [
         ("predictions", str(config.predictions)),
         ("references", f"{', '.join(map(str, config.captions))}, split {config.split!r}"),

@@ -32,6 +32,7 @@ from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image
 from captioner.errors import CaptionerError
 from captioner.images import ImageDataset, collate_images
 from captioner.integrity import damaged_shards
+from captioner.option_checks import at_least, check_options, optional
 from captioner.preemption import StopRequest
 from captioner.readers import read_corpus
 from captioner.store import (
@@ -115,8 +116,7 @@ def extract_features(config: ExtractConfig, progress: bool = False) -> ExtractSu
     other settings or another corpus is refused unless `config.overwrite`.
     """
     started = time.perf_counter()
-    if config.batch_size < 1:
-        raise CaptionerError(f"batch size must be at least 1, not {config.batch_size}")
+    check_options(config, {"batch_size": at_least(1), "limit": optional(at_least(1))})
     ranks = Ranks.from_environment()
     device = resolve_device(config.device, ranks.local_rank)
     with process_group(ranks, device), StopRequest() as stop:
@@ -191,8 +191,6 @@ def _read_images_corpus(config: ExtractConfig) -> Corpus:
         list(config.captions), config.format, config.splits_dir, config.keep_restval
     )
     if config.limit is not None:
-        if config.limit < 1:
-            raise CaptionerError(f"--limit must be at least 1, not {config.limit}")
         corpus = corpus.subset(list(range(min(config.limit, len(corpus.images)))))
     if not corpus.images:
         raise CaptionerError(f"{config.captions[0]}: no images in the caption file")
@@ -279,8 +277,9 @@ def _extract_shards(
         pin_memory=device.type == "cuda",
     )
     store_dtype = getattr(torch, writer.settings.dtype)
-    ends_shard = [i == len(batches) - 1 or batches[i + 1][0] != shard
-                  for i, (shard, _) in enumerate(batches)]  # fmt: skip
+    ends_shard = [
+        i == len(batches) - 1 or batches[i + 1][0] != shard for i, (shard, _) in enumerate(batches)
+    ]
     processed = 0
     sink = _BackgroundShardWriter(writer, max_batches=4)
     total = sum(len(rows) for _, rows in batches)

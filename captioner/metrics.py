@@ -166,10 +166,13 @@ def _coco_report(
         "BLEU-4": "pycocoevalcap Bleu(4): the image's own BLEU-4",
     }
     return MetricsReport(
-        scores, COCO, len(images), sources,
+        scores,
+        COCO,
+        len(images),
+        sources,
         per_image=_per_image_scores(gts, cider_per_image, bleu_per_image[3]),
         per_image_sources=per_image_sources,
-    )  # fmt: skip
+    )
 
 
 def _fallback_report(
@@ -212,10 +215,14 @@ def _fallback_report(
         " when no 4-gram matches), not pycocoevalcap's",
     }
     return MetricsReport(
-        scores, FALLBACK, len(images), sources, notes,
+        scores,
+        FALLBACK,
+        len(images),
+        sources,
+        notes,
         per_image=_per_image_scores(gts, cider_per_image, bleu4_per_image),
         per_image_sources=per_image_sources,
-    )  # fmt: skip
+    )
 
 
 def _per_image_scores(

@@ -86,28 +86,49 @@ def read_run(path: Path) -> RunSummary:
     decoder = checkpoint.decoder_config
     attention = decoder.attention_size if decoder.model == "show-attend-tell" else "-"
     return RunSummary(
-        path, history, decoder.model, f"{decoder.embed_size}/{decoder.hidden_size}/{attention}",
+        path,
+        history,
+        decoder.model,
+        f"{decoder.embed_size}/{decoder.hidden_size}/{attention}",
         decoder.vocab_size,
         checkpoint.training.get("options", {}).get("objective", DEFAULT_OBJECTIVE),
         best_epoch,
-    )  # fmt: skip
+    )
 
 
 def format_runs(runs: list[RunSummary]) -> str:
     """The runs as a plain-text table, one line each."""
     header = (
-        "run", "model", "emb/hid/att", "vocab", "objective", "epochs", "best",
-        "val BLEU-4", "val CIDEr-D", "captions/s", "train time",
-    )  # fmt: skip
+        "run",
+        "model",
+        "emb/hid/att",
+        "vocab",
+        "objective",
+        "epochs",
+        "best",
+        "val BLEU-4",
+        "val CIDEr-D",
+        "captions/s",
+        "train time",
+    )
     lines = [header]
     for run in runs:
         best = run.best_row
-        lines.append((
-            str(run.path), run.model, run.sizes, _text(run.vocabulary), run.objective,
-            str(len(run.history)), str(run.best_epoch), _text(best.get("val_bleu4"), ".4f"),
-            _text(best.get("val_cider"), ".4f"), _text(run.captions_per_second, ".0f"),
-            _duration(run.seconds),
-        ))  # fmt: skip
+        lines.append(
+            (
+                str(run.path),
+                run.model,
+                run.sizes,
+                _text(run.vocabulary),
+                run.objective,
+                str(len(run.history)),
+                str(run.best_epoch),
+                _text(best.get("val_bleu4"), ".4f"),
+                _text(best.get("val_cider"), ".4f"),
+                _text(run.captions_per_second, ".0f"),
+                _duration(run.seconds),
+            )
+        )
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
     return "\n".join(
         "  ".join(

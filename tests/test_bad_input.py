@@ -24,13 +24,19 @@ from captioner.readers import FORMATS, read_corpus
 
 # The same examples on every run (CI included), and no example database left in the tree.
 SETTINGS = settings(
-    max_examples=150, deadline=None, derandomize=True, database=None,
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
-)  # fmt: skip
+)
 FILE_NAMES = {  # a name each format's files usually have
-    "kaggle": "captions.txt", "flickr8k": "Flickr8k.token.txt", "karpathy": "dataset_coco.json",
-    "coco": "captions_train2014.json", "csv": "captions.csv",
-}  # fmt: skip
+    "kaggle": "captions.txt",
+    "flickr8k": "Flickr8k.token.txt",
+    "karpathy": "dataset_coco.json",
+    "coco": "captions_train2014.json",
+    "csv": "captions.csv",
+}
 
 text = st.text(alphabet=st.characters(codec="utf-8"), max_size=300)
 cells = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\n\r"), max_size=40)
@@ -40,9 +46,23 @@ json_values = st.recursive(
     max_leaves=20,
 )
 caption_keys = st.sampled_from(
-    ["images", "annotations", "sentences", "filename", "filepath", "split", "tokens", "raw",
-     "caption", "image_id", "id", "file_name", "sentids", "imgid"]
-)  # fmt: skip
+    [
+        "images",
+        "annotations",
+        "sentences",
+        "filename",
+        "filepath",
+        "split",
+        "tokens",
+        "raw",
+        "caption",
+        "image_id",
+        "id",
+        "file_name",
+        "sentids",
+        "imgid",
+    ]
+)
 
 
 def json_documents():
@@ -112,8 +132,15 @@ def test_awkward_text_files_are_a_corpus_or_a_one_line_error(data):
 
 # ---- images ----------------------------------------------------------------------------------
 
-HEADERS = [b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM", b"RIFF\x00\x00\x00\x00WEBP",
-           b"II*\x00", b"MM\x00*"]  # fmt: skip
+HEADERS = [
+    b"\xff\xd8\xff\xe0",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF89a",
+    b"BM",
+    b"RIFF\x00\x00\x00\x00WEBP",
+    b"II*\x00",
+    b"MM\x00*",
+]
 
 
 def decode(data: bytes, suffix: str = ".jpg") -> Image.Image | None:

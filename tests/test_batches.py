@@ -47,21 +47,30 @@ def caption_texts(batch, vocabulary):
 def store_path(tmp_path_factory):
     # 40 images, 4 per shard, 3 captions each; train = the first 20 rows (5 shards).
     return make_store(
-        tmp_path_factory.mktemp("batches") / "store.zarr", images=40, images_per_shard=4,
+        tmp_path_factory.mktemp("batches") / "store.zarr",
+        images=40,
+        images_per_shard=4,
         split_fractions=(0.5, 0.25, 0.25),
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(
     "mode",
     [
-        dict(kind="pooled"), dict(kind="spatial"), dict(kind="spatial", preload=True),
+        dict(kind="pooled"),
+        dict(kind="spatial"),
+        dict(kind="spatial", preload=True),
         dict(kind="spatial", bucket_by_length=True),
         dict(kind="spatial", preload=True, bucket_by_length=True, bucket_batches=2),
     ],
-    ids=["pooled", "spatial-streamed", "spatial-preloaded", "streamed-bucketed",
-         "preloaded-bucketed"],
-)  # fmt: skip
+    ids=[
+        "pooled",
+        "spatial-streamed",
+        "spatial-preloaded",
+        "streamed-bucketed",
+        "preloaded-bucketed",
+    ],
+)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_caption_once_per_epoch_with_its_own_image_features(store_path, mode, workers):
     stream, store, corpus, vocabulary = open_stream(
@@ -80,9 +89,10 @@ def test_every_caption_once_per_epoch_with_its_own_image_features(store_path, mo
         ):
             seen[(int(batch.rows[caption_row]), text)] += 1
         stored = (
-            store.read_pooled(batch.rows) if mode["kind"] == "pooled"
+            store.read_pooled(batch.rows)
+            if mode["kind"] == "pooled"
             else store._store.read_spatial(batch.rows)
-        )  # fmt: skip
+        )
         np.testing.assert_allclose(batch.features.numpy(), stored.astype(np.float32))
         # lengths count start and end; everything past them is padding
         assert batch.captions.shape[1] == int(batch.lengths.max())
@@ -106,10 +116,20 @@ def test_streaming_reads_each_image_once_in_whole_shards(store_path):
 def test_memory_held_while_streaming_does_not_grow_with_the_store(tmp_path, bucket_by_length):
     peaks = {}
     for images in (48, 192):
-        path = make_store(tmp_path / f"s{images}.zarr", images=images, images_per_shard=4,
-                          split_fractions=(1, 0, 0))  # fmt: skip
-        stream, _, _, _ = open_stream(path, batch_size=6, window_shards=2, workers=2, prefetch=2,
-                                      bucket_by_length=bucket_by_length)  # fmt: skip
+        path = make_store(
+            tmp_path / f"s{images}.zarr",
+            images=images,
+            images_per_shard=4,
+            split_fractions=(1, 0, 0),
+        )
+        stream, _, _, _ = open_stream(
+            path,
+            batch_size=6,
+            window_shards=2,
+            workers=2,
+            prefetch=2,
+            bucket_by_length=bucket_by_length,
+        )
         assert len(list(stream.epoch(0))) == stream.num_batches
         peaks[images] = stream.peak_streamed_rows
     # window (2 shards) + reads in flight (2 shards) + queued batches (2 x 2 images) + one batch;
@@ -122,8 +142,13 @@ def test_memory_held_while_streaming_does_not_grow_with_the_store(tmp_path, buck
 def test_bucketing_by_length_pads_less_and_keeps_batches_full(tmp_path, preload):
     """Batches of images with similar longest captions: fewer padded steps for a decoder that runs
     each batch to its longest caption; every batch but the last still has its full images."""
-    path = make_store(tmp_path / "s.zarr", images=96, images_per_shard=8, captions_per_image=2,
-                      split_fractions=(1, 0, 0))  # fmt: skip
+    path = make_store(
+        tmp_path / "s.zarr",
+        images=96,
+        images_per_shard=8,
+        captions_per_image=2,
+        split_fractions=(1, 0, 0),
+    )
     options = dict(batch_size=8, window_shards=4, workers=0, preload=preload, bucket_batches=6)
     plain, _, _, _ = open_stream(path, **options)
     bucketed, _, _, _ = open_stream(path, bucket_by_length=True, **options)

@@ -43,8 +43,9 @@ def checkpoint(tmp_path_factory) -> Path:
     """A decoder over the tiny encoder's features (128 channels, 2x2 grid at 64 px)."""
     folder = tmp_path_factory.mktemp("model")
     tiny = build_encoder(EncoderConfig("tiny", "none", 64))  # what `caption` will run
-    store = make_store(folder / "s.zarr", images=8, channels=128,
-                       weights_checksum=tiny.weights_checksum)  # fmt: skip
+    store = make_store(
+        folder / "s.zarr", images=8, channels=128, weights_checksum=tiny.weights_checksum
+    )
     return make_checkpoint(folder / "best.pt", store)
 
 
@@ -89,9 +90,15 @@ def test_a_folder_gives_one_row_per_file_with_errors_where_due(tmp_path, checkpo
     zoo = write_picture_zoo(tmp_path / "pics")
     out = tmp_path / "captions.csv"
     config = CaptionConfig(
-        [tmp_path / "pics"], checkpoint, out, recursive=True, decoding=FAST, batch_size=3,
-        workers=2, device="cpu",
-    )  # fmt: skip
+        [tmp_path / "pics"],
+        checkpoint,
+        out,
+        recursive=True,
+        decoding=FAST,
+        batch_size=3,
+        workers=2,
+        device="cpu",
+    )
     summary = caption_images(config)
     rows = read_csv(out)
     assert list(rows[0]) == ["path", "caption", "log_prob", "error"]
@@ -114,8 +121,24 @@ def test_html_shows_every_row_of_the_output_with_its_picture_or_its_error(tmp_pa
     Image.new("RGB", (50, 40), (200, 30, 30)).save(pictures / "red.jpg")
     (pictures / "empty.jpg").write_bytes(b"")
     out, page = tmp_path / "captions.jsonl", tmp_path / "gallery.html"
-    common = ("--checkpoint", checkpoint, "--out", out, "--format", "jsonl", "--html", page,
-              "--beam-size", 2, "--min-length", 1, "--max-length", 6, "--workers", 0)  # fmt: skip
+    common = (
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        out,
+        "--format",
+        "jsonl",
+        "--html",
+        page,
+        "--beam-size",
+        2,
+        "--min-length",
+        1,
+        "--max-length",
+        6,
+        "--workers",
+        0,
+    )
     assert run_cli("caption", pictures, *common)[0] == 0
     Image.new("RGB", (40, 40), (0, 0, 200)).save(pictures / "blue.png")
     code, output = run_cli("caption", pictures, *common)  # a re-run captions only blue.png
@@ -138,8 +161,13 @@ def test_without_recursive_subfolders_are_left_out_and_globs_work(tmp_path):
     assert not any("nested" in str(path) for path in top) and len(top) == 8
     pattern = str(tmp_path / "pics" / "**" / "*.jpg")
     assert {p.name for p in find_images([pattern], recursive=True)} == {
-        "rgb.jpg", "cmyk.jpg", "inner.jpg", "empty.jpg", "corrupt.jpg", "truncated.jpg",
-    }  # fmt: skip
+        "rgb.jpg",
+        "cmyk.jpg",
+        "inner.jpg",
+        "empty.jpg",
+        "corrupt.jpg",
+        "truncated.jpg",
+    }
     # The same file named twice, directly and through its folder, is captioned once.
     twice = find_images([tmp_path / "pics" / "rgb.jpg", tmp_path / "pics"])
     assert len(twice) == 8
@@ -308,26 +336,50 @@ def test_local_encoder_weights_replace_the_recorded_ones(tmp_path, checkpoint):
     same, other = tmp_path / "same.pt", tmp_path / "other.pt"
     state = build_encoder(EncoderConfig("tiny", "none", 64)).backbone.state_dict()
     torch.save(state, same)
-    torch.save({name: tensor.flip(0) if tensor.dim() == 4 else tensor
-                for name, tensor in state.items()}, other)  # fmt: skip
+    torch.save(
+        {name: tensor.flip(0) if tensor.dim() == 4 else tensor for name, tensor in state.items()},
+        other,
+    )
     recorded, local = tmp_path / "recorded.csv", tmp_path / "local.csv"
     caption_images(CaptionConfig([folder], checkpoint, recorded, decoding=FAST))
     caption_images(CaptionConfig([folder], checkpoint, local, decoding=FAST, weights=same))
     assert read_csv(recorded) == read_csv(local)
-    code, output = run_cli("caption", folder, "--checkpoint", checkpoint, "--out",
-                           tmp_path / "o.csv", "--weights", other)  # fmt: skip
+    code, output = run_cli(
+        "caption",
+        folder,
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        tmp_path / "o.csv",
+        "--weights",
+        other,
+    )
     assert_one_line_error(code, output, "other.pt", "--allow-other-weights")
     assert not (tmp_path / "o.csv").exists()
-    code, output = run_cli("caption", folder, "--checkpoint", checkpoint, "--out",
-                           tmp_path / "o.csv", "--weights", other,
-                           "--allow-other-weights")  # fmt: skip
+    code, output = run_cli(
+        "caption",
+        folder,
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        tmp_path / "o.csv",
+        "--weights",
+        other,
+        "--allow-other-weights",
+    )
     assert code == 0, output
     captions = [row["caption"] for row in read_csv(tmp_path / "o.csv")]
     assert captions != [row["caption"] for row in read_csv(recorded)]
     code, output = run_cli(
-        "caption", folder, "--checkpoint", checkpoint, "--out", tmp_path / "x.csv",
-        "--weights", tmp_path / "missing.pt",
-    )  # fmt: skip
+        "caption",
+        folder,
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        tmp_path / "x.csv",
+        "--weights",
+        tmp_path / "missing.pt",
+    )
     assert_one_line_error(code, output, "missing.pt")
 
 
@@ -371,9 +423,10 @@ def test_imagenet_features_are_captioned_with_the_recorded_torchvision_weights(c
     captioning builds those, not whatever DEFAULT the installed torchvision has."""
     recorded, _ = load_checkpoint(checkpoint)
     imagenet = replace(
-        recorded, encoder_config=EncoderConfig("resnet50", "imagenet", 224),
+        recorded,
+        encoder_config=EncoderConfig("resnet50", "imagenet", 224),
         weights_id="ResNet50_Weights.IMAGENET1K_V1",
-    )  # fmt: skip
+    )
     assert recorded_encoder(imagenet) == EncoderConfig("resnet50", "IMAGENET1K_V1", 224)
     assert recorded_encoder(recorded) == recorded.encoder_config  # not imagenet: as recorded
 
@@ -411,11 +464,24 @@ def test_a_full_disk_while_writing_rows_is_one_line_and_the_rerun_completes(
     for index in range(7):
         Image.new("RGB", (40, 40), (30 * index, 20, 90)).save(folder / f"{index}.png")
     write = caption_module.CaptionOutput.write
-    monkeypatch.setattr(caption_module.CaptionOutput, "write",
-                        failing_on_call(2, errno.ENOSPC, write))  # fmt: skip
+    monkeypatch.setattr(
+        caption_module.CaptionOutput, "write", failing_on_call(2, errno.ENOSPC, write)
+    )
     out = tmp_path / "captions.csv"
-    args = ["caption", folder, "--checkpoint", checkpoint, "--out", out, "--batch-size", "3",
-            "--workers", "0", "--beam-size", "1"]  # fmt: skip
+    args = [
+        "caption",
+        folder,
+        "--checkpoint",
+        checkpoint,
+        "--out",
+        out,
+        "--batch-size",
+        "3",
+        "--workers",
+        "0",
+        "--beam-size",
+        "1",
+    ]
     code, output = run_cli(*args)
     assert code == 1 and "No space left on device" in output.strip().splitlines()[-1]
     assert "Traceback" not in output

@@ -157,15 +157,19 @@ def test_provenance_round_trips_and_a_version_2_checkpoint_has_none(tmp_path):
     """Version 3 records the encoder weights and the corpus digest; version 2 did not, and loads
     with them empty (which evaluate and caption take as "not recorded", checking nothing)."""
     recorded = replace(
-        make_checkpoint(), weights_id="ResNet152_Weights.IMAGENET1K_V2",
-        weights_checksum="ab" * 32, corpus_sha256="cd" * 32,
-    )  # fmt: skip
+        make_checkpoint(),
+        weights_id="ResNet152_Weights.IMAGENET1K_V2",
+        weights_checksum="ab" * 32,
+        corpus_sha256="cd" * 32,
+    )
     path = tmp_path / "v3.pt"
     save_checkpoint(path, recorded)
     loaded = load_checkpoint(path)[0]
     assert (loaded.weights_id, loaded.weights_checksum, loaded.corpus_sha256) == (
-        recorded.weights_id, recorded.weights_checksum, recorded.corpus_sha256,
-    )  # fmt: skip
+        recorded.weights_id,
+        recorded.weights_checksum,
+        recorded.corpus_sha256,
+    )
     payload = torch.load(path, weights_only=True)
     payload["version"] = 2
     for name in ("weights_id", "weights_checksum", "corpus_sha256"):

@@ -88,8 +88,10 @@ def test_equals_coco_caption_with_train_split_document_frequencies():
 
 
 def test_a_reference_scores_highest_against_its_own_image():
-    references = {0: [["a", "red", "ball"], ["a", "red", "ball", "on", "grass"]],
-                  1: [["two", "men"], ["two", "men", "runs"]]}  # fmt: skip
+    references = {
+        0: [["a", "red", "ball"], ["a", "red", "ball", "on", "grass"]],
+        1: [["two", "men"], ["two", "men", "runs"]],
+    }
     cider = CiderD.from_references(references)
     scores = cider.scores([["a", "red", "ball"]] * 2 + [["two", "men"]] * 2, [0, 1, 0, 1])
     assert scores[0] > scores[1] and scores[3] > scores[2]

@@ -48,9 +48,13 @@ def read_rows(path: Path) -> list[dict]:
 def test_evaluate_writes_captions_metrics_and_coco_results(tmp_path, store_path, checkpoint_path):
     decoding = DecodingConfig(beam_size=2, max_length=8)
     config = EvaluateConfig(
-        checkpoint_path, store_path, tmp_path / "out", decoding=decoding, batch_size=4,
+        checkpoint_path,
+        store_path,
+        tmp_path / "out",
+        decoding=decoding,
+        batch_size=4,
         metrics=FALLBACK,
-    )  # fmt: skip
+    )
     result = evaluate(config)
 
     store = FeatureStore.open(store_path)
@@ -137,8 +141,12 @@ def test_feature_size_mismatch_is_one_line(tmp_path, store_path):
 
 
 def test_vocabulary_of_another_dataset_is_one_line(tmp_path, store_path):
-    other = make_store(tmp_path / "other.zarr", images=8, seed=3,  # another fingerprint
-                       weights_checksum="generated-seed-0")  # fmt: skip
+    other = make_store(
+        tmp_path / "other.zarr",
+        images=8,
+        seed=3,  # another fingerprint
+        weights_checksum="generated-seed-0",
+    )
     words = Vocabulary([*SPECIAL_TOKENS, *(f"word{i}" for i in range(30))])
     checkpoint = make_checkpoint(tmp_path / "c.pt", other, vocabulary=words)
     code, output = run_cli(
@@ -185,10 +193,14 @@ def test_the_splits_a_checkpoint_was_trained_with_are_the_ones_evaluated(tmp_pat
     base, _ = load_checkpoint(make_checkpoint(tmp_path / "base.pt", store_path))
     trained = training_corpus(FeatureStore.open(store_path), captions)
     checkpoint = tmp_path / "c.pt"
-    save_checkpoint(checkpoint, replace(
-        base, training={**base.training, "options": {"captions": str(captions)}},
-        corpus_sha256=corpus_digest(trained),
-    ))  # fmt: skip
+    save_checkpoint(
+        checkpoint,
+        replace(
+            base,
+            training={**base.training, "options": {"captions": str(captions)}},
+            corpus_sha256=corpus_digest(trained),
+        ),
+    )
     config = EvaluateConfig(checkpoint, store_path, tmp_path / "o", metrics=FALLBACK)
     result = evaluate(config)
     assert result.images == 4  # the file's 4 test images, not the store's 6
@@ -277,9 +289,14 @@ def test_score_one_human_caption_against_the_other_four_equals_pycocoevalcap(tmp
         writer.writerow(["image", "caption"])
         writer.writerows(human.items())
     code, output = run_cli(
-        "score", "--predictions", predictions, "--captions", captions_file,
-        "--out", tmp_path / "scores",
-    )  # fmt: skip
+        "score",
+        "--predictions",
+        predictions,
+        "--captions",
+        captions_file,
+        "--out",
+        tmp_path / "scores",
+    )
     assert code == 0, output
     assert "CIDEr-D" in output and "FALLBACK" not in output
 
@@ -339,10 +356,22 @@ def test_a_denied_write_of_the_results_is_one_line_and_the_rerun_writes_them(
     tmp_path, store_path, checkpoint_path, monkeypatch
 ):
     atomic_file = evaluate_module.atomic_file
-    monkeypatch.setattr(evaluate_module, "atomic_file",
-                        failing_on_call(2, errno.EACCES, atomic_file))  # fmt: skip
-    args = ["evaluate", "--checkpoint", checkpoint_path, "--features", store_path,
-            "--out", tmp_path / "o", "--metrics", FALLBACK, "--beam-size", "1"]  # fmt: skip
+    monkeypatch.setattr(
+        evaluate_module, "atomic_file", failing_on_call(2, errno.EACCES, atomic_file)
+    )
+    args = [
+        "evaluate",
+        "--checkpoint",
+        checkpoint_path,
+        "--features",
+        store_path,
+        "--out",
+        tmp_path / "o",
+        "--metrics",
+        FALLBACK,
+        "--beam-size",
+        "1",
+    ]
     code, output = run_cli(*args)
     last = output.strip().splitlines()[-1]  # (after the decoding progress bar, on stderr)
     assert code == 1 and last.startswith("Error: ") and "Traceback" not in output

@@ -33,8 +33,18 @@ from captioner.store import STATUS_DONE, STATUS_FAILED, FeatureStore, StoreWrite
 
 REPO = Path(__file__).resolve().parents[1]
 ENCODER = EncoderConfig("tiny", "none", 64)
-ARRAYS = ("spatial", "pooled", "status", "failure", "image_id", "image_path", "split",
-          "captions/text", "captions/tokens", "captions/image")  # fmt: skip
+ARRAYS = (
+    "spatial",
+    "pooled",
+    "status",
+    "failure",
+    "image_id",
+    "image_path",
+    "split",
+    "captions/text",
+    "captions/tokens",
+    "captions/image",
+)
 BROKEN = {
     "img_002.jpg": "empty file",
     "img_005.jpg": "cannot decode",
@@ -219,11 +229,25 @@ main(["extract", *sys.argv[1:]])
 
 def cli_options(config: ExtractConfig) -> list[str]:
     return [
-        "--captions", str(config.captions[0]), "--images", str(config.images),
-        "--out", str(config.out), "--encoder", "tiny", "--weights", "none",
-        "--image-size", "64", "--batch-size", str(config.batch_size),
-        "--images-per-shard", str(config.images_per_shard), "--workers", "0",
-    ]  # fmt: skip
+        "--captions",
+        str(config.captions[0]),
+        "--images",
+        str(config.images),
+        "--out",
+        str(config.out),
+        "--encoder",
+        "tiny",
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--batch-size",
+        str(config.batch_size),
+        "--images-per-shard",
+        str(config.images_per_shard),
+        "--workers",
+        "0",
+    ]
 
 
 def subprocess_env() -> dict[str, str]:
@@ -306,8 +330,9 @@ def test_repair_re_extracts_only_the_damaged_shards(dataset, reference, tmp_path
     damage(copy, "spatial", 1)
     damage(copy, "pooled", 2)
     assert [(d.array, d.shard) for d in damaged_shards(FeatureStore.open(copy))] == [
-        ("spatial", 1), ("pooled", 2),
-    ]  # fmt: skip
+        ("spatial", 1),
+        ("pooled", 2),
+    ]
     config = config_for(dataset, out=str(copy))
     assert extract_features(config).processed == 0  # without --repair: nothing looks pending
     summary = extract_features(dataclasses.replace(config, repair=True))
@@ -316,19 +341,26 @@ def test_repair_re_extracts_only_the_damaged_shards(dataset, reference, tmp_path
     assert_same_arrays(copy, reference)
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=Path(sys.executable).parent) is None,
-                    reason="torchrun is not installed next to this Python")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=Path(sys.executable).parent) is None,
+    reason="torchrun is not installed next to this Python",
+)
 def test_torchrun_with_two_processes_equals_one(dataset, reference, tmp_path):
     config = config_for(dataset, out=str(tmp_path / "s.zarr"))
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "extract_features.py"),
-         *cli_options(config)],
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "extract_features.py"),
+            *cli_options(config),
+        ],
         env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("14 images (11 done, 3 failed)") == 1  # rank 0 reports, once
     assert_same_arrays(config.out, reference)

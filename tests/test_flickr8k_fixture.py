@@ -55,11 +55,17 @@ def test_kaggle_file_true_counts(kaggle: Corpus) -> None:
 
 def test_standard_split_is_6000_1000_1000(token: Corpus, kaggle: Corpus) -> None:
     assert Counter(i.split for i in token.images) == {
-        "train": 6000, "val": 1000, "test": 1000, "unassigned": 92
-    }  # fmt: skip
+        "train": 6000,
+        "val": 1000,
+        "test": 1000,
+        "unassigned": 92,
+    }
     assert Counter(i.split for i in kaggle.images) == {
-        "train": 6000, "val": 1000, "test": 1000, "unassigned": 91
-    }  # fmt: skip
+        "train": 6000,
+        "val": 1000,
+        "test": 1000,
+        "unassigned": 91,
+    }
     listed = (FLICKR8K / "Flickr_8k.testImages.txt").read_text().split()
     split_of = {image.path: image.split for image in token.images}
     assert {split_of[name] for name in listed} == {"test"}

@@ -53,10 +53,26 @@ def test_a_flipped_byte_is_named_by_shard_rows_and_images(tmp_path, array):
 def test_training_that_meets_a_damaged_chunk_stops_in_one_line(tmp_path):
     path = make_store(tmp_path / "s.zarr", images=12, images_per_shard=4)
     damage(path, "spatial", 0)
-    result = CliRunner().invoke(main, [
-        "train", "--features", str(path), "--out", str(tmp_path / "run"), "--epochs", "1",
-        "--min-count", "1", "--embed-size", "8", "--hidden-size", "8", "--attention-size", "4",
-    ])  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--features",
+            str(path),
+            "--out",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--min-count",
+            "1",
+            "--embed-size",
+            "8",
+            "--hidden-size",
+            "8",
+            "--attention-size",
+            "4",
+        ],
+    )
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and lines[-1].startswith("Error: "), result.output
     assert "spatial shard 0 (rows 0-3) is damaged" in lines[-1]

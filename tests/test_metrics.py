@@ -155,8 +155,10 @@ def test_without_java_auto_falls_back_and_says_so(monkeypatch, tmp_path):
     assert "Java not found" in report.notes[0]
     assert report.to_dict()["fallback"] is True
     assert "FALLBACK" in report.format_table()
-    refs = [[["a", "dog", "runs", "on", "the", "grass"], ["a", "brown", "dog", "is", "running"]],
-            [["two", "men"]]]  # fmt: skip
+    refs = [
+        [["a", "dog", "runs", "on", "the", "grass"], ["a", "brown", "dog", "is", "running"]],
+        [["two", "men"]],
+    ]
     hyps = [["a", "dog", "is", "running", "on", "grass"], []]
     assert report.scores["BLEU-4"] == corpus_bleu4(refs, hyps)
     assert 0 < report.scores["ROUGE-L"] < 1 and report.scores["CIDEr-D"] > 0

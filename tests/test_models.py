@@ -277,9 +277,12 @@ def test_feature_statistics_standardize_what_the_decoder_reads(model):
 def fast_and_plain(seed: int = 0, **sizes):
     """The attention model and its plain layer-by-layer version, with the same weights."""
     torch.manual_seed(seed)
-    config = DecoderConfig("show-attend-tell", 40, 20, **{"embed_size": 12, "hidden_size": 16,
-                                                          "attention_size": 18, "dropout": 0.0,
-                                                          **sizes})  # fmt: skip
+    config = DecoderConfig(
+        "show-attend-tell",
+        40,
+        20,
+        **{"embed_size": 12, "hidden_size": 16, "attention_size": 18, "dropout": 0.0, **sizes},
+    )
     fast = build_decoder(config)
     plain = PlainShowAttendTell(config)
     plain.load_state_dict(fast.state_dict())
@@ -321,8 +324,9 @@ def test_fast_attention_loss_and_every_gradient_equal_the_plain_model(
                 continue
             scale = float(b.grad.abs().max())
             assert scale > 0, name
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5 * scale,
-                                       msg=f"{name}, trial {trial}")  # fmt: skip
+            torch.testing.assert_close(
+                a.grad, b.grad, rtol=1e-5, atol=1e-5 * scale, msg=f"{name}, trial {trial}"
+            )
 
 
 def test_fast_attention_decodes_the_plain_models_captions():

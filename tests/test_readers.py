@@ -160,13 +160,22 @@ def test_flickr8k_without_split_files_gets_the_hash_split(tmp_path: Path) -> Non
 
 def karpathy_file(path: Path) -> Path:
     images = [
-        {"filename": "1.jpg", "filepath": "train2014", "cocoid": 1, "split": "train",
-         "sentences": [{"raw": "A dog runs.", "tokens": ["a", "dog", "runs"]}]},
-        {"filename": "2.jpg", "filepath": "val2014", "cocoid": 2, "split": "restval",
-         "sentences": [{"raw": "A cat, sleeping.", "tokens": []}, {"tokens": ["two", "cats"]}]},
-        {"filename": "3.jpg", "filepath": "val2014", "cocoid": 3, "split": "test",
-         "sentences": []},
-    ]  # fmt: skip
+        {
+            "filename": "1.jpg",
+            "filepath": "train2014",
+            "cocoid": 1,
+            "split": "train",
+            "sentences": [{"raw": "A dog runs.", "tokens": ["a", "dog", "runs"]}],
+        },
+        {
+            "filename": "2.jpg",
+            "filepath": "val2014",
+            "cocoid": 2,
+            "split": "restval",
+            "sentences": [{"raw": "A cat, sleeping.", "tokens": []}, {"tokens": ["two", "cats"]}],
+        },
+        {"filename": "3.jpg", "filepath": "val2014", "cocoid": 3, "split": "test", "sentences": []},
+    ]
     return write(path, json.dumps({"images": images, "dataset": "coco"}))
 
 
@@ -189,10 +198,15 @@ def test_karpathy_paths_ids_splits_and_restval(tmp_path: Path) -> None:
 
 def coco_file(path: Path, split: str, first_id: int) -> Path:
     images = [
-        {"id": first_id + k, "file_name": f"COCO_{split}_{first_id + k:012d}.jpg",
-         "coco_url": f"http://images.cocodataset.org/{split}/COCO_{split}_{first_id + k:012d}.jpg"}
+        {
+            "id": first_id + k,
+            "file_name": f"COCO_{split}_{first_id + k:012d}.jpg",
+            "coco_url": (
+                f"http://images.cocodataset.org/{split}/COCO_{split}_{first_id + k:012d}.jpg"
+            ),
+        }
         for k in range(2)
-    ]  # fmt: skip
+    ]
     annotations = [
         {"id": 1, "image_id": first_id, "caption": "A man riding a horse."},
         {"id": 2, "image_id": first_id, "caption": "Someone on a horse"},

@@ -71,9 +71,13 @@ def test_without_the_image_folder_each_card_says_so_and_attention_is_drawn_on_th
 ):
     folder = evaluation.parent
     config = EvaluateConfig(
-        folder / "best.pt", folder / "s.zarr", tmp_path / "out", decoding=DECODING,
-        metrics=FALLBACK, images=tmp_path / "gone",
-    )  # fmt: skip
+        folder / "best.pt",
+        folder / "s.zarr",
+        tmp_path / "out",
+        decoding=DECODING,
+        metrics=FALLBACK,
+        images=tmp_path / "gone",
+    )
     evaluate(config)
     cards = report_data(tmp_path / "out" / "report.html")["cards"]
     assert all("image folder not reachable" in card["missing"] for card in cards)
@@ -83,10 +87,15 @@ def test_without_the_image_folder_each_card_says_so_and_attention_is_drawn_on_th
 def score_hostile_predictions(folder: Path) -> Path:
     """`score` of a predictions file whose captions and ids are markup meant to run."""
     captions, predictions = folder / "captions.csv", folder / "predictions.csv"
-    write_csv(captions, [["image", "caption", "split"]] + [
-        [name, caption, "test"] for name in ("a.jpg", "b.jpg")
-        for caption in ("a red circle", HOSTILE)
-    ])  # fmt: skip
+    write_csv(
+        captions,
+        [["image", "caption", "split"]]
+        + [
+            [name, caption, "test"]
+            for name in ("a.jpg", "b.jpg")
+            for caption in ("a red circle", HOSTILE)
+        ],
+    )
     write_csv(predictions, [["image", "caption"], ["a.jpg", HOSTILE], ["b.jpg", "a red circle"]])
     images = folder / "images"
     images.mkdir()
@@ -143,10 +152,19 @@ def rendered(page: Path, view: str = "") -> _Page:
     """The page (with `view`, e.g. "#word=red", in its address) as headless Chromium leaves it
     once its script ran and its pictures loaded."""
     result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-         "--dump-dom", page.resolve().as_uri() + view],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.resolve().as_uri() + view,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     parsed = _Page()
     parsed.feed(result.stdout)

@@ -36,17 +36,26 @@ def make_run(folder: Path, store: Path, model: str, rows: list[dict], best: int 
 
 
 def epoch(number: int, bleu4: float, **more) -> dict:
-    return {"epoch": number, "val_loss": 3.0 - bleu4, "val_bleu4": bleu4,
-            "captions_per_s": 100.0 * number, "seconds": 10.0, **more}  # fmt: skip
+    return {
+        "epoch": number,
+        "val_loss": 3.0 - bleu4,
+        "val_bleu4": bleu4,
+        "captions_per_s": 100.0 * number,
+        "seconds": 10.0,
+        **more,
+    }
 
 
 def test_the_table_says_what_each_run_is_and_reached(tmp_path, store):
     xe = make_run(tmp_path / "xe", store, "show-tell", [epoch(1, 0.2), epoch(2, 0.3)], best=2)
     # An SCST run chose its best.pt by CIDEr-D: epoch 2, though epoch 3 has the better BLEU-4.
-    scst_rows = [epoch(n, b, val_cider=c, mean_reward=c / 2)
-                 for n, b, c in ((1, 0.25, 0.8), (2, 0.28, 0.95), (3, 0.29, 0.9))]  # fmt: skip
-    scst = make_run(tmp_path / "scst", store, "show-attend-tell", scst_rows, best=2,
-                    objective="scst")  # fmt: skip
+    scst_rows = [
+        epoch(n, b, val_cider=c, mean_reward=c / 2)
+        for n, b, c in ((1, 0.25, 0.8), (2, 0.28, 0.95), (3, 0.29, 0.9))
+    ]
+    scst = make_run(
+        tmp_path / "scst", store, "show-attend-tell", scst_rows, best=2, objective="scst"
+    )
     runs, skipped = compare_runs(
         RunsConfig([xe, scst, tmp_path / "xe" / "best.pt"], tmp_path / "c.png")
     )

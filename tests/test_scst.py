@@ -30,9 +30,13 @@ OPTIONS = {**SIZES, "batch_size": 20, "workers": 0, "device": "cpu", "dropout": 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return make_store(
-        tmp_path_factory.mktemp("scst") / "store.zarr", images=80, captions_per_image=5,
-        split_fractions=(0.6, 0.4, 0.0), images_per_shard=20, seed=3,
-    )  # fmt: skip
+        tmp_path_factory.mktemp("scst") / "store.zarr",
+        images=80,
+        captions_per_image=5,
+        split_fractions=(0.6, 0.4, 0.0),
+        images_per_shard=20,
+        seed=3,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +122,15 @@ def test_scst_raises_the_held_out_reward_over_its_cross_entropy_start(
 ):
     start = cross_entropy_runs[model]
     config = TrainConfig(
-        store, tmp_path / "scst", model=model, objective="scst", init=start, epochs=3, lr=3e-3,
+        store,
+        tmp_path / "scst",
+        model=model,
+        objective="scst",
+        init=start,
+        epochs=3,
+        lr=3e-3,
         **OPTIONS,
-    )  # fmt: skip
+    )
     result = train(config)
     rows = result.history
     assert result.selection_metric == "val_cider" and all("mean_reward" in row for row in rows)
@@ -136,8 +146,13 @@ def test_scst_raises_the_held_out_reward_over_its_cross_entropy_start(
 
 
 def test_greedy_baseline_and_exact_resume(store, cross_entropy_runs, tmp_path):
-    common = dict(model="show-attend-tell", objective="scst", scst_baseline="greedy",
-                  init=cross_entropy_runs["show-attend-tell"], **OPTIONS)  # fmt: skip
+    common = dict(
+        model="show-attend-tell",
+        objective="scst",
+        scst_baseline="greedy",
+        init=cross_entropy_runs["show-attend-tell"],
+        **OPTIONS,
+    )
     whole = train(TrainConfig(store, tmp_path / "whole", epochs=2, **common))
     train(TrainConfig(store, tmp_path / "cut", epochs=1, **common))
     resumed = train(TrainConfig(store, tmp_path / "cut", epochs=2, resume=True, **common))
@@ -159,12 +174,23 @@ def test_refusals_are_one_line(store, cross_entropy_runs, tmp_path):
         "--init runs/NAME/best.pt": ["--objective", "scst"],
         "only --objective scst starts from a checkpoint": ["--init", attention],
         "holds a show-attend-tell decoder, not show-tell; pass --model show-attend-tell": [
-            "--objective", "scst", "--init", attention, "--model", "show-tell"],
+            "--objective",
+            "scst",
+            "--init",
+            attention,
+            "--model",
+            "show-tell",
+        ],
         "trained on another feature store": [
-            "--objective", "scst", "--init", attention, "--features",
-            make_store(tmp_path / "other.zarr", images=12, seed=9)],
+            "--objective",
+            "scst",
+            "--init",
+            attention,
+            "--features",
+            make_store(tmp_path / "other.zarr", images=12, seed=9),
+        ],
         "--scst-samples": ["--objective", "scst", "--init", attention, "--scst-samples", "1"],
-    }  # fmt: skip
+    }
     for expected, args in cases.items():
         result = run_cli("--features", store, "--out", tmp_path / "run", "--device", "cpu", *args)
         assert result.exit_code != 0, expected
@@ -174,10 +200,25 @@ def test_refusals_are_one_line(store, cross_entropy_runs, tmp_path):
 
 def test_the_cli_prints_the_best_cider(store, cross_entropy_runs, tmp_path):
     result = run_cli(
-        "--features", store, "--out", tmp_path / "run", "--objective", "scst", "--init",
-        cross_entropy_runs["show-tell"], "--model", "show-tell", "--epochs", "1",
-        "--batch-size", "40", "--workers", "0", "--device", "cpu",
-    )  # fmt: skip
+        "--features",
+        store,
+        "--out",
+        tmp_path / "run",
+        "--objective",
+        "scst",
+        "--init",
+        cross_entropy_runs["show-tell"],
+        "--model",
+        "show-tell",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "40",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert "best val CIDEr-D" in result.output
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])

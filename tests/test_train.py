@@ -88,7 +88,7 @@ def test_both_models_train_end_to_end_via_the_cli(store, tmp_path, model):
     run = tmp_path / "run"
     result = run_cli(
         "--features", str(store), "--out", str(run), "--model", model, "--epochs", "4", *TINY
-    )  # fmt: skip
+    )
     assert result.exit_code == 0, result.output
     assert "best val BLEU-4" in result.output
     rows = metrics(run)
@@ -112,30 +112,46 @@ def test_both_models_train_end_to_end_via_the_cli(store, tmp_path, model):
     opened = FeatureStore.open(store)
     rows_val = opened.split_indices("val")[:2]
     features = (
-        opened.read_pooled(rows_val) if decoder.feature_kind == "pooled"
+        opened.read_pooled(rows_val)
+        if decoder.feature_kind == "pooled"
         else opened.read_spatial(rows_val)
-    )  # fmt: skip
+    )
     captions = greedy_decode(decoder, torch.from_numpy(features).float(), max_length=8)
     assert len(captions) == 2
 
 
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(store, tmp_path, one_thread):
     options = dict(
-        model="show-attend-tell", epochs=4, seed=3, checkpoint_minutes=0.0, embed_size=16,
-        hidden_size=24, attention_size=8, dropout=0.2, min_count=1, batch_size=12, lr=0.01,
+        model="show-attend-tell",
+        epochs=4,
+        seed=3,
+        checkpoint_minutes=0.0,
+        embed_size=16,
+        hidden_size=24,
+        attention_size=8,
+        dropout=0.2,
+        min_count=1,
+        batch_size=12,
+        lr=0.01,
         workers=1,
-    )  # fmt: skip
+    )
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     train(TrainConfig(features=store, out=whole, **options))
 
     # The run to kill is a real process (SIGKILL: no cleanup of any kind), started by the CLI.
     arguments = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "train_decoder.py"), f"--features={store}", f"--out={killed}",
-         *arguments],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+        [
+            sys.executable,
+            str(REPO / "train_decoder.py"),
+            f"--features={store}",
+            f"--out={killed}",
+            *arguments,
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 120
     while progress_of(killed) < (1, 1):  # wait until a step of epoch 2 is saved, then kill
         assert process.poll() is None and time.monotonic() < deadline, "run ended before the kill"
@@ -152,9 +168,18 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(store, tmp_path, on
 
 def test_a_run_that_dies_mid_epoch_resumes_at_that_batch(store, tmp_path, monkeypatch):
     options = dict(
-        features=store, model="show-tell", epochs=2, seed=1, checkpoint_minutes=0.0,
-        embed_size=8, hidden_size=8, min_count=1, batch_size=6, lr=0.01, workers=0,
-    )  # fmt: skip
+        features=store,
+        model="show-tell",
+        epochs=2,
+        seed=1,
+        checkpoint_minutes=0.0,
+        embed_size=8,
+        hidden_size=8,
+        min_count=1,
+        batch_size=6,
+        lr=0.01,
+        workers=0,
+    )
     whole = train(TrainConfig(out=tmp_path / "whole", **options))
 
     def power_cut() -> None:
@@ -179,9 +204,18 @@ def test_a_preempted_run_saves_the_step_in_hand_and_resumes_like_a_whole_one(
     """SIGTERM (a scheduler's notice) or Ctrl-C: the step in hand ends, last.pt holds it, the
     command exits 0 saying how to resume, and the resumed run ends as an uninterrupted one."""
     options = dict(
-        features=store, model="show-attend-tell", epochs=2, seed=1, embed_size=8,
-        hidden_size=8, attention_size=4, min_count=1, batch_size=6, lr=0.01, workers=0,
-    )  # fmt: skip
+        features=store,
+        model="show-attend-tell",
+        epochs=2,
+        seed=1,
+        embed_size=8,
+        hidden_size=8,
+        attention_size=4,
+        min_count=1,
+        batch_size=6,
+        lr=0.01,
+        workers=0,
+    )
     whole = train(TrainConfig(out=tmp_path / "whole", **options))
     original_epoch = FeatureStream.epoch
 
@@ -211,9 +245,17 @@ def test_a_full_disk_while_saving_is_one_line_and_the_resumed_run_ends_like_a_wh
     store, tmp_path, monkeypatch, module, writer, call, saved
 ):
     options = dict(
-        model="show-tell", epochs=2, seed=2, checkpoint_minutes=0.0, embed_size=8,
-        hidden_size=8, min_count=1, batch_size=6, lr=0.01, workers=0,
-    )  # fmt: skip
+        model="show-tell",
+        epochs=2,
+        seed=2,
+        checkpoint_minutes=0.0,
+        embed_size=8,
+        hidden_size=8,
+        min_count=1,
+        batch_size=6,
+        lr=0.01,
+        workers=0,
+    )
     whole = train(TrainConfig(features=store, out=tmp_path / "whole", **options))
     original = getattr(module, writer)
     monkeypatch.setattr(module, writer, failing_on_call(call, errno.ENOSPC, original))
@@ -270,8 +312,9 @@ def test_bucketed_attention_run_and_a_run_from_before_an_option_existed_resume(s
     state["best_bleu4"] = state.pop("best_score")
     del state["rank_totals"]  # (older still: before preemption kept every rank's sums)
     torch.save(payload, old / "last.pt")
-    refused = run_cli("--epochs", "2", "--resume", "--bucket-by-length", *options[:3], str(old),
-                      *TINY)  # fmt: skip
+    refused = run_cli(
+        "--epochs", "2", "--resume", "--bucket-by-length", *options[:3], str(old), *TINY
+    )
     assert refused.exit_code == 1 and "--bucket-by-length False -> True" in refused.output
     assert run_cli("--epochs", "2", "--resume", *options[:3], str(old), *TINY).exit_code == 0
     assert len(metrics(old)) == 2
@@ -281,9 +324,18 @@ def test_early_stop_and_the_store_copied_elsewhere(store, tmp_path):
     copy = tmp_path / "laptop" / "store.zarr"
     shutil.copytree(store, copy)  # a laptop needs nothing but the store
     config = TrainConfig(
-        features=copy, out=tmp_path / "run", model="show-tell", epochs=6, early_stop=2,
-        lr=1e-12, embed_size=8, hidden_size=8, min_count=1, batch_size=12, workers=0,
-    )  # fmt: skip
+        features=copy,
+        out=tmp_path / "run",
+        model="show-tell",
+        epochs=6,
+        early_stop=2,
+        lr=1e-12,
+        embed_size=8,
+        hidden_size=8,
+        min_count=1,
+        batch_size=12,
+        workers=0,
+    )
     result = train(config)
     assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
 
@@ -298,9 +350,18 @@ def test_a_caption_file_overrides_the_store_corpus(store, tmp_path):
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(lines) + "\n")
     result = run_cli(
-        "--features", str(store), "--out", str(tmp_path / "run"), "--captions", str(captions),
-        "--model", "show-tell", "--epochs", "1", *TINY,
-    )  # fmt: skip
+        "--features",
+        str(store),
+        "--out",
+        str(tmp_path / "run"),
+        "--captions",
+        str(captions),
+        "--model",
+        "show-tell",
+        "--epochs",
+        "1",
+        *TINY,
+    )
     assert result.exit_code == 0, result.output
     words = json.loads((tmp_path / "run" / "vocab.json").read_text())["words"]
     assert "zebra" in words and "circle" not in words
@@ -308,8 +369,9 @@ def test_a_caption_file_overrides_the_store_corpus(store, tmp_path):
     checkpoint, _ = load_checkpoint(tmp_path / "run" / "best.pt")
     settings = FeatureStore.open(store).settings
     assert (checkpoint.weights_id, checkpoint.weights_checksum) == (
-        settings.weights_id, settings.weights_checksum,
-    )  # fmt: skip
+        settings.weights_id,
+        settings.weights_checksum,
+    )
     trained = training_corpus(FeatureStore.open(store), captions)
     assert checkpoint.corpus_sha256 == corpus_digest(trained)
     assert checkpoint.corpus_sha256 != corpus_digest(FeatureStore.open(store).corpus())
@@ -329,8 +391,15 @@ def test_resuming_with_other_splits_is_refused(store, tmp_path):
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    options = ["--features", str(store), "--out", str(tmp_path / "run"), "--model", "show-tell",
-               *TINY]  # fmt: skip
+    options = [
+        "--features",
+        str(store),
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        "show-tell",
+        *TINY,
+    ]
     first = captions_with_splits("first.csv", flip=False)
     assert run_cli(*options, "--epochs", "1", "--captions", str(first)).exit_code == 0
     flipped = captions_with_splits("flipped.csv", flip=True)
@@ -348,8 +417,9 @@ def test_tensorboard_gets_every_step_and_every_epoch(store, tmp_path):
     events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    per_step = {f"train/{name}" for name in
-                ("loss", "lr", "grad_norm", "captions_per_s", "data_wait")}  # fmt: skip
+    per_step = {
+        f"train/{name}" for name in ("loss", "lr", "grad_norm", "captions_per_s", "data_wait")
+    }
     assert per_step | {"val/loss", "val/bleu4", "epoch/train_loss"} <= scalars
     steps = [event.step for event in events.Scalars("train/loss")]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4  # two epochs, each step
@@ -360,8 +430,17 @@ def test_tensorboard_gets_every_step_and_every_epoch(store, tmp_path):
 
 def test_without_tensorboard_training_says_so_once_and_goes_on(store, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
-    result = run_cli("--features", str(store), "--out", str(tmp_path / "run"), "--epochs", "2",
-                     "--model", "show-tell", *TINY)  # fmt: skip
+    result = run_cli(
+        "--features",
+        str(store),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "2",
+        "--model",
+        "show-tell",
+        *TINY,
+    )
     assert result.exit_code == 0, result.output
     assert result.output.count("not logging to TensorBoard") == 1
     assert len(metrics(tmp_path / "run")) == 2
@@ -375,13 +454,17 @@ def test_attention_maps_overlay_the_image_when_it_is_reachable(tmp_path, monkeyp
         Image.new("RGB", (40, 30), "orange").save(images / image.path)
     zarr.open_group(str(path), mode="r+").attrs["images_root"] = str(images)
     drawn = []
-    monkeypatch.setattr(
-        visualize, "save_attention_figure", lambda *args: drawn.append(args[4])
-    )  # fmt: skip
+    monkeypatch.setattr(visualize, "save_attention_figure", lambda *args: drawn.append(args[4]))
     config = TrainConfig(
-        features=path, out=tmp_path / "run", epochs=1, embed_size=8, hidden_size=8,
-        attention_size=4, min_count=1, workers=0,
-    )  # fmt: skip
+        features=path,
+        out=tmp_path / "run",
+        epochs=1,
+        embed_size=8,
+        hidden_size=8,
+        attention_size=4,
+        min_count=1,
+        workers=0,
+    )
     train(config)
     shutil.rmtree(images)
     train(dataclasses.replace(config, out=tmp_path / "run2"))
@@ -406,19 +489,36 @@ def test_repeated_word_flags_a_collapsing_decoder():
     assert repeated_word("a dog dog runs dog".split()) is None
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
-                    reason="torchrun is not installed")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+    reason="torchrun is not installed",
+)
 def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path):
     run = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
     completed = subprocess.run(
         [
-            str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "train_decoder.py"),
-            "--features", str(store), "--out", str(run), "--model", "show-attend-tell",
-            "--epochs", "2", "--device", "cpu", *TINY,
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "train_decoder.py"),
+            "--features",
+            str(store),
+            "--out",
+            str(run),
+            "--model",
+            "show-attend-tell",
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+            *TINY,
         ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = metrics(run)
     assert [row["ranks"] for row in rows] == [2, 2]
@@ -428,12 +528,29 @@ def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path)
     # self-critical fine-tuning of that run, on the same two processes
     completed = subprocess.run(
         [
-            str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "train_decoder.py"),
-            "--features", str(store), "--out", str(tmp_path / "scst"), "--epochs", "1",
-            "--objective", "scst", "--init", str(run / "best.pt"), "--device", "cpu", *TINY,
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "train_decoder.py"),
+            "--features",
+            str(store),
+            "--out",
+            str(tmp_path / "scst"),
+            "--epochs",
+            "1",
+            "--objective",
+            "scst",
+            "--init",
+            str(run / "best.pt"),
+            "--device",
+            "cpu",
+            *TINY,
         ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     (row,) = metrics(tmp_path / "scst")
     assert row["ranks"] == 2 and row["mean_reward"] > 0
@@ -453,25 +570,48 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
-                    reason="torchrun is not installed")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+    reason="torchrun is not installed",
+)
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_run_resumes(store, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     # batches of one image: six slowed steps per rank in an epoch, so the signal lands mid-epoch
-    options = ["--features", str(store), "--model", "show-attend-tell", "--epochs", "2",
-               "--device", "cpu", "--seed", "4", *TINY[:-2], "--workers", "0", "--batch-size",
-               "3"]  # fmt: skip
+    options = [
+        "--features",
+        str(store),
+        "--model",
+        "show-attend-tell",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--seed",
+        "4",
+        *TINY[:-2],
+        "--workers",
+        "0",
+        "--batch-size",
+        "3",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def launch(out: Path, *extra: str, slow: bool = False) -> subprocess.Popen:
-        script = ["-c", SLOW_TRAIN, str(REPO / "train_decoder.py")] if slow else [
-            str(REPO / "train_decoder.py")]  # fmt: skip
+        script = (
+            ["-c", SLOW_TRAIN, str(REPO / "train_decoder.py")]
+            if slow
+            else [str(REPO / "train_decoder.py")]
+        )
         command = [str(torchrun), "--standalone", "--nproc_per_node=2"]
         if slow:
             command += ["--no-python", sys.executable]
-        return subprocess.Popen([*command, *script, *options, "--out", str(out), *extra],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)  # fmt: skip
+        return subprocess.Popen(
+            [*command, *script, *options, "--out", str(out), *extra],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     whole = launch(tmp_path / "whole")
     assert whole.wait(timeout=180) == 0, whole.stdout.read()[-3000:]
@@ -515,14 +655,38 @@ def test_when_a_rank_dies_the_others_stop_with_one_line_at_once(store, tmp_path)
         port = probe.getsockname()[1]
     processes = []
     for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-        processes.append(subprocess.Popen(
-            [sys.executable, "-c", RANK_1_DIES, str(REPO / "train_decoder.py"),
-             "--features", str(store), "--out", str(tmp_path / "run"), "--epochs", "2",
-             "--device", "cpu", *TINY],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))  # fmt: skip
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    RANK_1_DIES,
+                    str(REPO / "train_decoder.py"),
+                    "--features",
+                    str(store),
+                    "--out",
+                    str(tmp_path / "run"),
+                    "--epochs",
+                    "2",
+                    "--device",
+                    "cpu",
+                    *TINY,
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     assert processes[1].wait(timeout=120) == 9
     output = processes[0].communicate(timeout=60)[0]
     last = output.strip().splitlines()[-1]
@@ -532,8 +696,17 @@ def test_when_a_rank_dies_the_others_stop_with_one_line_at_once(store, tmp_path)
 
 def test_training_standardizes_features_with_the_train_split_statistics(store, tmp_path):
     run = tmp_path / "run"
-    config = TrainConfig(features=store, out=run, model="show-tell", epochs=1, batch_size=12,
-                         embed_size=16, hidden_size=24, min_count=1, workers=0)  # fmt: skip
+    config = TrainConfig(
+        features=store,
+        out=run,
+        model="show-tell",
+        epochs=1,
+        batch_size=12,
+        embed_size=16,
+        hidden_size=24,
+        min_count=1,
+        workers=0,
+    )
     train(config)
     decoder = load_checkpoint(run / "best.pt")[0].build_decoder()
     opened = FeatureStore.open(store)

@@ -68,18 +68,24 @@ def synth(
     help="Folder under which data/, features/, runs/ and results/ are written.",
 )
 @field_option(
-    DemoConfig, "name", str,
+    DemoConfig,
+    "name",
+    str,
     "Name of this demo's files; use another to keep runs with other settings.",
-)  # fmt: skip
+)
 @field_option(
-    DemoConfig, "images", click.IntRange(min=20),
+    DemoConfig,
+    "images",
+    click.IntRange(min=20),
     "Labelled images to render (80/10/10 train/val/test).",
-)  # fmt: skip
+)
 @field_option(DemoConfig, "epochs", click.IntRange(min=1), "Epochs each decoder trains.")
 @field_option(
-    DemoConfig, "scst_epochs", click.IntRange(min=0),
+    DemoConfig,
+    "scst_epochs",
+    click.IntRange(min=0),
     "Epochs of self-critical fine-tuning of the attention model (0: none).",
-)  # fmt: skip
+)
 @click.option(
     "--encoder",
     "encoder_name",
@@ -119,9 +125,14 @@ def demo(
     A re-run reuses every finished phase.
     """
     config = DemoConfig(
-        root=root, name=name, images=images, epochs=epochs, scst_epochs=scst_epochs, device=device,
+        root=root,
+        name=name,
+        images=images,
+        epochs=epochs,
+        scst_epochs=scst_epochs,
+        device=device,
         encoder=EncoderConfig(encoder_name, weights, image_size),
-    )  # fmt: skip
+    )
     result = run_demo(config, say=click.echo, progress=True)
     click.echo("\nThe decoders on the held-out test images:")
     click.echo(format_comparison(result))

@@ -49,34 +49,41 @@ def _option(name: str, kind: click.ParamType | type, help: str):
     "--encoder", default=EncoderConfig.name, show_default=True, type=click.Choice(ENCODER_NAMES)
 )
 @click.option(
-    "--weights", default=EncoderConfig.weights, show_default=True,
+    "--weights",
+    default=EncoderConfig.weights,
+    show_default=True,
     help="imagenet (torchvision's DEFAULT weights, downloaded once), a torchvision weights name"
     " (IMAGENET1K_V1), none (random: meaningless captions, for trials) or PATH to a state dict.",
-)  # fmt: skip
+)
 @click.option(
-    "--image-size", default=EncoderConfig.image_size, show_default=True,
+    "--image-size",
+    default=EncoderConfig.image_size,
+    show_default=True,
     type=click.IntRange(min=32),
     help="Pictures are resized to this square; 448 gives ResNets a 14x14 grid.",
-)  # fmt: skip
+)
 @click.option("--gpu", is_flag=True, help="Shorthand for --device cuda.")
 @_option("device", click.Choice(DEVICES), "Where the CNN runs.")
 @_option("batch_size", click.IntRange(min=1), "Pictures per forward pass.")
 @_option("workers", click.IntRange(min=0), "DataLoader processes that decode and resize pictures.")
 @_option("dtype", click.Choice(DTYPES), "Stored type of the spatial maps.")
 @_option(
-    "images_per_shard", click.IntRange(min=1),
+    "images_per_shard",
+    click.IntRange(min=1),
     "Images per shard file: the unit of writing, resuming and fast reading.",
-)  # fmt: skip
+)
 @_option(
-    "compression", click.Choice(COMPRESSIONS),
+    "compression",
+    click.Choice(COMPRESSIONS),
     "zstd stores ResNet maps ~30% smaller; none reads about twice as fast.",
-)  # fmt: skip
+)
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N images (trials).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store made differently.")
 @click.option(
-    "--repair", is_flag=True,
+    "--repair",
+    is_flag=True,
     help="Re-extract the shards that `captioner features verify` finds damaged.",
-)  # fmt: skip
+)
 def extract(
     captions: tuple[Path, ...],
     images: Path,
@@ -161,8 +168,9 @@ def verify(store: Path) -> None:
     if damaged:
         raise SystemExit(1)
     how = (
-        "every chunk's crc32c checksum matches" if has_checksums(opened)
+        "every chunk's crc32c checksum matches"
+        if has_checksums(opened)
         else "every chunk decompresses (this store predates chunk checksums, so damage that"
         " still decompresses cannot show)"
-    )  # fmt: skip
+    )
     click.echo(f"{opened.path}: {shards} shards of spatial and pooled features verified: {how}")

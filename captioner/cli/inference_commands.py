@@ -24,20 +24,32 @@ def decoding_options(command: Callable) -> Callable:
     def option(name: str, kind: click.ParamType | type, help: str = "") -> Callable:
         return field_option(DecodingConfig, name, kind, help)
 
-    return apply_options(command, [
-        option("strategy", click.Choice(STRATEGIES)),
-        option("beam_size", click.IntRange(min=1)),
-        option("max_length", click.IntRange(min=1), "Most words in a caption."),
-        option("min_length", click.IntRange(min=0), "Fewest words before the end token."),
-        option("length_penalty", float,
-               "Beam score = log-prob / length ** penalty (>1 favours longer captions)."),
-        option("no_repeat_ngram_size", click.IntRange(min=0),
-               "Never repeat an n-gram of this size (0: allow)."),
-        option("temperature", click.FloatRange(min=0, min_open=True), "Sampling only."),
-        option("top_k", click.IntRange(min=0),
-               "Sampling only: draw from the k likeliest words (0: all)."),
-        option("seed", int, "Sampling only."),
-    ])  # fmt: skip
+    return apply_options(
+        command,
+        [
+            option("strategy", click.Choice(STRATEGIES)),
+            option("beam_size", click.IntRange(min=1)),
+            option("max_length", click.IntRange(min=1), "Most words in a caption."),
+            option("min_length", click.IntRange(min=0), "Fewest words before the end token."),
+            option(
+                "length_penalty",
+                float,
+                "Beam score = log-prob / length ** penalty (>1 favours longer captions).",
+            ),
+            option(
+                "no_repeat_ngram_size",
+                click.IntRange(min=0),
+                "Never repeat an n-gram of this size (0: allow).",
+            ),
+            option("temperature", click.FloatRange(min=0, min_open=True), "Sampling only."),
+            option(
+                "top_k",
+                click.IntRange(min=0),
+                "Sampling only: draw from the k likeliest words (0: all).",
+            ),
+            option("seed", int, "Sampling only."),
+        ],
+    )
 
 
 def _decoding(options: dict) -> DecodingConfig:
@@ -67,9 +79,11 @@ _metrics_option = click.option(
 @field_option(EvaluateConfig, "device", click.Choice(DEVICES), "Where the decoder runs.")
 @_metrics_option
 @field_option(
-    EvaluateConfig, "visualize", click.IntRange(min=0),
+    EvaluateConfig,
+    "visualize",
+    click.IntRange(min=0),
     "Attention figures (one PNG per image) for the first N images.",
-)  # fmt: skip
+)
 @click.option(
     "--images",
     type=click.Path(path_type=Path),
@@ -108,9 +122,10 @@ def evaluate_command(**options) -> None:
 @click.option("--splits", "splits_dir", type=click.Path(path_type=Path), help="Split files.")
 @_metrics_option
 @click.option(
-    "--images", type=click.Path(path_type=Path),
+    "--images",
+    type=click.Path(path_type=Path),
     help="Image folder of the caption dataset: the report shows the pictures.",
-)  # fmt: skip
+)
 def score_command(
     predictions: Path,
     captions: tuple[Path, ...],
@@ -152,13 +167,15 @@ def score_command(
     help="Local encoder weights file (default: the weights the checkpoint records).",
 )
 @click.option(
-    "--allow-other-weights", is_flag=True,
+    "--allow-other-weights",
+    is_flag=True,
     help="Caption even with encoder weights other than those the decoder was trained on.",
-)  # fmt: skip
+)
 @click.option(
-    "--html", type=click.Path(path_type=Path),
+    "--html",
+    type=click.Path(path_type=Path),
     help="Also write a page (PATH.html, pictures in PATH_files/) of every image and its caption.",
-)  # fmt: skip
+)
 def caption_command(inputs: tuple[str, ...], format_: str, **options) -> None:
     """Caption image files, folders and globs into a CSV (path,caption,log_prob,error).
 

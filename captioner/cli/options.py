@@ -12,9 +12,13 @@ def field_option(config_class: type, name: str, kind: click.ParamType | type, he
     """``--name`` with the default of `config_class`'s field `name`, so the two never disagree."""
     defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
     return click.option(
-        f"--{name.replace('_', '-')}", name, type=kind, default=defaults[name],
-        show_default=True, help=help,
-    )  # fmt: skip
+        f"--{name.replace('_', '-')}",
+        name,
+        type=kind,
+        default=defaults[name],
+        show_default=True,
+        help=help,
+    )
 
 
 def apply_options(command: Callable, options: list[Callable]) -> Callable:

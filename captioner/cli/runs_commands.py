@@ -13,9 +13,11 @@ from captioner.runs import RunsConfig, compare_runs, format_runs
 @click.command("runs")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @field_option(
-    RunsConfig, "out", click.Path(path_type=Path),
+    RunsConfig,
+    "out",
+    click.Path(path_type=Path),
     "PNG of the runs' validation curves on shared axes.",
-)  # fmt: skip
+)
 def runs_command(runs: tuple[Path, ...], out: Path) -> None:
     """Compare training runs (output folders of `captioner train`, e.g. runs/*): model, sizes,
     objective, epochs, best epoch, best val BLEU-4 (and CIDEr-D where recorded), speed, time."""

@@ -20,43 +20,52 @@ def _option(name: str, kind: type | click.ParamType, help: str):
 
 @click.command("train")
 @click.option(
-    "--features", required=True, type=click.Path(path_type=Path),
+    "--features",
+    required=True,
+    type=click.Path(path_type=Path),
     help="Feature store (.zarr) made by `captioner extract`; all that training needs.",
-)  # fmt: skip
+)
 @click.option(
-    "--out", required=True, type=click.Path(path_type=Path),
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
     help="Run directory (runs/NAME): best.pt, last.pt, metrics.jsonl, curves.png, attention/.",
-)  # fmt: skip
+)
 @_option("model", click.Choice(list(DECODERS)), "Decoder: no attention, or soft attention.")
 @_option(
-    "objective", click.Choice(OBJECTIVES),
+    "objective",
+    click.Choice(OBJECTIVES),
     "xe: cross entropy on the references. scst: self-critical training on sampled captions'"
     " CIDEr-D, from the cross-entropy checkpoint --init.",
-)  # fmt: skip
+)
 @click.option(
-    "--init", type=click.Path(path_type=Path),
+    "--init",
+    type=click.Path(path_type=Path),
     help="scst: the cross-entropy checkpoint (best.pt) to start from; the decoder's sizes and"
     " vocabulary are its.",
-)  # fmt: skip
+)
 @_option("scst_samples", click.IntRange(min=2), "scst: captions sampled per image each step.")
 @_option(
-    "scst_baseline", click.Choice(SCST_BASELINES),
+    "scst_baseline",
+    click.Choice(SCST_BASELINES),
     "scst: reward baseline, the mean of the image's other samples or its greedy decode's.",
-)  # fmt: skip
+)
 @_option("epochs", click.IntRange(min=1), "Epochs to train (in all, counting resumed ones).")
 @_option("batch_size", click.IntRange(min=1), "Captions per batch.")
 @_option(
-    "captions_per_image", click.IntRange(min=0),
+    "captions_per_image",
+    click.IntRange(min=0),
     "Captions drawn per image each epoch (0: all, sharing one feature read).",
-)  # fmt: skip
+)
 @_option("embed_size", click.IntRange(min=1), "Word embedding size.")
 @_option("hidden_size", click.IntRange(min=1), "LSTM hidden size.")
 @_option("attention_size", click.IntRange(min=1), "Attention projection size.")
 @_option("dropout", click.FloatRange(0, 1, max_open=True), "Dropout before the output layer.")
 @click.option(
-    "--lr", type=click.FloatRange(0, min_open=True),
+    "--lr",
+    type=click.FloatRange(0, min_open=True),
     help=f"Adam learning rate. Default: {DEFAULT_LR['xe']:g} (xe), {DEFAULT_LR['scst']:g} (scst).",
-)  # fmt: skip
+)
 @_option("label_smoothing", click.FloatRange(0, 1, max_open=True), "Label smoothing (xe).")
 @_option("grad_clip", click.FloatRange(0), "Clip the gradient norm to this (0: no clipping).")
 @_option("alpha_c", click.FloatRange(0), "Doubly stochastic attention regularization weight.")
@@ -64,29 +73,34 @@ def _option(name: str, kind: type | click.ParamType, help: str):
 @_option("max_length", click.IntRange(min=1), "Words kept per caption; longest greedy decode.")
 @_option("device", click.Choice(DEVICES), "Where to train.")
 @_option(
-    "workers", click.IntRange(min=0),
+    "workers",
+    click.IntRange(min=0),
     "Feature-reading threads (0: read in the loop). Default: 0 on a CPU, whose cores the step"
     " needs, 2 elsewhere.",
-)  # fmt: skip
+)
 @click.option("--preload", is_flag=True, help="Hold the spatial maps in RAM (when they fit).")
 @click.option(
-    "--bucket-by-length", is_flag=True,
+    "--bucket-by-length",
+    is_flag=True,
     help="Attention model: batch images whose longest captions are alike (fewer padded steps).",
-)  # fmt: skip
+)
 @_option(
-    "early_stop", click.IntRange(min=0),
+    "early_stop",
+    click.IntRange(min=0),
     "Stop after N epochs without a better val BLEU-4 (CIDEr-D for scst).",
-)  # fmt: skip
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @_option("seed", int, "Seed of initialization, shuffling and dropout.")
 @click.option(
-    "--captions", type=click.Path(path_type=Path),
+    "--captions",
+    type=click.Path(path_type=Path),
     help="Caption file overriding the store's own corpus (joined to its images by path).",
-)  # fmt: skip
+)
 @_option(
-    "checkpoint_minutes", click.FloatRange(0),
+    "checkpoint_minutes",
+    click.FloatRange(0),
     "Also write last.pt mid-epoch this often (single process).",
-)  # fmt: skip
+)
 def train_command(**options) -> None:
     """Train a caption decoder from a feature store (launch with torchrun for several processes)."""
     result = train(TrainConfig(**options), progress=True)

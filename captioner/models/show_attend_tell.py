@@ -122,9 +122,11 @@ class Attention(nn.Module):
         and `projection` (G, L, A): the k captions (or beams) of an image share its features."""
         images = features.size(0)
         scores = additive_scores(
-            projection, query.view(images, -1, query.size(1)), self.score.weight[0],
+            projection,
+            query.view(images, -1, query.size(1)),
+            self.score.weight[0],
             self.score.bias,
-        )  # fmt: skip
+        )
         alpha = scores.softmax(-1)
         context = torch.bmm(alpha, features)
         return context.flatten(0, 1), alpha.flatten(0, 1)

@@ -3,12 +3,13 @@ where option values are checked and objective-dependent defaults are filled in."
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from captioner.devices import DEVICES
 from captioner.errors import CaptionerError
 from captioner.models import DECODERS
+from captioner.option_checks import above, at_least, check_options, fraction, one_of, optional
 
 OBJECTIVES = ("xe", "scst")
 SCST_BASELINES = ("mean", "greedy")
@@ -79,37 +80,33 @@ class TrainResult:
 
 
 # What each option accepts; the options not named here accept any value of their type.
-_ACCEPTS = {
-    "model": lambda name: name in DECODERS,
-    "objective": lambda name: name in OBJECTIVES,
-    "scst_baseline": lambda name: name in SCST_BASELINES,
-    "device": lambda name: name in DEVICES,
-    "lr": lambda lr: lr is None or lr > 0,
+_RULES = {
+    "model": one_of(DECODERS),
+    "objective": one_of(OBJECTIVES),
+    "scst_baseline": one_of(SCST_BASELINES),
+    "device": one_of(DEVICES),
+    "lr": optional(above(0)),
     **dict.fromkeys(
-        ("epochs", "batch_size", "embed_size", "hidden_size", "attention_size", "min_count",
-         "max_length"),
-        lambda number: number >= 1,
+        ["epochs", "batch_size", "embed_size", "hidden_size", "attention_size", "min_count"],
+        at_least(1),
     ),
+    "max_length": at_least(1),
     **dict.fromkeys(
-        ("captions_per_image", "grad_clip", "alpha_c", "early_stop", "checkpoint_minutes"),
-        lambda number: number >= 0,
+        ["captions_per_image", "grad_clip", "alpha_c", "early_stop", "checkpoint_minutes"],
+        at_least(0),
     ),
-    **dict.fromkeys(("dropout", "label_smoothing"), lambda fraction: 0 <= fraction < 1),
-    "workers": lambda number: number is None or number >= 0,
+    "dropout": fraction(),
+    "label_smoothing": fraction(),
+    "workers": optional(at_least(0)),
     # The mean baseline compares each sample with the image's others: it needs two.
-    "scst_samples": lambda number: number >= 2,
-}  # fmt: skip
+    "scst_samples": at_least(2),
+}
 
 
 def checked_config(config: TrainConfig) -> TrainConfig:
     """`config` with its defaults filled in (the objective's learning rate, an absolute caption
     path for evaluate to find), or a one-line error for a bad value before any work starts."""
-    for option in fields(config):
-        value = getattr(config, option.name)
-        if option.name in _ACCEPTS and not _ACCEPTS[option.name](value):
-            raise CaptionerError(
-                f"--{option.name.replace('_', '-')}: {value!r} is not a valid value"
-            )
+    check_options(config, _RULES)
     if (config.objective == "scst") != (config.init is not None):
         raise CaptionerError(
             "--objective scst starts from a cross-entropy checkpoint: pass --init runs/NAME/best.pt"
