@@ -94,20 +94,26 @@ def attention_strip(
 
 
 def save_training_curves(path: Path, rows: Sequence[dict]) -> None:
-    """One PNG with train/val loss and val BLEU-4 per epoch, from metrics rows with the keys
-    "epoch", "train_loss", "val_loss", "val_bleu4" (a missing value is left out of its curve)."""
+    """One PNG of a run's metrics rows per epoch: train/val loss, val BLEU-4, and val CIDEr-D
+    with (self-critical runs) the mean reward of the training samples, also CIDEr-D. Keys:
+    "epoch", "train_loss", "val_loss", "val_bleu4", "val_cider", "mean_reward"; a missing value
+    is left out of its curve."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(10, 4), dpi=DPI)
-    loss_axes, bleu_axes = figure.subplots(1, 2)
+    figure = Figure(figsize=(15, 4), dpi=DPI)
+    loss_axes, bleu_axes, cider_axes = figure.subplots(1, 3)
     for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
         loss_axes.plot(*_series(rows, key), marker="o", label=label)
     loss_axes.set(xlabel="epoch", ylabel="loss per token", title="Loss")
     loss_axes.legend()
     bleu_axes.plot(*_series(rows, "val_bleu4"), marker="o", color="tab:green")
     bleu_axes.set(xlabel="epoch", ylabel="BLEU-4", title="Validation BLEU-4 (greedy)")
-    for axes in (loss_axes, bleu_axes):
+    for key, label in (("val_cider", "val (greedy)"), ("mean_reward", "train samples (SCST)")):
+        cider_axes.plot(*_series(rows, key), marker="o", label=label)
+    cider_axes.set(xlabel="epoch", ylabel="CIDEr-D", title="CIDEr-D")
+    cider_axes.legend()
+    for axes in (loss_axes, bleu_axes, cider_axes):
         axes.grid(alpha=0.3)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()

@@ -1,6 +1,7 @@
 """The figures are real PNGs of the expected size, and the heatmaps follow the attention."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,9 +76,33 @@ def test_training_curves(tmp_path):
     path = tmp_path / "curves.png"
     save_training_curves(path, rows)
     drawn = pixels(path)
-    assert drawn.shape == (400, 1000, 3)
+    assert drawn.shape == (400, 1500, 3)
     save_training_curves(path, rows[:1])  # overwritten in place, one epoch is enough
     assert not np.array_equal(pixels(path), drawn)
+
+
+def test_training_curves_of_a_self_critical_run_draw_its_cider_and_reward(tmp_path):
+    """SCST rows have no train loss but validation CIDEr-D and the samples' mean reward: the
+    third panel draws them (and stays empty for rows without them)."""
+    rows = [
+        {"epoch": 1, "val_loss": 0.8, "val_bleu4": 0.45, "val_cider": 2.1, "mean_reward": 1.6},
+        {"epoch": 2, "val_loss": 0.9, "val_bleu4": 0.48, "val_cider": 2.3, "mean_reward": 2.0},
+    ]
+    save_training_curves(tmp_path / "scst.png", rows)
+    bare = [
+        {k: v for k, v in row.items() if k in ("epoch", "val_loss", "val_bleu4")} for row in rows
+    ]
+    save_training_curves(tmp_path / "bare.png", bare)
+
+    def lines_in_cider_panel(path: Path) -> int:
+        """Pixels of matplotlib's first two line colours in the right-hand panel."""
+        panel = pixels(path)[:, 1000:].astype(int)
+        colours = [(31, 119, 180), (255, 127, 14)]  # tab:blue, tab:orange
+        return sum(int((np.abs(panel - c).sum(-1) < 30).sum()) for c in colours)
+
+    # without the values only the legend's two markers are drawn (about 200 pixels)
+    drawn, legend_only = (lines_in_cider_panel(tmp_path / f) for f in ("scst.png", "bare.png"))
+    assert drawn > 3 * legend_only > 0
 
 
 def test_attention_strip_lights_each_words_region_of_the_picture(tmp_path):

@@ -11,6 +11,12 @@ import errno
 import click
 
 from captioner import __version__
+from captioner.cli.corpus_commands import inspect
+from captioner.cli.demo_commands import demo, synth
+from captioner.cli.extract_commands import extract, features
+from captioner.cli.inference_commands import caption_command, evaluate_command, score_command
+from captioner.cli.runs_commands import runs_command
+from captioner.cli.train_commands import train_command
 from captioner.errors import CaptionerError
 
 # OSErrors whose cause is outside the program: said in one line, never as a traceback.
@@ -46,30 +52,16 @@ def main() -> None:
     """Image captioning from a frozen-CNN feature store."""
 
 
-def _register() -> None:
-    """Attach every command module's commands to `main`, one module per group of commands."""
-    from captioner.cli.corpus_commands import inspect
-
-    main.add_command(inspect)
-    from captioner.cli.demo_commands import demo, synth
-
-    main.add_command(synth)
-    main.add_command(demo)
-    from captioner.cli.extract_commands import extract, features
-
-    main.add_command(extract)
-    main.add_command(features)
-    from captioner.cli.train_commands import train_command
-
-    main.add_command(train_command)
-    from captioner.cli.inference_commands import caption_command, evaluate_command, score_command
-
-    main.add_command(evaluate_command)
-    main.add_command(score_command)
-    main.add_command(caption_command)
-    from captioner.cli.runs_commands import runs_command
-
-    main.add_command(runs_command)
-
-
-_register()
+for _command in (
+    inspect,
+    synth,
+    demo,
+    extract,
+    features,
+    train_command,
+    evaluate_command,
+    score_command,
+    caption_command,
+    runs_command,
+):
+    main.add_command(_command)
