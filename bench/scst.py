@@ -9,8 +9,8 @@ the same candidates, references and train-split document frequencies on every ca
 reference self-critical code does. Both give the same numbers (tests/test_cider.py).
 
 References and document frequencies are the real Flickr8k train captions (../shared/fixtures);
-the features are random (the step's cost does not depend on them), the decoder untrained, so the
-samples run to a realistic mix of lengths, up to --max-length 20.
+the features are random (the step's cost does not depend on them) and the decoder untrained, so
+nearly every sample runs to the 20-word limit: the longest, dearest step SCST takes.
 
     python bench/scst.py [--device cpu|cuda] [--repeats 5]
 """

@@ -8,10 +8,12 @@ of bigrams); it averages over n and the references and scales by 10. The evaluat
 document frequencies from the references of the images it scores; self-critical training takes
 them from the train split (`CiderD.from_references` of those references).
 
-coco-caption rebuilds every reference vector for each call, in Python. Here a reference is turned
-into its weight matrix once per image and kept, and a batch of candidates is scored against its
-images' references with a few array operations. tests/test_cider.py checks it against
-pycocoevalcap on the same candidates, references and document frequencies.
+coco-caption rebuilds every reference vector for each call, in Python. Here each n-gram of the
+references gets an integer id and its idf once; an image's references become a small matrix of
+n-gram counts on first use and are kept (about 2 KB an image, so MS-COCO's train split fits in a
+few hundred MB); a batch of candidates is scored against its images' references with a few array
+operations. tests/test_cider.py checks it against pycocoevalcap on the same candidates,
+references and document frequencies.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 MAX_N = 4
 SIGMA = 6.0
 Ngram = tuple[str, ...]
-_ONE_HOT = np.eye(MAX_N)  # row n - 1: sums a value into order n
+_ONE_HOT = np.eye(MAX_N)  # row n - 1 sums a value into order n
 
 
 def ngram_counts(words: Sequence[str]) -> Counter[Ngram]:
@@ -45,11 +47,11 @@ def _bigrams(words: Sequence[str]) -> int:
 
 @dataclass
 class _References:
-    """One image's references as tf-idf weights: column j is the n-gram `ngrams[j]`."""
+    """One image's references: column j counts the n-gram of id `ids[j]` (ids ascending)."""
 
-    column: dict[Ngram, int]  # n-gram -> column
-    weights: np.ndarray  # (references, columns) float64
-    norms: np.ndarray  # (references, MAX_N): the norm of each reference's n-gram vector
+    ids: np.ndarray  # (columns,) int64
+    counts: np.ndarray  # (references, columns) int32
+    norms: np.ndarray  # (references, MAX_N): the norm of each reference's tf-idf vector
     lengths: np.ndarray  # (references,) bigrams
 
 
@@ -66,9 +68,14 @@ class CiderD:
         images: int,
         references: Mapping[Hashable, list[list[str]]],
     ) -> None:
-        self.document_frequency = document_frequency
         self.log_images = math.log(float(images))
         self.references = references
+        self._id: dict[Ngram, int] = {}
+        idf: list[float] = []
+        for ngram, frequency in document_frequency.items():
+            self._id[ngram] = len(idf)
+            idf.append(self.log_images - math.log(max(1.0, frequency)))
+        self._idf = np.array(idf, dtype=np.float64)
         self._vectors: dict[Hashable, _References] = {}
 
     @classmethod
@@ -86,23 +93,27 @@ class CiderD:
         if not candidates:
             return np.zeros(0)
         references = [self._reference_vectors(key) for key in keys]
-        most_references = max(len(r.lengths) for r in references)
-        sums = np.zeros((len(candidates), MAX_N, most_references))
+        most = max(len(refs.lengths) for refs in references)
+        sums = np.zeros((len(candidates), MAX_N, most))
         norms = np.zeros((len(candidates), MAX_N))
+        ref_norms = np.zeros((len(candidates), MAX_N, most))
+        ref_lengths = np.zeros((len(candidates), most))
+        present = np.zeros((len(candidates), most), dtype=bool)
         for i, (words, refs) in enumerate(zip(candidates, references, strict=True)):
             counts = ngram_counts(words)
-            weights, orders, _ = self._weights(counts)
+            ids = np.array([self._id.get(ngram, -1) for ngram in counts], dtype=np.int64)
+            orders = np.array([len(ngram) - 1 for ngram in counts], dtype=np.int64)
+            # an n-gram in no reference of the frequency set has df 0: idf log(images)
+            idf = np.where(ids >= 0, self._idf[ids], self.log_images)
+            weights = np.fromiter(counts.values(), dtype=np.float64, count=len(counts)) * idf
             norms[i] = np.sqrt(np.bincount(orders, weights * weights, minlength=MAX_N))
-            matched = np.array([refs.column.get(ngram, -1) for ngram in counts], dtype=np.int64)
-            found = matched >= 0
-            ref_weights = refs.weights[:, matched[found]]  # (R, matches)
+            columns = np.searchsorted(refs.ids, ids)
+            found = (ids >= 0) & (columns < len(refs.ids))
+            found[found] = refs.ids[columns[found]] == ids[found]
+            ref_weights = refs.counts[:, columns[found]] * self._idf[ids[found]]  # (R, matches)
             clipped = np.minimum(weights[found], ref_weights) * ref_weights
-            sums[i, :, : len(refs.lengths)] = (clipped @ _ONE_HOT[orders[found]]).T
-        ref_norms = np.zeros((len(candidates), MAX_N, most_references))
-        ref_lengths = np.zeros((len(candidates), most_references))
-        present = np.zeros((len(candidates), most_references), dtype=bool)
-        for i, refs in enumerate(references):
             count = len(refs.lengths)
+            sums[i, :, :count] = (clipped @ _ONE_HOT[orders[found]]).T
             ref_norms[i, :, :count] = refs.norms.T
             ref_lengths[i, :count] = refs.lengths
             present[i, :count] = True
@@ -114,34 +125,28 @@ class CiderD:
         per_reference = cosine.mean(1) * penalty  # (candidates, references)
         return 10.0 * per_reference.sum(1) / present.sum(1)
 
-    def _weights(self, counts: Counter[Ngram]) -> tuple[np.ndarray, np.ndarray, list[Ngram]]:
-        """tf-idf weights and n - 1 of each n-gram of `counts`, in its order."""
-        ngrams = list(counts)
-        frequency = self.document_frequency
-        weights = np.array(
-            [
-                counts[ngram] * (self.log_images - math.log(max(1.0, frequency.get(ngram, 0))))
-                for ngram in ngrams
-            ],
-            dtype=np.float64,
-        )
-        orders = np.array([len(ngram) - 1 for ngram in ngrams], dtype=np.int64)
-        return weights, orders, ngrams
-
     def _reference_vectors(self, key: Hashable) -> _References:
         if key not in self._vectors:
-            captions = self.references[key]
-            counts = [ngram_counts(words) for words in captions]
-            column: dict[Ngram, int] = {}
-            for caption in counts:
-                for ngram in caption:
-                    column.setdefault(ngram, len(column))
-            weights = np.zeros((len(captions), len(column)))
+            captions = [ngram_counts(words) for words in self.references[key]]
+            every = [self._ngram_id(ngram) for counts in captions for ngram in counts]
+            ids = np.unique(np.array(every, dtype=np.int64))
+            counts = np.zeros((len(captions), len(ids)), dtype=np.int32)
             norms = np.zeros((len(captions), MAX_N))
-            for r, caption in enumerate(counts):
-                values, orders, ngrams = self._weights(caption)
-                weights[r, [column[ngram] for ngram in ngrams]] = values
-                norms[r] = np.sqrt(np.bincount(orders, values * values, minlength=MAX_N))
-            lengths = np.array([_bigrams(words) for words in captions], dtype=np.float64)
-            self._vectors[key] = _References(column, weights, norms, lengths)
+            for r, caption in enumerate(captions):
+                own = np.array([self._id[ngram] for ngram in caption], dtype=np.int64)
+                columns = np.searchsorted(ids, own)
+                counts[r, columns] = list(caption.values())
+                weights = counts[r, columns] * self._idf[own]
+                orders = np.array([len(ngram) - 1 for ngram in caption], dtype=np.int64)
+                norms[r] = np.sqrt(np.bincount(orders, weights * weights, minlength=MAX_N))
+            lengths = np.array([_bigrams(words) for words in self.references[key]], dtype=float)
+            self._vectors[key] = _References(ids, counts, norms, lengths)
         return self._vectors[key]
+
+    def _ngram_id(self, ngram: Ngram) -> int:
+        """The id of a reference's n-gram; one the frequencies never saw gets df 0 (idf
+        log(images)), as coco-caption gives it."""
+        if ngram not in self._id:
+            self._id[ngram] = len(self._idf)
+            self._idf = np.append(self._idf, self.log_images)
+        return self._id[ngram]

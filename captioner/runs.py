@@ -121,7 +121,7 @@ def format_runs(runs: list[RunSummary]) -> str:
                 run.sizes,
                 _text(run.vocabulary),
                 run.objective,
-                str(len(run.history)),
+                str(run.history[-1]["epoch"]),  # (an SCST run's rows start at epoch 0)
                 str(run.best_epoch),
                 _text(best.get("val_bleu4"), ".4f"),
                 _text(best.get("val_cider"), ".4f"),

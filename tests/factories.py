@@ -1,4 +1,5 @@
-"""Generated test data shared by every test module: feature stores that need no images or CNN.
+"""Generated test data shared by every test module (feature stores that need no images or CNN),
+and the faults the training tests inject.
 
 Import as ``from factories import make_store`` (pytest puts tests/ on sys.path).
 """
@@ -6,7 +7,7 @@ Import as ``from factories import make_store`` (pytest puts tests/ on sys.path).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from captioner.corpus import SPLITS, CaptionRecord, Corpus, ImageRecord
 from captioner.encoder import EncoderConfig
 from captioner.store import FeatureStore, StoreSettings, create_store
 from captioner.text import tokenize
+from captioner.training.batches import FeatureStream
 
 # Each image belongs to a class (row % 4); its captions name the class's colour and shape, and its
 # features lean towards the class's direction, so a decoder can learn something real from them.
@@ -123,3 +125,24 @@ def failing_on_call(call: int, error_number: int, original):
         return original(*args, **kwargs)
 
     return failing
+
+
+def at_batch_of_epoch_2(index: int, action: Callable[[], None]):
+    """A FeatureStream.epoch that calls `action` as the training stream hands out batch `index`
+    of the second epoch: a fault at a known step."""
+    original = FeatureStream.epoch
+
+    def epoch(self, epoch, start_batch=0):
+        for number, batch in enumerate(original(self, epoch, start_batch), start_batch):
+            if self.config.shuffle and epoch == 1 and number == index:
+                action()
+            yield batch
+
+    return epoch
+
+
+TIMING_KEYS = {"captions_per_s", "data_wait", "seconds"}
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]

@@ -63,13 +63,11 @@ class _AllTrainImages(list):
         return self.images
 
 
-def test_equals_coco_caption_with_train_split_document_frequencies():
-    """Reward: several candidates per image, scored with the train references' frequencies."""
-    rng = random.Random(7)
-    train = random_references(rng, 40)
-    keys = [rng.randrange(40) for _ in range(120)]
-    candidates = [random_caption(rng) for _ in keys]
-
+def coco_caption_scores(
+    train: dict[int, list[list[str]]], candidates: list[list[str]], keys: list[int]
+) -> np.ndarray:
+    """pycocoevalcap's CIDEr-D of each candidate against the references of its key, with the
+    document frequencies of all of `train`'s references (as self-critical training scores)."""
     frequencies = CiderScorer(n=4, sigma=6.0)
     for refs in train.values():
         frequencies += ("", [" ".join(r) for r in refs])
@@ -80,11 +78,29 @@ def test_equals_coco_caption_with_train_split_document_frequencies():
     scorer.crefs = _AllTrainImages(scorer.crefs)
     scorer.crefs.images = len(train)
     scorer.document_frequency = frequencies.document_frequency
-    theirs = np.array(scorer.compute_cider())
+    return np.array(scorer.compute_cider())
 
+
+def test_equals_coco_caption_with_train_split_document_frequencies():
+    """Reward: several candidates per image, scored with the train references' frequencies."""
+    rng = random.Random(7)
+    train = random_references(rng, 40)
+    keys = [rng.randrange(40) for _ in range(120)]
+    candidates = [random_caption(rng) for _ in keys]
     ours = CiderD.from_references(train).scores(candidates, keys)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ours, coco_caption_scores(train, candidates, keys), atol=1e-12)
     assert (ours > 0).sum() > 30
+
+
+def test_equals_coco_caption_at_the_edges():
+    """Empty candidates and references, one-word ones (no bigram), words no reference has, a
+    candidate equal to its only reference."""
+    train = {0: [[]], 1: [["a"]], 2: [["a", "dog"], ["two", "men", "run"]], 3: [["a", "dog"]]}
+    candidates = [[], ["a"], ["zebra"], ["a", "dog"], [], ["a", "dog"], ["zebra", "a", "dog"]]
+    keys = [0, 1, 1, 2, 2, 3, 3]
+    ours = CiderD.from_references(train).scores(candidates, keys)
+    np.testing.assert_allclose(ours, coco_caption_scores(train, candidates, keys), atol=1e-12)
+    assert ours[5] > 0 and ours[0] == 0
 
 
 def test_a_reference_scores_highest_against_its_own_image():

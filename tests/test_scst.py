@@ -5,13 +5,14 @@ resume, and its refusals."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import make_store
+from factories import at_batch_of_epoch_2, make_store, without_timing
 
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
@@ -20,7 +21,9 @@ from captioner.models import DecoderConfig, build_decoder
 from captioner.store import FeatureStore
 from captioner.text import END_ID, PAD_ID, START_ID
 from captioner.training import TrainConfig, train
+from captioner.training.batches import FeatureStream
 from captioner.training.data import split_rows, training_corpus
+from captioner.training.objectives import SelfCritical
 from captioner.training.reward import CiderReward
 
 SIZES = {"embed_size": 16, "hidden_size": 24, "attention_size": 8, "min_count": 1}
@@ -52,8 +55,9 @@ def cross_entropy_runs(store, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("model", ["show-tell", "show-attend-tell"])
 def test_caption_log_probs_equal_the_step_by_step_sums_and_their_gradients(model):
-    """What SCST weighs by the reward, against summing decoder.step over each caption; captions
-    that ended (with <end>) and captions cut off at the length limit (without) alike."""
+    """What SCST weighs by the reward, against summing decoder.step over each caption (with
+    <pad> and <start> ruled out, as sampling rules them out); captions that ended (with <end>)
+    and captions cut off at the length limit (without) alike."""
     torch.manual_seed(0)
     decoder = build_decoder(DecoderConfig(model, 30, 12, 10, 14, 6, dropout=0.0))
     features = torch.randn(3, 4, 12)
@@ -78,6 +82,9 @@ def test_caption_log_probs_equal_the_step_by_step_sums_and_their_gradients(model
     tokens, plain = captions[:, 0], torch.zeros(6)
     for step in range(1, captions.size(1)):
         log_probs, state, _ = decoder.step(tokens, state, memory)
+        # as sampling draws: never <pad> or <start>, the rest renormalized
+        never = torch.tensor([PAD_ID, START_ID])
+        log_probs = log_probs.index_fill(1, never, float("-inf")).log_softmax(1)
         tokens = captions[:, step]
         real = step < lengths
         plain = plain + torch.where(real, log_probs.gather(1, tokens[:, None])[:, 0], 0.0)
@@ -90,17 +97,30 @@ def test_caption_log_probs_equal_the_step_by_step_sums_and_their_gradients(model
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_samples_of_an_image_share_its_features_and_differ():
+def test_the_samples_of_image_i_are_rows_i_k_to_i_k_plus_k_and_differ():
+    """k samples per image share its memory: their log-probabilities, as the sampler reports
+    them, are those of teacher forcing each sample on its own image."""
     torch.manual_seed(0)
     decoder = build_decoder(DecoderConfig("show-attend-tell", 20, 8, 8, 8, 4)).eval()
-    features = torch.randn(2, 4, 8)
-    drawn = sample(decoder, features, DecodingConfig("sample", max_length=6, seed=1), 4)
-    alone = sample(decoder, features[1:], DecodingConfig("sample", max_length=6, seed=1), 4)
-    assert len(drawn) == 8 and len({tuple(c.tokens) for c in drawn}) > 2
-    # the same draws, so rows 4..7 are image 1's whatever came before them in the batch
-    assert len(alone) == 4
-    for caption in drawn:
-        assert caption.ended == (len(caption.tokens) < 6)
+    features = torch.randn(3, 4, 8) * torch.tensor([1.0, 5.0, -5.0])[:, None, None]
+    k = 4
+    drawn = sample(decoder, features, DecodingConfig("sample", max_length=6, seed=1), k)
+    assert len(drawn) == 12 and len({tuple(c.tokens) for c in drawn}) > 4
+    assert all(c.ended == (len(c.tokens) < 6) for c in drawn)
+    sequences = [[START_ID, *c.tokens, *([END_ID] if c.ended else [])] for c in drawn]
+    captions = torch.full((12, max(map(len, sequences))), PAD_ID)
+    for row, sequence in enumerate(sequences):
+        captions[row, : len(sequence)] = torch.tensor(sequence)
+    lengths = torch.tensor([len(sequence) for sequence in sequences])
+    with torch.no_grad():
+        log_probs = decoder.teacher_forced_log_probs(
+            features, torch.arange(3).repeat_interleave(k), captions, lengths
+        )
+    targets = log_probs.gather(2, captions[:, 1:, None])[:, :, 0]
+    real = torch.arange(captions.size(1) - 1) < (lengths - 1)[:, None]
+    teacher_forced = torch.where(real, targets, 0.0).sum(1)
+    reported = torch.tensor([c.log_prob for c in drawn])
+    torch.testing.assert_close(teacher_forced, reported, rtol=1e-5, atol=1e-5)
 
 
 def held_out_reward(checkpoint_path: Path, store: Path) -> float:
@@ -120,48 +140,93 @@ def held_out_reward(checkpoint_path: Path, store: Path) -> float:
 def test_scst_raises_the_held_out_reward_over_its_cross_entropy_start(
     store, cross_entropy_runs, tmp_path, model
 ):
-    start = cross_entropy_runs[model]
     config = TrainConfig(
         store,
         tmp_path / "scst",
         model=model,
         objective="scst",
-        init=start,
+        init=cross_entropy_runs[model],
         epochs=3,
         lr=3e-3,
         **OPTIONS,
     )
     result = train(config)
-    rows = result.history
+    start, *rows = result.history  # epoch 0: the starting weights' validation
+    assert (
+        start["epoch"] == 0
+        and "mean_reward" not in start
+        and [r["epoch"] for r in rows]
+        == [
+            1,
+            2,
+            3,
+        ]
+    )
     assert result.selection_metric == "val_cider" and all("mean_reward" in row for row in rows)
     assert rows[-1]["mean_reward"] > rows[0]["mean_reward"]
-    before, after = held_out_reward(start, store), held_out_reward(result.best_checkpoint, store)
+    initial = cross_entropy_runs[model]
+    before = held_out_reward(initial, store)
+    after = held_out_reward(result.last_checkpoint, store)
     assert after > before * 1.05, (before, after)
     # it fine-tuned the start: same vocabulary and sizes, no dropout, its own options recorded
-    checkpoint, _ = load_checkpoint(result.best_checkpoint)
-    assert checkpoint.vocabulary.words == load_checkpoint(start)[0].vocabulary.words
+    checkpoint, _ = load_checkpoint(result.last_checkpoint)
+    assert checkpoint.vocabulary.words == load_checkpoint(initial)[0].vocabulary.words
     assert checkpoint.decoder_config.dropout == 0.0
     assert checkpoint.training["options"]["objective"] == "scst"
     assert checkpoint.training["options"]["lr"] == 3e-3
 
 
-def test_greedy_baseline_and_exact_resume(store, cross_entropy_runs, tmp_path):
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(
+    store, cross_entropy_runs, tmp_path, monkeypatch
+):
+    """Greedy baseline; killed at batch 2 of epoch 2 with last.pt written every step, and resumed
+    with --init moved away (a resumed run reads only last.pt): the same samples are drawn."""
+    init = tmp_path / "xe.pt"
+    shutil.copy(cross_entropy_runs["show-attend-tell"], init)
     common = dict(
-        model="show-attend-tell",
-        objective="scst",
-        scst_baseline="greedy",
-        init=cross_entropy_runs["show-attend-tell"],
-        **OPTIONS,
-    )
-    whole = train(TrainConfig(store, tmp_path / "whole", epochs=2, **common))
-    train(TrainConfig(store, tmp_path / "cut", epochs=1, **common))
-    resumed = train(TrainConfig(store, tmp_path / "cut", epochs=2, resume=True, **common))
-    timing = {"captions_per_s", "data_wait", "seconds"}
-    strip = [{k: v for k, v in row.items() if k not in timing} for row in resumed.history]
-    assert strip == [{k: v for k, v in row.items() if k not in timing} for row in whole.history]
+        model="show-attend-tell", objective="scst", scst_baseline="greedy", init=init,
+        epochs=2, checkpoint_minutes=0.0, **OPTIONS,
+    )  # fmt: skip
+    whole = train(TrainConfig(store, tmp_path / "whole", **common))
+
+    def power_cut() -> None:
+        raise RuntimeError("power cut")
+
+    original = FeatureStream.epoch
+    monkeypatch.setattr(FeatureStream, "epoch", at_batch_of_epoch_2(2, power_cut))
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(TrainConfig(store, tmp_path / "cut", **common))
+    monkeypatch.setattr(FeatureStream, "epoch", original)
+    training = load_checkpoint(tmp_path / "cut" / "last.pt")[0].training
+    assert (training["epoch"], training["step"]) == (1, 2)
+    init.unlink()
+    resumed = train(TrainConfig(store, tmp_path / "cut", resume=True, **common))
+    assert without_timing(resumed.history) == without_timing(whole.history)
     ours, theirs = (load_checkpoint(r.last_checkpoint)[0].state_dict for r in (resumed, whole))
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0)
+
+
+def test_the_mean_baseline_is_the_mean_of_the_other_samples():
+    objective = SelfCritical(None, None, samples=3, baseline="mean", max_length=20)
+    rewards = np.array([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    baselines = objective._baselines(rewards, torch.zeros(2, 4), np.array([7, 8]))
+    np.testing.assert_allclose(baselines, [4.0, 3.5, 1.5, 1.5, 1.5, 0.0])
+
+
+def test_best_pt_keeps_the_start_when_training_makes_it_worse(store, cross_entropy_runs, tmp_path):
+    """At a learning rate that wrecks the decoder, no epoch beats epoch 0 (the start): best.pt
+    holds the starting weights."""
+    init = cross_entropy_runs["show-tell"]
+    config = TrainConfig(
+        store, tmp_path / "run", model="show-tell", objective="scst", init=init, epochs=1,
+        lr=5.0, **OPTIONS,
+    )  # fmt: skip
+    result = train(config)
+    assert result.best_epoch == 0 and result.history[1]["val_cider"] < result.best_score
+    best, start = (load_checkpoint(path)[0].state_dict for path in (result.best_checkpoint, init))
+    for name in start:
+        torch.testing.assert_close(best[name], start[name], rtol=0, atol=0)
 
 
 def run_cli(*args: str):
@@ -195,6 +260,8 @@ def test_refusals_are_one_line(store, cross_entropy_runs, tmp_path):
         result = run_cli("--features", store, "--out", tmp_path / "run", "--device", "cpu", *args)
         assert result.exit_code != 0, expected
         assert expected in result.output and "Traceback" not in result.output, result.output
+        if result.exit_code == 1:  # ours; 2 is click's usage error for a value out of range
+            assert len(result.output.strip().splitlines()) == 1, result.output
         assert not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -221,6 +288,7 @@ def test_the_cli_prints_the_best_cider(store, cross_entropy_runs, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "best val CIDEr-D" in result.output
-    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    start, row = map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert start["epoch"] == 0 and "start: val loss" in result.output
     assert {"mean_reward", "val_cider", "val_bleu4", "objective"} <= set(row)
     assert "train_loss" not in row

@@ -13,14 +13,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from factories import failing_on_call, make_store
+from factories import at_batch_of_epoch_2, failing_on_call, make_store, without_timing
 from PIL import Image
 
 from captioner import visualize
@@ -40,7 +39,6 @@ TINY = [
     "--embed-size", "16", "--hidden-size", "24", "--attention-size", "8", "--dropout", "0.2",
     "--min-count", "1", "--batch-size", "12", "--lr", "0.01", "--workers", "1",
 ]  # fmt: skip
-TIMING_KEYS = {"captions_per_s", "data_wait", "seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -63,24 +61,6 @@ def progress_of(run: Path) -> tuple[int, int]:
     except FileNotFoundError:
         return (-1, 0)
     return training["epoch"], training["step"]
-
-
-def at_batch_of_epoch_2(index: int, action: Callable[[], None]):
-    """A FeatureStream.epoch that calls `action` as the training stream hands out batch `index`
-    of the second epoch: a fault at a known step."""
-    original = FeatureStream.epoch
-
-    def epoch(self, epoch, start_batch=0):
-        for number, batch in enumerate(original(self, epoch, start_batch), start_batch):
-            if self.config.shuffle and epoch == 1 and number == index:
-                action()
-            yield batch
-
-    return epoch
-
-
-def without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
 @pytest.mark.parametrize("model", ["show-tell", "show-attend-tell"])
@@ -552,8 +532,8 @@ def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path)
         timeout=120,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    (row,) = metrics(tmp_path / "scst")
-    assert row["ranks"] == 2 and row["mean_reward"] > 0
+    start, row = metrics(tmp_path / "scst")  # epoch 0 (the start) and epoch 1
+    assert start["epoch"] == 0 and row["ranks"] == 2 and row["mean_reward"] > 0
 
 
 # train_decoder.py with a slowed-down step, so that a signal lands mid-epoch.

@@ -51,7 +51,11 @@ def _option(name: str, kind: type | click.ParamType, help: str):
     "scst: reward baseline, the mean of the image's other samples or its greedy decode's.",
 )
 @_option("epochs", click.IntRange(min=1), "Epochs to train (in all, counting resumed ones).")
-@_option("batch_size", click.IntRange(min=1), "Captions per batch.")
+@_option(
+    "batch_size",
+    click.IntRange(min=1),
+    "Captions per batch (whole images; scst: those images, each sampled --scst-samples times).",
+)
 @_option(
     "captions_per_image",
     click.IntRange(min=0),

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from captioner.text import PAD_ID
+from captioner.text import PAD_ID, START_ID
 
 Memory = tuple[Tensor, ...]  # per-image tensors computed once by `encode`; batch is dim 0
 # Recurrent state, batch in dim 0: k consecutive rows (captions or beams) for each memory row,
@@ -199,9 +199,12 @@ class CaptionDecoder(nn.Module):
         self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
     ) -> Tensor:
         """(B_cap,) float32: the log-probability of each caption's words after <start> (and of
-        its <end>, where it has one): what self-critical training weighs by the reward."""
+        its <end>, where it has one) under the distribution decoding samples from, which never
+        draws <pad> or <start>: what self-critical training weighs by the reward."""
         real = self.real_tokens(features, image_index, captions, lengths)
-        token = _token_log_probs(real)
+        never = torch.tensor([PAD_ID, START_ID], device=real.logits.device)
+        log_probs = real.logits.float().index_fill(-1, never, float("-inf")).log_softmax(-1)
+        token = log_probs.gather(-1, real.targets.unsqueeze(-1)).squeeze(-1)
         return token.new_zeros(len(captions)).index_add(0, real.captions, token)
 
     def teacher_forced_log_probs(
@@ -215,9 +218,3 @@ class CaptionDecoder(nn.Module):
         )
         log_probs[real.captions, real.positions] = real.logits.float().log_softmax(-1)
         return log_probs
-
-
-def _token_log_probs(real: RealTokens) -> Tensor:
-    """(N,) float32 log-probability of each real token."""
-    log_probs = real.logits.float().log_softmax(-1)
-    return log_probs.gather(-1, real.targets.unsqueeze(-1)).squeeze(-1)

@@ -213,10 +213,16 @@ class FeatureStream:
 
     def num_captions(self, epoch: int, start_batch: int = 0) -> int:
         """Captions in the batches of `epoch` from `start_batch` on."""
-        positions = np.concatenate(self.plan(epoch).batches[start_batch:] or [_NO_POSITIONS])
-        counts = np.diff(self.captions.first)[positions]
+        counts = np.diff(self.captions.first)[self._batch_positions(epoch, start_batch)]
         k = self.config.captions_per_image
         return int(np.minimum(counts, k).sum() if k else counts.sum())
+
+    def num_images(self, epoch: int, start_batch: int = 0) -> int:
+        """Images in the batches of `epoch` from `start_batch` on."""
+        return len(self._batch_positions(epoch, start_batch))
+
+    def _batch_positions(self, epoch: int, start_batch: int) -> np.ndarray:
+        return np.concatenate(self.plan(epoch).batches[start_batch:] or [_NO_POSITIONS])
 
     # ---- iteration ----
 

@@ -9,7 +9,8 @@ validation loss, BLEU-4 and CIDEr-D on greedy decodes of the val split. Everythi
     best.pt        the weights with the best validation score (BLEU-4; CIDEr-D for SCST):
                    captioning needs only this file
     last.pt        the same plus optimizer, loss-scaler and RNG state and the position in the epoch
-    metrics.jsonl  one row per epoch;  curves.png  loss and BLEU-4 per epoch
+    metrics.jsonl  one row per epoch (an SCST run's row 0 is its starting weights' validation)
+    curves.png     loss, BLEU-4, CIDEr-D (and SCST's mean sample reward) per epoch
     vocab.json     the vocabulary;     attention/  per-word attention maps of a sample caption
 
 Resume is exact. The batch order is a pure function of (seed, epoch, rank), and last.pt holds the
@@ -55,7 +56,14 @@ from captioner.training.data import (
     training_stream,
     validation_stream,
 )
-from captioner.training.metrics_log import EpochTiming, describe_epoch, epoch_row, write_metrics
+from captioner.training.metrics_log import (
+    EpochTiming,
+    describe_epoch,
+    describe_start,
+    epoch_row,
+    start_row,
+    write_metrics,
+)
 from captioner.training.objectives import CrossEntropy, SelfCritical, StepOutput
 from captioner.training.resume import RunState, initial_checkpoint, resume_run, save_run
 from captioner.training.reward import CiderReward
@@ -114,9 +122,29 @@ def _train(
         f" {len(val_rows)} val images, vocabulary {len(vocabulary)}) on {device}"
         + (f" x {ranks.world_size} ranks" if ranks.world_size > 1 else "")
     )
+    if config.objective == "scst":
+        say(
+            f"self-critical training from {config.init}: its vocabulary and sizes, no dropout;"
+            f" {config.scst_samples} samples per image, {config.scst_baseline} baseline, lr"
+            f" {config.lr:g} (--label-smoothing and --alpha-c apply to cross entropy only)"
+        )
 
     log = TensorBoardLog(out, say) if ranks.is_main else None
     try:
+        if config.objective == "scst" and not state.history:
+            # The starting weights are "epoch 0": best.pt holds them until an epoch beats them.
+            row = None
+            if ranks.is_main:
+                validation = validate(
+                    run.decoder, val_stream, references, vocabulary, config.max_length, run.amp
+                )
+                row = start_row(validation)
+                log.epoch(row, None)
+            state.finish_epoch(ranks.broadcast(row), config.selection_metric)
+            save_run(run, out / "best.pt", state)
+            if ranks.is_main:
+                write_metrics(out, state.history)
+                say(describe_start(row))
         while state.epoch < config.epochs and not state.early_stopped(config.early_stop):
             timing = _train_epoch(run, train_stream, state, stop, log, progress)
             if timing is None:
@@ -170,7 +198,9 @@ def _start_run(
     digest = corpus_digest(corpus)
     torch.manual_seed(config.seed)
     if config.objective == "scst":
-        config, start = initial_checkpoint(config, store, digest)
+        last = Path(config.out) / "last.pt"
+        source = last if config.resume and last.is_file() else config.init
+        config, start = initial_checkpoint(config, store, digest, source)
         vocabulary = start.vocabulary
     else:
         vocabulary = Vocabulary.build(corpus.tokens_of_split("train"), config.min_count)
@@ -215,7 +245,7 @@ def _train_epoch(
     run.model.train()
     totals = torch.tensor(state.totals, dtype=torch.float32, device=run.device)
     bar = tqdm(
-        total=stream.num_captions(state.epoch, state.step),
+        total=run.objective.captions_to_train(stream, state.epoch, state.step),
         unit="cap",
         unit_scale=True,
         desc=f"epoch {state.epoch + 1}/{config.epochs}",
@@ -238,7 +268,7 @@ def _train_epoch(
             totals += output.totals
             state.step += 1
             captions += output.captions
-            bar.update(batch.num_captions)
+            bar.update(output.captions)
             if progress and state.step % 25 == 0:
                 bar.set_postfix(loss=f"{output.loss.item():.3f}")
             if log is not None:

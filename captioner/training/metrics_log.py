@@ -26,12 +26,28 @@ def epoch_row(
 ) -> dict:
     """The metrics.jsonl row of the epoch `state` has just trained (`train`: the objective's
     `epoch_means`) and `validation` measured."""
-    repeating = validation.repeating()
     return {
         "epoch": state.epoch + 1,
         # Losses are mean negative log-likelihood per target token, train and val alike; the
         # cross-entropy objective adds label smoothing and the attention penalty to the train one.
         **train,
+        **_validation_columns(validation),
+        "captions_per_s": timing.captions / max(timing.seconds, 1e-9),
+        "data_wait": timing.data_wait / max(timing.seconds, 1e-9),  # of rank 0
+        "seconds": timing.seconds,
+        "ranks": world_size,
+    }
+
+
+def start_row(validation: Validation) -> dict:
+    """The row "epoch 0" of a run that starts from trained weights (self-critical training):
+    their validation, which the first epochs must beat to replace best.pt."""
+    return {"epoch": 0, **_validation_columns(validation)}
+
+
+def _validation_columns(validation: Validation) -> dict:
+    repeating = validation.repeating()
+    return {
         "val_loss": validation.loss,
         "val_ppl": perplexity(validation.loss),
         "val_bleu4": validation.bleu4,
@@ -39,11 +55,15 @@ def epoch_row(
         "sample": " ".join(validation.hypotheses[validation.sample_row]),
         "repeating_captions": len(repeating),
         "repeating_example": " ".join(repeating[0]) if repeating else "",
-        "captions_per_s": timing.captions / max(timing.seconds, 1e-9),
-        "data_wait": timing.data_wait / max(timing.seconds, 1e-9),  # of rank 0
-        "seconds": timing.seconds,
-        "ranks": world_size,
     }
+
+
+def describe_start(row: dict) -> str:
+    """The line printed for `start_row`."""
+    return (
+        f"start: val loss {row['val_loss']:.3f}  BLEU-4 {row['val_bleu4']:.4f}"
+        f"  CIDEr-D {row['val_cider']:.3f}\n  sample: {row['sample']}"
+    )
 
 
 def describe_epoch(row: dict, improved: bool, epochs: int) -> str:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from captioner.decode import DecodingConfig, GeneratedCaption, greedy_decode, sample
 from captioner.models import CaptionDecoder
 from captioner.text import END_ID, PAD_ID, START_ID
-from captioner.training.batches import Batch
+from captioner.training.batches import Batch, FeatureStream
 from captioner.training.metrics_log import perplexity
 from captioner.training.reward import CiderReward
 
@@ -56,6 +56,11 @@ class CrossEntropy(nn.Module):
             ]
         )
         return StepOutput(output.loss, totals.float(), batch.num_captions)
+
+    @staticmethod
+    def captions_to_train(stream: FeatureStream, epoch: int, start_batch: int) -> int:
+        """What StepOutput.captions adds up to over the rest of the epoch: reference captions."""
+        return stream.num_captions(epoch, start_batch)
 
     @staticmethod
     def epoch_means(totals: list[float]) -> dict:
@@ -122,6 +127,10 @@ class SelfCritical(nn.Module):
             ]
         )
         return StepOutput(loss, totals.float(), len(drawn))
+
+    def captions_to_train(self, stream: FeatureStream, epoch: int, start_batch: int) -> int:
+        """What StepOutput.captions adds up to over the rest of the epoch: the samples."""
+        return stream.num_images(epoch, start_batch) * self.samples
 
     def _baselines(self, rewards: np.ndarray, features: Tensor, rows: np.ndarray) -> np.ndarray:
         """The baseline of each sample (samples of an image are consecutive)."""

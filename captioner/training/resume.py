@@ -35,6 +35,7 @@ RESUMABLE_CHANGES = frozenset(
         "resume",
         "captions",
         "checkpoint_minutes",
+        "init",  # a resumed SCST run continues from last.pt and never reads --init again
     }
 )
 
@@ -170,27 +171,28 @@ def _run_state(saved: dict) -> RunState:
 
 
 def initial_checkpoint(
-    config: TrainConfig, store: FeatureStore, corpus_sha256: str
+    config: TrainConfig, store: FeatureStore, corpus_sha256: str, path: Path
 ) -> tuple[TrainConfig, Checkpoint]:
-    """The checkpoint `config.init` a self-critical run starts from, and `config` with the sizes
-    and vocabulary threshold of the decoder in it (and no dropout: SCST's samples and their
-    log-probabilities must come from the same network). Refused in one line unless it was
-    trained on this store, as this kind of decoder, on these captions."""
-    checkpoint, _ = load_checkpoint(config.init)
+    """The checkpoint a self-critical run starts from (`path`: `config.init`, or a resumed run's
+    last.pt), and `config` with the sizes and vocabulary threshold of the decoder in it (and no
+    dropout: SCST's samples and their log-probabilities must come from the same network).
+    Refused in one line unless it was trained on this store, as this kind of decoder, on these
+    captions."""
+    checkpoint, _ = load_checkpoint(path)
     trained = checkpoint.decoder_config
     if checkpoint.store_fingerprint != store.fingerprint:
         raise CaptionerError(
-            f"{config.init}: trained on another feature store ({checkpoint.store_fingerprint});"
+            f"{path}: trained on another feature store ({checkpoint.store_fingerprint});"
             f" {store.path} is {store.fingerprint}"
         )
     if trained.model != config.model:
         raise CaptionerError(
-            f"{config.init}: holds a {trained.model} decoder, not {config.model};"
+            f"{path}: holds a {trained.model} decoder, not {config.model};"
             f" pass --model {trained.model}"
         )
     if checkpoint.corpus_sha256 not in ("", corpus_sha256):
         raise CaptionerError(
-            f"{config.init}: trained on other captions or splits than"
+            f"{path}: trained on other captions or splits than"
             f" {config.captions or store.path}; pass the --captions it was trained with"
         )
     options = checkpoint.training.get("options", {})
