@@ -285,6 +285,11 @@ def run_demo(
     )
 
 
+# The demo's options that are train_decoder.py's of the same name.
+_SHARED_WITH_TRAINING = ("batch_size", "captions_per_image", "device", "seed")
+_DECODER_OPTIONS = ("embed_size", "hidden_size", "attention_size", "dropout", "lr", "alpha_c")
+
+
 def _train_config(config: DemoConfig, model: str) -> TrainConfig:
     out = config.run(model)
     return TrainConfig(
@@ -292,19 +297,10 @@ def _train_config(config: DemoConfig, model: str) -> TrainConfig:
         out=out,
         model=model,
         epochs=config.epochs,
-        batch_size=config.batch_size,
-        captions_per_image=config.captions_per_image,
-        embed_size=config.embed_size,
-        hidden_size=config.hidden_size,
-        attention_size=config.attention_size,
-        dropout=config.dropout,
-        lr=config.lr,
-        alpha_c=config.alpha_c,
         min_count=1,
-        device=config.device,
         preload=True,
-        seed=config.seed,
         resume=(out / "last.pt").exists(),
+        **_options(config, _SHARED_WITH_TRAINING + _DECODER_OPTIONS),
     )
 
 
@@ -318,14 +314,15 @@ def _scst_config(config: DemoConfig) -> TrainConfig:
         objective="scst",
         init=config.run("show-attend-tell") / "best.pt",
         epochs=config.scst_epochs,
-        batch_size=config.batch_size,
-        captions_per_image=config.captions_per_image,
         lr=config.scst_lr,
-        device=config.device,
         preload=True,
-        seed=config.seed,
         resume=(out / "last.pt").exists(),
+        **_options(config, _SHARED_WITH_TRAINING),
     )
+
+
+def _options(config: DemoConfig, names: tuple[str, ...]) -> dict:
+    return {name: getattr(config, name) for name in names}
 
 
 def _evaluated(config: DemoConfig, model: str, progress: bool) -> dict:

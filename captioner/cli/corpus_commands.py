@@ -7,22 +7,21 @@ from pathlib import Path
 
 import click
 
+from captioner.cli.options import PATH, path_option
 from captioner.corpus_stats import CorpusStats, corpus_stats
 from captioner.readers import FORMATS, read_corpus
 from captioner.text import SPECIAL_TOKENS
 
 
 @click.command("inspect")
-@click.argument("captions", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
+@click.argument("captions", nargs=-1, required=True, type=PATH)
+@path_option(
     "--images",
-    type=click.Path(path_type=Path),
     help="Image folder: count captions whose image file is missing.",
 )
-@click.option(
+@path_option(
     "--splits",
     "splits_dir",
-    type=click.Path(path_type=Path),
     help="Folder with *trainImages.txt, *devImages.txt, *testImages.txt; they decide every split.",
 )
 @click.option(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from captioner.cli.options import field_option
+from captioner.cli.options import field_option, path_option
 from captioner.demo import DemoConfig, format_artifacts, format_comparison, run_demo
 from captioner.devices import DEVICES
 from captioner.encoder import ENCODER_NAMES, EncoderConfig
@@ -16,9 +16,8 @@ _DEFAULT_ENCODER = DemoConfig().encoder
 
 
 @click.command()
-@click.option(
+@path_option(
     "--out",
-    type=click.Path(path_type=Path),
     default=Path("data/shapes"),
     show_default=True,
     help="Dataset folder (caption file + images/).",
@@ -60,9 +59,8 @@ def synth(
 
 
 @click.command()
-@click.option(
+@path_option(
     "--root",
-    type=click.Path(path_type=Path),
     default=Path("."),
     show_default=True,
     help="Folder under which data/, features/, runs/ and results/ are written.",
@@ -107,32 +105,14 @@ def synth(
     help="Encoder input size (the tiny CNN's grid is size / 32).",
 )
 @field_option(DemoConfig, "device", click.Choice(DEVICES), "Where the CNN and decoders run.")
-def demo(
-    root: Path,
-    name: str,
-    images: int,
-    epochs: int,
-    scst_epochs: int,
-    encoder_name: str,
-    weights: str,
-    image_size: int,
-    device: str,
-) -> None:
+def demo(encoder_name: str, weights: str, image_size: int, **options) -> None:
     """Everything end to end on rendered shapes, offline: dataset, features, both decoders
     trained (and the attention one fine-tuned on CIDEr-D) and evaluated side by side, a folder
     captioned to CSV, attention maps, curves.
 
     A re-run reuses every finished phase.
     """
-    config = DemoConfig(
-        root=root,
-        name=name,
-        images=images,
-        epochs=epochs,
-        scst_epochs=scst_epochs,
-        device=device,
-        encoder=EncoderConfig(encoder_name, weights, image_size),
-    )
+    config = DemoConfig(encoder=EncoderConfig(encoder_name, weights, image_size), **options)
     result = run_demo(config, say=click.echo, progress=True)
     click.echo("\nThe decoders on the held-out test images:")
     click.echo(format_comparison(result))

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from captioner.cli.options import field_option
+from captioner.cli.options import PATH, field_option, path_option
 from captioner.devices import DEVICES
 from captioner.encoder import ENCODER_NAMES, EncoderConfig, RandomWeightsWarning
 from captioner.errors import CaptionerError
@@ -28,20 +28,18 @@ def _option(name: str, kind: click.ParamType | type, help: str):
 
 
 @click.command("extract")
-@click.option(
+@path_option(
     "--captions",
     multiple=True,
     required=True,
-    type=click.Path(path_type=Path),
     help="Caption file (repeat for datasets split over several files).",
 )
-@click.option("--images", required=True, type=click.Path(path_type=Path), help="Image folder.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Store (STORE.zarr).")
-@click.option("--format", "format_", type=click.Choice(FORMATS), help="Skip format detection.")
-@click.option(
+@path_option("--images", required=True, help="Image folder.")
+@path_option("--out", required=True, help="Store (STORE.zarr).")
+@click.option("--format", type=click.Choice(FORMATS), help="Skip format detection.")
+@path_option(
     "--splits",
     "splits_dir",
-    type=click.Path(path_type=Path),
     help="Folder with Flickr split files (*trainImages.txt, ...); they decide every split.",
 )
 @click.option("--keep-restval", is_flag=True, help="Keep Karpathy's restval apart from train.")
@@ -86,24 +84,12 @@ def _option(name: str, kind: click.ParamType | type, help: str):
 )
 def extract(
     captions: tuple[Path, ...],
-    images: Path,
-    out: Path,
-    format_: str | None,
-    splits_dir: Path | None,
-    keep_restval: bool,
     encoder: str,
     weights: str,
     image_size: int,
     gpu: bool,
     device: str,
-    batch_size: int,
-    workers: int,
-    dtype: str,
-    images_per_shard: int,
-    compression: str,
-    limit: int | None,
-    overwrite: bool,
-    repair: bool,
+    **options,
 ) -> None:
     """Run a frozen CNN over the images of a caption dataset into a feature store.
 
@@ -114,24 +100,8 @@ def extract(
         if device not in ("auto", "cuda"):
             raise CaptionerError(f"--gpu contradicts --device {device}")
         device = "cuda"
-    config = ExtractConfig(
-        captions=list(captions),
-        images=images,
-        out=out,
-        encoder=EncoderConfig(encoder, weights, image_size),
-        format=format_,
-        splits_dir=splits_dir,
-        keep_restval=keep_restval,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        dtype=dtype,
-        images_per_shard=images_per_shard,
-        compression=compression,
-        limit=limit,
-        overwrite=overwrite,
-        repair=repair,
-    )
+    encoder_config = EncoderConfig(encoder, weights, image_size)
+    config = ExtractConfig(list(captions), encoder=encoder_config, device=device, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("always", RandomWeightsWarning)
         summary = extract_features(config, progress=True)
@@ -145,7 +115,7 @@ def features() -> None:
 
 
 @features.command("info")
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=PATH)
 @click.option("--failures", default=20, show_default=True, help="How many failed images to list.")
 def info(store: Path, failures: int) -> None:
     """Summarize STORE: shape, dtype, counts by status and split, size on disk, provenance."""
@@ -153,7 +123,7 @@ def info(store: Path, failures: int) -> None:
 
 
 @features.command("verify")
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=PATH)
 def verify(store: Path) -> None:
     """Read every chunk of STORE: one line per damaged shard and exit status 1, or a summary.
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from captioner.caption import OUTPUT_FORMATS, CaptionConfig, caption_images
-from captioner.cli.options import apply_options, field_option
+from captioner.cli.options import apply_options, field_option, path_option
 from captioner.decode import STRATEGIES, DecodingConfig
 from captioner.devices import DEVICES
 from captioner.evaluate import EvaluateConfig, ScoreConfig, evaluate, score_predictions
@@ -70,10 +70,10 @@ _metrics_option = click.option(
 
 
 @click.command("evaluate")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
-@click.option("--features", required=True, type=click.Path(path_type=Path), help="STORE.zarr")
+@path_option("--checkpoint", required=True)
+@path_option("--features", required=True, help="STORE.zarr")
 @field_option(EvaluateConfig, "split", str, "The split to caption and score.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Results folder.")
+@path_option("--out", required=True, help="Results folder.")
 @decoding_options
 @field_option(EvaluateConfig, "batch_size", click.IntRange(min=1), "Images decoded at once.")
 @field_option(EvaluateConfig, "device", click.Choice(DEVICES), "Where the decoder runs.")
@@ -84,9 +84,8 @@ _metrics_option = click.option(
     click.IntRange(min=0),
     "Attention figures (one PNG per image) for the first N images.",
 )
-@click.option(
+@path_option(
     "--images",
-    type=click.Path(path_type=Path),
     help="Image folder for the figures (default: the one the store was extracted from).",
 )
 def evaluate_command(**options) -> None:
@@ -103,27 +102,24 @@ def evaluate_command(**options) -> None:
 
 
 @click.command("score")
-@click.option(
+@path_option(
     "--predictions",
     required=True,
-    type=click.Path(path_type=Path),
     help="CSV with image and caption columns, or a COCO results JSON.",
 )
-@click.option(
+@path_option(
     "--captions",
     required=True,
     multiple=True,
-    type=click.Path(path_type=Path),
     help="The reference caption file(s), in any supported format.",
 )
 @click.option("--split", default="test", show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Results folder.")
+@path_option("--out", required=True, help="Results folder.")
 @click.option("--format", "format_", type=click.Choice(CAPTION_FORMATS), help="Caption format.")
-@click.option("--splits", "splits_dir", type=click.Path(path_type=Path), help="Split files.")
+@path_option("--splits", "splits_dir", help="Split files.")
 @_metrics_option
-@click.option(
+@path_option(
     "--images",
-    type=click.Path(path_type=Path),
     help="Image folder of the caption dataset: the report shows the pictures.",
 )
 def score_command(
@@ -149,8 +145,8 @@ def score_command(
 
 @click.command("caption")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="CSV or JSONL file.")
+@path_option("--checkpoint", required=True)
+@path_option("--out", required=True, help="CSV or JSONL file.")
 @click.option(
     "--format", "format_", default="csv", show_default=True, type=click.Choice(OUTPUT_FORMATS)
 )
@@ -161,9 +157,8 @@ def score_command(
 @field_option(
     CaptionConfig, "workers", click.IntRange(min=0), "DataLoader processes that decode pictures."
 )
-@click.option(
+@path_option(
     "--weights",
-    type=click.Path(path_type=Path),
     help="Local encoder weights file (default: the weights the checkpoint records).",
 )
 @click.option(
@@ -171,9 +166,8 @@ def score_command(
     is_flag=True,
     help="Caption even with encoder weights other than those the decoder was trained on.",
 )
-@click.option(
+@path_option(
     "--html",
-    type=click.Path(path_type=Path),
     help="Also write a page (PATH.html, pictures in PATH_files/) of every image and its caption.",
 )
 def caption_command(inputs: tuple[str, ...], format_: str, **options) -> None:

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import click
+
+PATH = click.Path(path_type=Path)  # a file or folder given on the command line, as a Path
+
+
+def path_option(*names: str, **settings) -> Callable:
+    """An option that takes a file or folder (`click.option` with type PATH)."""
+    return click.option(*names, type=PATH, **settings)
 
 
 def field_option(config_class: type, name: str, kind: click.ParamType | type, help: str):

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import click
 
-from captioner.cli.options import field_option
+from captioner.cli.options import PATH, field_option
 from captioner.runs import RunsConfig, compare_runs, format_runs
 
 
 @click.command("runs")
-@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("runs", nargs=-1, required=True, type=PATH)
 @field_option(
     RunsConfig,
     "out",
-    click.Path(path_type=Path),
+    PATH,
     "PNG of the runs' validation curves on shared axes.",
 )
 def runs_command(runs: tuple[Path, ...], out: Path) -> None:

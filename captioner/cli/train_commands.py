@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from captioner.cli.options import field_option
+from captioner.cli.options import field_option, path_option
 from captioner.devices import DEVICES
 from captioner.models import DECODERS
 from captioner.training import TrainConfig, train
@@ -19,16 +17,14 @@ def _option(name: str, kind: type | click.ParamType, help: str):
 
 
 @click.command("train")
-@click.option(
+@path_option(
     "--features",
     required=True,
-    type=click.Path(path_type=Path),
     help="Feature store (.zarr) made by `captioner extract`; all that training needs.",
 )
-@click.option(
+@path_option(
     "--out",
     required=True,
-    type=click.Path(path_type=Path),
     help="Run directory (runs/NAME): best.pt, last.pt, metrics.jsonl, curves.png, attention/.",
 )
 @_option("model", click.Choice(list(DECODERS)), "Decoder: no attention, or soft attention.")
@@ -38,9 +34,8 @@ def _option(name: str, kind: type | click.ParamType, help: str):
     "xe: cross entropy on the references. scst: self-critical training on sampled captions'"
     " CIDEr-D, from the cross-entropy checkpoint --init.",
 )
-@click.option(
+@path_option(
     "--init",
-    type=click.Path(path_type=Path),
     help="scst: the cross-entropy checkpoint (best.pt) to start from; the decoder's sizes and"
     " vocabulary are its.",
 )
@@ -95,9 +90,8 @@ def _option(name: str, kind: type | click.ParamType, help: str):
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @_option("seed", int, "Seed of initialization, shuffling and dropout.")
-@click.option(
+@path_option(
     "--captions",
-    type=click.Path(path_type=Path),
     help="Caption file overriding the store's own corpus (joined to its images by path).",
 )
 @_option(
