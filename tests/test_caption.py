@@ -344,28 +344,12 @@ def test_local_encoder_weights_replace_the_recorded_ones(tmp_path, checkpoint):
     caption_images(CaptionConfig([folder], checkpoint, recorded, decoding=FAST))
     caption_images(CaptionConfig([folder], checkpoint, local, decoding=FAST, weights=same))
     assert read_csv(recorded) == read_csv(local)
-    code, output = run_cli(
-        "caption",
-        folder,
-        "--checkpoint",
-        checkpoint,
-        "--out",
-        tmp_path / "o.csv",
-        "--weights",
-        other,
-    )
+    with_other_weights = ["caption", folder, "--checkpoint", checkpoint, "--weights", other]
+    code, output = run_cli(*with_other_weights, "--out", tmp_path / "o.csv")
     assert_one_line_error(code, output, "other.pt", "--allow-other-weights")
     assert not (tmp_path / "o.csv").exists()
     code, output = run_cli(
-        "caption",
-        folder,
-        "--checkpoint",
-        checkpoint,
-        "--out",
-        tmp_path / "o.csv",
-        "--weights",
-        other,
-        "--allow-other-weights",
+        *with_other_weights, "--out", tmp_path / "o.csv", "--allow-other-weights"
     )
     assert code == 0, output
     captions = [row["caption"] for row in read_csv(tmp_path / "o.csv")]

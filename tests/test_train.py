@@ -35,6 +35,10 @@ from captioner.training.loop import seed_rank
 from captioner.training.validation import repeated_word
 
 REPO = Path(__file__).resolve().parents[1]
+# A decoder small enough to train an epoch in a fraction of a second (the library's options).
+SMALL = dict(
+    embed_size=8, hidden_size=8, attention_size=4, min_count=1, batch_size=6, lr=0.01, workers=0
+)
 TINY = [
     "--embed-size", "16", "--hidden-size", "24", "--attention-size", "8", "--dropout", "0.2",
     "--min-count", "1", "--batch-size", "12", "--lr", "0.01", "--workers", "1",
@@ -148,17 +152,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(store, tmp_path, on
 
 def test_a_run_that_dies_mid_epoch_resumes_at_that_batch(store, tmp_path, monkeypatch):
     options = dict(
-        features=store,
-        model="show-tell",
-        epochs=2,
-        seed=1,
-        checkpoint_minutes=0.0,
-        embed_size=8,
-        hidden_size=8,
-        min_count=1,
-        batch_size=6,
-        lr=0.01,
-        workers=0,
+        features=store, model="show-tell", epochs=2, seed=1, checkpoint_minutes=0.0, **SMALL
     )
     whole = train(TrainConfig(out=tmp_path / "whole", **options))
 
@@ -183,19 +177,7 @@ def test_a_preempted_run_saves_the_step_in_hand_and_resumes_like_a_whole_one(
 ):
     """SIGTERM (a scheduler's notice) or Ctrl-C: the step in hand ends, last.pt holds it, the
     command exits 0 saying how to resume, and the resumed run ends as an uninterrupted one."""
-    options = dict(
-        features=store,
-        model="show-attend-tell",
-        epochs=2,
-        seed=1,
-        embed_size=8,
-        hidden_size=8,
-        attention_size=4,
-        min_count=1,
-        batch_size=6,
-        lr=0.01,
-        workers=0,
-    )
+    options = dict(features=store, model="show-attend-tell", epochs=2, seed=1, **SMALL)
     whole = train(TrainConfig(out=tmp_path / "whole", **options))
     original_epoch = FeatureStream.epoch
 
@@ -224,18 +206,7 @@ def test_a_preempted_run_saves_the_step_in_hand_and_resumes_like_a_whole_one(
 def test_a_full_disk_while_saving_is_one_line_and_the_resumed_run_ends_like_a_whole_one(
     store, tmp_path, monkeypatch, module, writer, call, saved
 ):
-    options = dict(
-        model="show-tell",
-        epochs=2,
-        seed=2,
-        checkpoint_minutes=0.0,
-        embed_size=8,
-        hidden_size=8,
-        min_count=1,
-        batch_size=6,
-        lr=0.01,
-        workers=0,
-    )
+    options = dict(model="show-tell", epochs=2, seed=2, checkpoint_minutes=0.0, **SMALL)
     whole = train(TrainConfig(features=store, out=tmp_path / "whole", **options))
     original = getattr(module, writer)
     monkeypatch.setattr(module, writer, failing_on_call(call, errno.ENOSPC, original))
@@ -476,29 +447,19 @@ def test_repeated_word_flags_a_collapsing_decoder():
 def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path):
     run = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
-    completed = subprocess.run(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc_per_node=2",
-            str(REPO / "train_decoder.py"),
-            "--features",
-            str(store),
-            "--out",
-            str(run),
-            "--model",
-            "show-attend-tell",
-            "--epochs",
-            "2",
-            "--device",
-            "cpu",
-            *TINY,
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def two_processes(*options: str) -> subprocess.CompletedProcess:
+        command = [str(torchrun), "--standalone", "--nproc_per_node=2"]
+        command += [str(REPO / "train_decoder.py"), "--features", str(store), "--device", "cpu"]
+        return subprocess.run(
+            [*command, *options, *TINY],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    completed = two_processes("--out", str(run), "--model", "show-attend-tell", "--epochs", "2")
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = metrics(run)
     assert [row["ranks"] for row in rows] == [2, 2]
@@ -506,31 +467,8 @@ def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path)
     assert checkpoint.training["epoch"] == 2 and len(extra["rng"]) == 2
 
     # self-critical fine-tuning of that run, on the same two processes
-    completed = subprocess.run(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc_per_node=2",
-            str(REPO / "train_decoder.py"),
-            "--features",
-            str(store),
-            "--out",
-            str(tmp_path / "scst"),
-            "--epochs",
-            "1",
-            "--objective",
-            "scst",
-            "--init",
-            str(run / "best.pt"),
-            "--device",
-            "cpu",
-            *TINY,
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    scst = ["--objective", "scst", "--init", str(run / "best.pt")]
+    completed = two_processes("--out", str(tmp_path / "scst"), "--epochs", "1", *scst)
     assert completed.returncode == 0, completed.stderr[-3000:]
     start, row = metrics(tmp_path / "scst")  # epoch 0 (the start) and epoch 1
     assert start["epoch"] == 0 and row["ranks"] == 2 and row["mean_reward"] > 0

@@ -32,8 +32,7 @@ class CiderReward:
     def __call__(self, captions: Sequence[GeneratedCaption], rows: Sequence[int]) -> np.ndarray:
         """(len(captions),) float64: the reward of caption i, a caption of store row `rows[i]`."""
         words = [
-            [self.vocabulary.words[token] for token in caption.tokens]
-            + ([END] if caption.ended else [])
+            caption.words(self.vocabulary) + ([END] if caption.ended else [])
             for caption in captions
         ]
         return self.cider.scores(words, rows)
