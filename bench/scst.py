@@ -54,8 +54,8 @@ class _AllTrainImages(list):
 class CocoCaptionReward(CiderReward):
     """The baseline: pycocoevalcap's scorer as the reward, rebuilt for every batch."""
 
-    def __init__(self, corpus, rows, vocabulary) -> None:
-        super().__init__(corpus, rows, vocabulary)
+    def __init__(self, corpus, rows, vocabulary) -> None:  # (CiderReward's own scorer unused)
+        self.vocabulary = vocabulary
         self.references = {
             row: [" ".join([*c.tokens, END]) for c in captions]
             for row, captions in corpus.references(rows).items()

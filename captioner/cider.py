@@ -6,7 +6,7 @@ reference by the cosine of those vectors, with each candidate n-gram's weight cl
 reference's, times a Gaussian penalty on the length difference (sigma 6; "length" is the number
 of bigrams); it averages over n and the references and scales by 10. The evaluation takes the
 document frequencies from the references of the images it scores; self-critical training takes
-them from the train split (`CiderD.from_references` of those references).
+them from the train split: `CiderD(references)` takes them from the references it is given.
 
 coco-caption rebuilds every reference vector for each call, in Python. Here each n-gram of the
 references gets an integer id and its idf once; an image's references become a small matrix of
@@ -56,36 +56,22 @@ class _References:
 
 
 class CiderD:
-    """CIDEr-D with fixed document frequencies; images are named by any hashable key.
-
-    `references` maps each key to its reference captions (lists of words); their vectors are
+    """CIDEr-D against `references` (image key -> its reference captions, lists of words), with
+    document frequencies from those references themselves: in how many images' references each
+    n-gram occurs. That is coco-caption's rule for the images it evaluates, and self-critical
+    training's when `references` are the train split's. Each image's reference vectors are
     built on first use and kept, so a training run builds each image's once.
     """
 
-    def __init__(
-        self,
-        document_frequency: Mapping[Ngram, int],
-        images: int,
-        references: Mapping[Hashable, list[list[str]]],
-    ) -> None:
-        self.log_images = math.log(float(images))
-        self.references = references
-        self._id: dict[Ngram, int] = {}
-        idf: list[float] = []
-        for ngram, frequency in document_frequency.items():
-            self._id[ngram] = len(idf)
-            idf.append(self.log_images - math.log(max(1.0, frequency)))
-        self._idf = np.array(idf, dtype=np.float64)
-        self._vectors: dict[Hashable, _References] = {}
-
-    @classmethod
-    def from_references(cls, references: Mapping[Hashable, list[list[str]]]) -> CiderD:
-        """Document frequencies from `references` themselves: in how many images' references
-        each n-gram occurs (coco-caption's rule for the images it evaluates)."""
+    def __init__(self, references: Mapping[Hashable, list[list[str]]]) -> None:
         frequency: Counter[Ngram] = Counter()
         for captions in references.values():
             frequency.update({ngram for words in captions for ngram in ngram_counts(words)})
-        return cls(frequency, len(references), references)
+        self.references = references
+        self.log_images = math.log(float(len(references)))
+        self._id = {ngram: number for number, ngram in enumerate(frequency)}
+        self._idf = self.log_images - np.log(np.fromiter(frequency.values(), dtype=np.float64))
+        self._vectors: dict[Hashable, _References] = {}
 
     def scores(self, candidates: Sequence[Sequence[str]], keys: Sequence[Hashable]) -> np.ndarray:
         """(len(candidates),) float64: the CIDEr-D of candidate i against the references of image
@@ -128,7 +114,7 @@ class CiderD:
     def _reference_vectors(self, key: Hashable) -> _References:
         if key not in self._vectors:
             captions = [ngram_counts(words) for words in self.references[key]]
-            every = [self._ngram_id(ngram) for counts in captions for ngram in counts]
+            every = [self._id[ngram] for counts in captions for ngram in counts]
             ids = np.unique(np.array(every, dtype=np.int64))
             counts = np.zeros((len(captions), len(ids)), dtype=np.int32)
             norms = np.zeros((len(captions), MAX_N))
@@ -142,11 +128,3 @@ class CiderD:
             lengths = np.array([_bigrams(words) for words in self.references[key]], dtype=float)
             self._vectors[key] = _References(ids, counts, norms, lengths)
         return self._vectors[key]
-
-    def _ngram_id(self, ngram: Ngram) -> int:
-        """The id of a reference's n-gram; one the frequencies never saw gets df 0 (idf
-        log(images)), as coco-caption gives it."""
-        if ngram not in self._id:
-            self._id[ngram] = len(self._idf)
-            self._idf = np.append(self._idf, self.log_images)
-        return self._id[ngram]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from captioner.text import END_ID, PAD_ID, START_ID, Vocabulary
+from captioner.text import END_ID, NEVER_GENERATED, START_ID, Vocabulary
 
 STRATEGIES = ("beam", "greedy", "sample")
 
@@ -144,7 +144,9 @@ def _decode_word_by_word(
     is over words, never over images.
     """
     memory = decoder.encode(features)
-    state = tuple(s.repeat_interleave(rows_per_image, 0) for s in decoder.init_state(memory))
+    state = decoder.init_state(memory)
+    if rows_per_image > 1:
+        state = tuple(s.repeat_interleave(rows_per_image, 0) for s in state)
     batch = features.shape[0] * rows_per_image
     tokens = torch.full((batch,), START_ID, dtype=torch.long, device=features.device)
     words = tokens.new_empty((batch, 0))
@@ -369,8 +371,7 @@ def _forbid(log_probs: Tensor, words: Tensor, min_length: int, no_repeat_ngram_s
     n-gram of size `no_repeat_ngram_size` already in the row's `words` (N, t).
     """
     log_probs = log_probs.float().clone()
-    log_probs[:, PAD_ID] = float("-inf")
-    log_probs[:, START_ID] = float("-inf")
+    log_probs[:, list(NEVER_GENERATED)] = float("-inf")
     length = words.shape[1]
     if length < min_length:
         log_probs[:, END_ID] = float("-inf")

@@ -29,7 +29,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from captioner.caption import CaptionConfig, CaptionSummary, caption_images
@@ -300,29 +300,23 @@ def _train_config(config: DemoConfig, model: str) -> TrainConfig:
         min_count=1,
         preload=True,
         resume=(out / "last.pt").exists(),
-        **_options(config, _SHARED_WITH_TRAINING + _DECODER_OPTIONS),
+        **{name: getattr(config, name) for name in _SHARED_WITH_TRAINING + _DECODER_OPTIONS},
     )
 
 
 def _scst_config(config: DemoConfig) -> TrainConfig:
-    """Self-critical fine-tuning of the attention model from its best cross-entropy epoch."""
+    """Self-critical fine-tuning of the attention model from its best cross-entropy epoch (the
+    sizes are the checkpoint's; label smoothing and the attention penalty do not apply)."""
     out = config.run(SCST)
-    return TrainConfig(
-        features=config.store,
+    return replace(
+        _train_config(config, "show-attend-tell"),
         out=out,
-        model="show-attend-tell",
         objective="scst",
         init=config.run("show-attend-tell") / "best.pt",
         epochs=config.scst_epochs,
         lr=config.scst_lr,
-        preload=True,
         resume=(out / "last.pt").exists(),
-        **_options(config, _SHARED_WITH_TRAINING),
     )
-
-
-def _options(config: DemoConfig, names: tuple[str, ...]) -> dict:
-    return {name: getattr(config, name) for name in names}
 
 
 def _evaluated(config: DemoConfig, model: str, progress: bool) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 from captioner import visualize
 from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.errors import CaptionerError
+from captioner.training.config import SELECTION_METRIC
 
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_OBJECTIVE = "xe"  # runs from before training recorded an objective were all xe
@@ -80,9 +81,10 @@ def read_run(path: Path) -> RunSummary:
     history = _read_history(path / METRICS_FILE)
     best = _checkpoint(path / "best.pt")
     checkpoint = best or _checkpoint(path / "last.pt")
-    best_epoch = _best_epoch(best, history)
     if checkpoint is None:
+        best_epoch = _best_epoch(None, history, DEFAULT_OBJECTIVE)
         return RunSummary(path, history, "?", "?", None, DEFAULT_OBJECTIVE, best_epoch)
+    objective = checkpoint.training.get("options", {}).get("objective", DEFAULT_OBJECTIVE)
     decoder = checkpoint.decoder_config
     attention = decoder.attention_size if decoder.model == "show-attend-tell" else "-"
     return RunSummary(
@@ -91,8 +93,8 @@ def read_run(path: Path) -> RunSummary:
         decoder.model,
         f"{decoder.embed_size}/{decoder.hidden_size}/{attention}",
         decoder.vocab_size,
-        checkpoint.training.get("options", {}).get("objective", DEFAULT_OBJECTIVE),
-        best_epoch,
+        objective,
+        _best_epoch(best, history, objective),
     )
 
 
@@ -160,16 +162,18 @@ def _checkpoint(path: Path) -> Checkpoint | None:
     return load_checkpoint(path)[0] if path.is_file() else None
 
 
-def _best_epoch(best: Checkpoint | None, history: list[dict]) -> int:
-    """The epoch best.pt was saved at; without it, the first epoch of the best val BLEU-4."""
+def _best_epoch(best: Checkpoint | None, history: list[dict], objective: str) -> int:
+    """The epoch best.pt was saved at; without it, the first epoch of the best value of what
+    training selects by for `objective` (val BLEU-4, or CIDEr-D for SCST)."""
     if best is not None:
         epoch = best.training.get("metrics", {}).get("epoch")
         if any(row["epoch"] == epoch for row in history):
             return epoch
-    scored = [row for row in history if math.isfinite(row.get("val_bleu4") or math.nan)]
+    metric = SELECTION_METRIC.get(objective, "val_bleu4")
+    scored = [row for row in history if math.isfinite(row.get(metric) or math.nan)]
     if not scored:
         return history[-1]["epoch"]
-    return max(scored, key=lambda row: (row["val_bleu4"], -row["epoch"]))["epoch"]
+    return max(scored, key=lambda row: (row[metric], -row["epoch"]))["epoch"]
 
 
 def _text(value: float | int | None, spec: str = "") -> str:

@@ -13,6 +13,7 @@ from nltk.tokenize import RegexpTokenizer
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = range(4)
+NEVER_GENERATED = (PAD_ID, START_ID)  # tokens no decoding strategy ever emits
 
 # Runs of letters and digits (any script); everything else, punctuation included, separates words.
 # A regexp tokenizer needs no downloaded NLTK data (punkt cannot be fetched everywhere).

@@ -47,7 +47,7 @@ def test_equals_coco_caption_when_scoring_a_split(seed):
         {i: [" ".join(r) for r in refs] for i, refs in references.items()},
         {i: [" ".join(words)] for i, words in candidates.items()},
     )
-    ours = CiderD.from_references(references).scores(list(candidates.values()), list(candidates))
+    ours = CiderD(references).scores(list(candidates.values()), list(candidates))
     np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
     assert ours.mean() == pytest.approx(theirs_mean, rel=1e-12)
     assert ours.max() > 0.5  # some candidates do match: the comparison is not of zeros
@@ -87,7 +87,7 @@ def test_equals_coco_caption_with_train_split_document_frequencies():
     train = random_references(rng, 40)
     keys = [rng.randrange(40) for _ in range(120)]
     candidates = [random_caption(rng) for _ in keys]
-    ours = CiderD.from_references(train).scores(candidates, keys)
+    ours = CiderD(train).scores(candidates, keys)
     np.testing.assert_allclose(ours, coco_caption_scores(train, candidates, keys), atol=1e-12)
     assert (ours > 0).sum() > 30
 
@@ -98,7 +98,7 @@ def test_equals_coco_caption_at_the_edges():
     train = {0: [[]], 1: [["a"]], 2: [["a", "dog"], ["two", "men", "run"]], 3: [["a", "dog"]]}
     candidates = [[], ["a"], ["zebra"], ["a", "dog"], [], ["a", "dog"], ["zebra", "a", "dog"]]
     keys = [0, 1, 1, 2, 2, 3, 3]
-    ours = CiderD.from_references(train).scores(candidates, keys)
+    ours = CiderD(train).scores(candidates, keys)
     np.testing.assert_allclose(ours, coco_caption_scores(train, candidates, keys), atol=1e-12)
     assert ours[5] > 0 and ours[0] == 0
 
@@ -108,7 +108,7 @@ def test_a_reference_scores_highest_against_its_own_image():
         0: [["a", "red", "ball"], ["a", "red", "ball", "on", "grass"]],
         1: [["two", "men"], ["two", "men", "runs"]],
     }
-    cider = CiderD.from_references(references)
+    cider = CiderD(references)
     scores = cider.scores([["a", "red", "ball"]] * 2 + [["two", "men"]] * 2, [0, 1, 0, 1])
     assert scores[0] > scores[1] and scores[3] > scores[2]
 

@@ -8,7 +8,7 @@ from captioner.cli.options import field_option, path_option
 from captioner.devices import DEVICES
 from captioner.models import DECODERS
 from captioner.training import TrainConfig, train
-from captioner.training.config import DEFAULT_LR, OBJECTIVES, SCST_BASELINES
+from captioner.training.config import DEFAULT_LR, METRIC_NAMES, OBJECTIVES, SCST_BASELINES
 
 
 def _option(name: str, kind: type | click.ParamType, help: str):
@@ -107,7 +107,7 @@ def train_command(**options) -> None:
     final = result.history[-1]
     if result.stopped_early:
         click.echo(f"stopped early after epoch {final['epoch']}")
-    name = {"val_bleu4": "BLEU-4", "val_cider": "CIDEr-D"}[result.selection_metric]
+    name = METRIC_NAMES[result.selection_metric]
     click.echo(
         f"best val {name} {result.best_score:.4f} at epoch {result.best_epoch}: "
         f"{result.best_checkpoint}\nlast epoch {final['epoch']}: {result.last_checkpoint}"

@@ -7,13 +7,14 @@ input; everything around that lives here once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from captioner.text import PAD_ID, START_ID
+from captioner.text import NEVER_GENERATED, PAD_ID
 
 Memory = tuple[Tensor, ...]  # per-image tensors computed once by `encode`; batch is dim 0
 # Recurrent state, batch in dim 0: k consecutive rows (captions or beams) for each memory row,
@@ -54,7 +55,9 @@ class RealTokens(NamedTuple):
     targets: Tensor  # (N,) the token
     captions: Tensor  # (N,) the caption (row of the batch) it belongs to
     positions: Tensor  # (N,) its step: 0 predicts the first word
-    penalty: Tensor | None  # the attention model's `attention_penalty`; None without attention
+    # The attention model's `attention_penalty`, computed only when asked for; None without
+    # attention.
+    penalty: Callable[[], Tensor] | None
 
 
 class LossOutput(NamedTuple):
@@ -193,7 +196,7 @@ class CaptionDecoder(nn.Module):
         output = label_smoothed_loss(real.logits, real.targets, label_smoothing)
         if alpha_c == 0.0 or real.penalty is None:
             return output
-        return output._replace(loss=output.loss + alpha_c * real.penalty)
+        return output._replace(loss=output.loss + alpha_c * real.penalty())
 
     def caption_log_probs(
         self, features: Tensor, image_index: Tensor, captions: Tensor, lengths: Tensor
@@ -202,7 +205,7 @@ class CaptionDecoder(nn.Module):
         its <end>, where it has one) under the distribution decoding samples from, which never
         draws <pad> or <start>: what self-critical training weighs by the reward."""
         real = self.real_tokens(features, image_index, captions, lengths)
-        never = torch.tensor([PAD_ID, START_ID], device=real.logits.device)
+        never = torch.tensor(NEVER_GENERATED, device=real.logits.device)
         log_probs = real.logits.float().index_fill(-1, never, float("-inf")).log_softmax(-1)
         token = log_probs.gather(-1, real.targets.unsqueeze(-1)).squeeze(-1)
         return token.new_zeros(len(captions)).index_add(0, real.captions, token)

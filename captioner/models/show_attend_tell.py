@@ -237,5 +237,5 @@ class ShowAttendTell(CaptionDecoder):
             targets=captions[:, 1 : steps + 1][mask],
             captions=caption_of,
             positions=position,
-            penalty=attention_penalty(torch.stack(alphas, 1), mask),
+            penalty=lambda: attention_penalty(torch.stack(alphas, 1), mask),
         )

@@ -64,12 +64,18 @@ def encode_captions(
         for c in by_image[i]
     ]
     counts = [len(by_image[i]) for i in images]
-    lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
-    tokens = np.full((len(encoded), int(lengths.max(initial=2))), PAD_ID, dtype=np.int64)
-    for j, ids in enumerate(encoded):
-        tokens[j, : len(ids)] = ids
     first = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-    return EncodedCaptions(tokens, lengths, first)
+    return EncodedCaptions(*padded(encoded), first)
+
+
+def padded(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id sequences as one (N, longest) int64 array padded with PAD_ID, and their lengths
+    (N,); at least 2 columns, the <start> and <end> of an empty caption."""
+    lengths = np.array([len(ids) for ids in sequences], dtype=np.int64)
+    tokens = np.full((len(sequences), int(lengths.max(initial=2))), PAD_ID, dtype=np.int64)
+    for row, ids in enumerate(sequences):
+        tokens[row, : len(ids)] = ids
+    return tokens, lengths
 
 
 @dataclass

@@ -16,6 +16,10 @@ SCST_BASELINES = ("mean", "greedy")
 # Adam's learning rate when --lr is not given: the common cross-entropy rate, and the rate
 # self-critical fine-tuning uses in practice (ruotianluo/self-critical.pytorch configs).
 DEFAULT_LR = {"xe": 4e-4, "scst": 5e-5}
+# The metrics.jsonl column that picks best.pt (and early stopping) for each objective: what it
+# optimizes, validation BLEU-4 for cross entropy and CIDEr-D for SCST; and the columns' names.
+SELECTION_METRIC = {"xe": "val_bleu4", "scst": "val_cider"}
+METRIC_NAMES = {"val_bleu4": "BLEU-4", "val_cider": "CIDEr-D"}
 
 
 @dataclass
@@ -60,9 +64,7 @@ class TrainConfig:
 
     @property
     def selection_metric(self) -> str:
-        """The metrics.jsonl column that picks best.pt (and early stopping): what the objective
-        optimizes, validation BLEU-4 for cross entropy and CIDEr-D for SCST."""
-        return "val_cider" if self.objective == "scst" else "val_bleu4"
+        return SELECTION_METRIC[self.objective]
 
 
 @dataclass
@@ -87,10 +89,10 @@ _RULES = {
     "device": one_of(DEVICES),
     "lr": optional(above(0)),
     **dict.fromkeys(
-        ["epochs", "batch_size", "embed_size", "hidden_size", "attention_size", "min_count"],
+        ["epochs", "batch_size", "embed_size", "hidden_size", "attention_size", "min_count"]
+        + ["max_length"],
         at_least(1),
     ),
-    "max_length": at_least(1),
     **dict.fromkeys(
         ["captions_per_image", "grad_clip", "alpha_c", "early_stop", "checkpoint_minutes"],
         at_least(0),

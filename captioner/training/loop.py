@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from captioner.cider import CiderD
 from captioner.corpus import Corpus
 from captioner.devices import resolve_device
 from captioner.distributed import Ranks, process_group
@@ -48,7 +49,7 @@ from captioner.preemption import StopRequest
 from captioner.store import FeatureStore, corpus_digest
 from captioner.text import Vocabulary
 from captioner.training.batches import Batch, FeatureStream
-from captioner.training.config import TrainConfig, TrainResult, checked_config
+from captioner.training.config import METRIC_NAMES, TrainConfig, TrainResult, checked_config
 from captioner.training.data import (
     feature_statistics,
     split_rows,
@@ -59,7 +60,6 @@ from captioner.training.data import (
 from captioner.training.metrics_log import (
     EpochTiming,
     describe_epoch,
-    describe_start,
     epoch_row,
     start_row,
     write_metrics,
@@ -114,6 +114,7 @@ def _train(
     if ranks.is_main:  # only rank 0 validates and writes
         val_stream = validation_stream(store, corpus, vocabulary, val_rows, config, kind, device)
         references = reference_words(corpus, val_rows)
+        val_cider = CiderD(references)  # (coco-caption's CIDEr-D of the val split)
         out.mkdir(parents=True, exist_ok=True)
         vocabulary.save(out / "vocab.json")
         write_metrics(out, state.history)
@@ -130,21 +131,44 @@ def _train(
         )
 
     log = TensorBoardLog(out, say) if ranks.is_main else None
+
+    def end_epoch(timing: EpochTiming | None) -> None:
+        """Validate the weights at hand and record them as the next metrics row (row 0, the
+        starting weights, when `timing` is None); write best.pt if they are the best so far, and
+        last.pt after a trained epoch."""
+        row = None
+        if ranks.is_main:
+            validation = validate(
+                run.decoder,
+                val_stream,
+                references,
+                val_cider,
+                vocabulary,
+                config.max_length,
+                run.amp,
+            )
+            if timing is None:
+                row, figure = start_row(validation), None
+            else:
+                means = run.objective.epoch_means(state.totals)
+                row = epoch_row(state, timing, validation, ranks.world_size, means)
+                figure = save_sample_attention(out, store, corpus, validation, state.epoch + 1)
+            log.epoch(row, figure)
+        row = ranks.broadcast(row)
+        improved = state.finish_epoch(row, config.selection_metric)
+        if improved:
+            save_run(run, out / "best.pt", state)
+        if timing is not None:
+            save_run(run, last_path, state, resumable=True)
+        if ranks.is_main:
+            write_metrics(out, state.history)
+            say(describe_epoch(row, improved, config.epochs))
+            if warning := collapse_warning(row):
+                say(warning)
+
     try:
         if config.objective == "scst" and not state.history:
-            # The starting weights are "epoch 0": best.pt holds them until an epoch beats them.
-            row = None
-            if ranks.is_main:
-                validation = validate(
-                    run.decoder, val_stream, references, vocabulary, config.max_length, run.amp
-                )
-                row = start_row(validation)
-                log.epoch(row, None)
-            state.finish_epoch(ranks.broadcast(row), config.selection_metric)
-            save_run(run, out / "best.pt", state)
-            if ranks.is_main:
-                write_metrics(out, state.history)
-                say(describe_start(row))
+            end_epoch(None)  # best.pt holds the starting weights until an epoch beats them
         while state.epoch < config.epochs and not state.early_stopped(config.early_stop):
             timing = _train_epoch(run, train_stream, state, stop, log, progress)
             if timing is None:
@@ -154,32 +178,14 @@ def _train(
                     f" {last_path}; run the same command with --resume to continue"
                 )
                 return _result(run, state, stopped_early=False, preempted=stop.name or "SIGTERM")
-            row = None
-            if ranks.is_main:
-                validation = validate(
-                    run.decoder, val_stream, references, vocabulary, config.max_length, run.amp
-                )
-                means = run.objective.epoch_means(state.totals)
-                row = epoch_row(state, timing, validation, ranks.world_size, means)
-                figure = save_sample_attention(out, store, corpus, validation, state.epoch + 1)
-                log.epoch(row, figure)
-            row = ranks.broadcast(row)
-            improved = state.finish_epoch(row, config.selection_metric)
-            if improved:
-                save_run(run, out / "best.pt", state)
-            save_run(run, last_path, state, resumable=True)
-            if ranks.is_main:
-                write_metrics(out, state.history)
-                say(describe_epoch(row, improved, config.epochs))
-                if warning := collapse_warning(row):
-                    say(warning)
+            end_epoch(timing)
     finally:
         if log is not None:
             log.close()
 
     stopped_early = state.early_stopped(config.early_stop) and state.epoch < config.epochs
     if stopped_early:
-        name = config.selection_metric.removeprefix("val_")
+        name = METRIC_NAMES[config.selection_metric]
         say(f"early stop: no better validation {name} for {config.early_stop} epochs")
     return _result(run, state, stopped_early)
 

@@ -58,27 +58,24 @@ def _validation_columns(validation: Validation) -> dict:
     }
 
 
-def describe_start(row: dict) -> str:
-    """The line printed for `start_row`."""
-    return (
-        f"start: val loss {row['val_loss']:.3f}  BLEU-4 {row['val_bleu4']:.4f}"
-        f"  CIDEr-D {row['val_cider']:.3f}\n  sample: {row['sample']}"
-    )
-
-
 def describe_epoch(row: dict, improved: bool, epochs: int) -> str:
-    """The lines printed after an epoch: its losses (or SCST's mean reward), validation BLEU-4 and
-    CIDEr-D, speed and sample caption."""
+    """The lines printed for a metrics row: the epoch's losses (or SCST's mean reward),
+    validation loss, BLEU-4 and CIDEr-D, speed and sample caption; for row 0 (the starting
+    weights of an SCST run) their validation alone."""
+    validation = (
+        f"val loss {row['val_loss']:.3f} ppl {row['val_ppl']:.1f}  BLEU-4 {row['val_bleu4']:.4f}"
+        f"  CIDEr-D {row['val_cider']:.3f}{' (best)' if improved else ''}"
+    )
+    if row["epoch"] == 0:
+        return f"start: {validation}\n  sample: {row['sample']}"
     if "mean_reward" in row:
         train = f"mean reward {row['mean_reward']:.3f}"
     else:
         train = f"train loss {row['train_loss']:.3f} ppl {row['train_ppl']:.1f}"
     return (
-        f"epoch {row['epoch']}/{epochs}  objective {row['objective']:.3f}  {train}"
-        f"  val loss {row['val_loss']:.3f} ppl {row['val_ppl']:.1f}  BLEU-4 {row['val_bleu4']:.4f}"
-        f"  CIDEr-D {row['val_cider']:.3f}"
-        f"{' (best)' if improved else ''}  {row['captions_per_s']:.0f} captions/s"
-        f"  data wait {100 * row['data_wait']:.1f}%\n  sample: {row['sample']}"
+        f"epoch {row['epoch']}/{epochs}  objective {row['objective']:.3f}  {train}  {validation}"
+        f"  {row['captions_per_s']:.0f} captions/s  data wait {100 * row['data_wait']:.1f}%"
+        f"\n  sample: {row['sample']}"
     )
 
 

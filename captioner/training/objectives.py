@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from captioner.decode import DecodingConfig, GeneratedCaption, greedy_decode, sample
 from captioner.models import CaptionDecoder
-from captioner.text import END_ID, PAD_ID, START_ID
-from captioner.training.batches import Batch, FeatureStream
+from captioner.text import END_ID, START_ID
+from captioner.training.batches import Batch, FeatureStream, padded
 from captioner.training.metrics_log import perplexity
 from captioner.training.reward import CiderReward
 
@@ -146,15 +146,13 @@ class SelfCritical(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The captions as a padded batch ``<start> w1 .. wn [<end>]`` and their lengths: <end>
         only where the caption ended, so a cut-off caption is not credited with ending."""
-        sequences = [
-            [START_ID, *caption.tokens] + ([END_ID] if caption.ended else [])
-            for caption in captions
-        ]
-        padded = torch.full((len(sequences), max(map(len, sequences))), PAD_ID, dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            padded[row, : len(sequence)] = torch.tensor(sequence)
-        lengths = torch.tensor([len(sequence) for sequence in sequences])
-        return padded.to(device), lengths.to(device)
+        tokens, lengths = padded(
+            [
+                [START_ID, *caption.tokens] + ([END_ID] if caption.ended else [])
+                for caption in captions
+            ]
+        )
+        return torch.from_numpy(tokens).to(device), torch.from_numpy(lengths).to(device)
 
     @staticmethod
     def epoch_means(totals: list[float]) -> dict:

@@ -26,7 +26,7 @@ class CiderReward:
             row: [[*caption.tokens, END] for caption in captions]
             for row, captions in corpus.references(rows).items()
         }
-        self.cider = CiderD.from_references(references)
+        self.cider = CiderD(references)
         self.vocabulary = vocabulary
 
     def __call__(self, captions: Sequence[GeneratedCaption], rows: Sequence[int]) -> np.ndarray:

@@ -48,13 +48,15 @@ def validate(
     decoder: CaptionDecoder,
     stream: FeatureStream,
     references: dict[int, list[list[str]]],
+    cider: CiderD,
     vocabulary: Vocabulary,
     max_length: int,
     amp: Amp,
 ) -> Validation:
     """Validation loss and greedy-decode BLEU-4 and CIDEr-D over every image of `stream` (in row
-    order), on the decoder's device. CIDEr-D is our exact implementation on the tokens, without
-    coco-caption's Java tokenizer: evaluate.py gives the official figures."""
+    order), on the decoder's device. `cider` scores against the same `references` (store row ->
+    token lists): our exact CIDEr-D on the tokens, without coco-caption's Java tokenizer
+    (evaluate.py gives the official figures)."""
     device = decoder.feature_mean.device
     decoder.eval()
     nll_sum, tokens = 0.0, 0
@@ -75,7 +77,6 @@ def validate(
     decoder.train()
     rows = sorted(hypotheses)
     bleu4 = corpus_bleu4([references[r] for r in rows], [hypotheses[r] for r in rows])
-    cider = CiderD.from_references({r: references[r] for r in rows})
     cider_d = float(cider.scores([hypotheses[r] for r in rows], rows).mean())
     return Validation(nll_sum / max(tokens, 1), bleu4, cider_d, hypotheses, *sample)
 
