@@ -39,10 +39,16 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(
     embed_size=8, hidden_size=8, attention_size=4, min_count=1, batch_size=6, lr=0.01, workers=0
 )
+# The tiny decoder most command-line tests train, as options and as command-line arguments.
+TINY_OPTIONS = dict(
+    embed_size=16, hidden_size=24, attention_size=8, dropout=0.2, min_count=1, batch_size=12,
+    lr=0.01, workers=1,
+)  # fmt: skip
 TINY = [
-    "--embed-size", "16", "--hidden-size", "24", "--attention-size", "8", "--dropout", "0.2",
-    "--min-count", "1", "--batch-size", "12", "--lr", "0.01", "--workers", "1",
-]  # fmt: skip
+    argument
+    for name, value in TINY_OPTIONS.items()
+    for argument in (f"--{name.replace('_', '-')}", str(value))
+]
 
 
 @pytest.fixture(scope="module")
@@ -106,18 +112,7 @@ def test_both_models_train_end_to_end_via_the_cli(store, tmp_path, model):
 
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(store, tmp_path, one_thread):
     options = dict(
-        model="show-attend-tell",
-        epochs=4,
-        seed=3,
-        checkpoint_minutes=0.0,
-        embed_size=16,
-        hidden_size=24,
-        attention_size=8,
-        dropout=0.2,
-        min_count=1,
-        batch_size=12,
-        lr=0.01,
-        workers=1,
+        model="show-attend-tell", epochs=4, seed=3, checkpoint_minutes=0.0, **TINY_OPTIONS
     )
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     train(TrainConfig(features=store, out=whole, **options))
