@@ -25,3 +25,15 @@ def single_thread() -> Iterator[None]:
 def one_thread() -> Iterator[None]:
     with single_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def native_scores(tmp_path_factory: pytest.TempPathFactory):
+    """The compiled attention scores, built once per test session in a temporary cache; the
+    tests that need them skip where this machine cannot build them (no C compiler, no libmvec)."""
+    from captioner.models.native_attention import load_native_scores
+
+    native, note = load_native_scores(tmp_path_factory.mktemp("kernels"))
+    if native is None:
+        pytest.skip(f"compiled attention scores unavailable: {note}")
+    return native

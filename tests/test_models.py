@@ -294,15 +294,21 @@ def fast_and_plain(seed: int = 0, **sizes):
     [[0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3], [0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3]],
     ids=["same-captions-per-image", "ragged"],
 )
-@pytest.mark.parametrize("chunk_values", [1 << 19, 1], ids=["one-chunk", "chunk-per-image"])
+@pytest.mark.parametrize(
+    "scores", ["one-chunk", "chunk-per-image", "native"], ids=lambda scores: f"scores-{scores}"
+)
 def test_fast_attention_loss_and_every_gradient_equal_the_plain_model(
-    image_index, chunk_values, monkeypatch
+    image_index, scores, monkeypatch, request
 ):
     """Random batches through the fast step (stacked products, weight gradients once per loop,
-    shared image memory, chunked attention, head on real tokens) and the plain one agree in
-    float32 to a relative 1e-5 in the loss and in every parameter's gradient."""
-    monkeypatch.setattr(show_attend_tell, "_SCORE_CHUNK_VALUES", chunk_values)
+    shared image memory, chunked or compiled attention scores, head on real tokens) and the plain
+    one agree in float32 to a relative 1e-5 in the loss and in every parameter's gradient."""
+    monkeypatch.setattr(
+        show_attend_tell, "_SCORE_CHUNK_VALUES", 1 if scores == "chunk-per-image" else 1 << 19
+    )
     fast, plain = fast_and_plain()
+    if scores == "native":
+        fast.attention.native = request.getfixturevalue("native_scores")
     generator = torch.Generator().manual_seed(3)
     for trial in range(3):
         features = torch.randn(4, 9, 20, generator=generator).relu() * 3
@@ -329,8 +335,11 @@ def test_fast_attention_loss_and_every_gradient_equal_the_plain_model(
             )
 
 
-def test_fast_attention_decodes_the_plain_models_captions():
+@pytest.mark.parametrize("scores", ["torch", "native"])
+def test_fast_attention_decodes_the_plain_models_captions(scores, request):
     fast, plain = fast_and_plain(hidden_size=24)
+    if scores == "native":
+        fast.attention.native = request.getfixturevalue("native_scores")
     with torch.no_grad():
         fast.head[1].weight.mul_(5.0)  # peaked, and the end token's odds vary with the state,
         fast.head[1].weight[END_ID].mul_(10.0)  # so captions end at different lengths

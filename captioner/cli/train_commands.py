@@ -83,6 +83,13 @@ def _option(name: str, kind: type | click.ParamType, help: str):
     is_flag=True,
     help="Attention model: batch images whose longest captions are alike (fewer padded steps).",
 )
+@click.option(
+    "--native-attention/--no-native-attention",
+    default=True,
+    show_default=True,
+    help="Attention model on a CPU: compute the attention scores with a C loop compiled on first"
+    " use (cached); without a C compiler, or with --no-native-attention, PyTorch's ops.",
+)
 @_option(
     "early_stop",
     click.IntRange(min=0),

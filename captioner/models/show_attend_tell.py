@@ -35,6 +35,7 @@ from captioner.models.base import (
     rows_per_image,
     select_rows,
 )
+from captioner.models.native_attention import NativeScores
 from captioner.models.step_weights import LoopWeight
 
 # Values of tanh(projection + query) computed at once by `additive_scores`: a few images' rows,
@@ -92,9 +93,37 @@ def _activations(projection: Tensor, query: Tensor) -> Iterator[tuple[slice, Ten
         yield chunk, activation.tanh_()
 
 
-def additive_scores(projection: Tensor, query: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+class _NativeAdditiveScores(torch.autograd.Function):
+    """`_AdditiveScores` computed by the compiled loops of additive_scores.c."""
+
+    @staticmethod
+    def forward(
+        ctx, projection: Tensor, query: Tensor, weight: Tensor, bias: Tensor, native: NativeScores
+    ) -> Tensor:
+        ctx.save_for_backward(projection, query, weight)
+        ctx.native = native
+        return native.forward(projection, query, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+        grads = ctx.native.backward(*ctx.saved_tensors, grad_scores)
+        return *grads, grad_scores.sum().reshape(1), None
+
+
+def additive_scores(
+    projection: Tensor,
+    query: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    native: NativeScores | None = None,
+) -> Tensor:
     """Scores (G, k, L) = tanh(projection (G, L, A) + query (G, k, A)) @ weight (A,) + bias (1,):
-    the attention scores of k rows (captions or beams) of each of G images."""
+    the attention scores of k rows (captions or beams) of each of G images; computed by the
+    `native` library where one is given and takes the tensors."""
+    if native is not None and native.accepts(projection, query, weight):
+        if not torch.is_grad_enabled():
+            return native.forward(projection, query, weight, bias)
+        return _NativeAdditiveScores.apply(projection, query, weight, bias, native)
     if projection.dtype != weight.dtype:  # autocast: the plain ops let it pick the dtypes
         activation = torch.tanh(projection.unsqueeze(1) + query.unsqueeze(2))
         return activation @ weight.to(activation.dtype) + bias.to(activation.dtype)
@@ -111,6 +140,8 @@ class Attention(nn.Module):
         self.feature_projection = nn.Linear(feature_size, attention_size)
         self.hidden_projection = nn.Linear(hidden_size, attention_size)
         self.score = nn.Linear(attention_size, 1)
+        # The compiled scores (captioner.models.native_attention), where training loaded them.
+        self.native: NativeScores | None = None
 
     def project(self, features: Tensor) -> Tensor:
         """(B, L, C) -> (B, L, A): the per-image part, computed once."""
@@ -126,6 +157,7 @@ class Attention(nn.Module):
             query.view(images, -1, query.size(1)),
             self.score.weight[0],
             self.score.bias,
+            self.native,
         )
         alpha = scores.softmax(-1)
         context = torch.bmm(alpha, features)

@@ -1,0 +1,176 @@
+"""The attention scores as a compiled C loop on the CPU (additive_scores.c), built on first use.
+
+The additive attention's tanh(projection + query) over (captions, regions, attention size) is a
+third of a training step on a CPU when it runs as PyTorch ops: an add, a tanh and a product
+forward, nine passes backward. additive_scores.c does each direction in one pass, about 2.3x
+faster (bench/RESULTS.md [speed]). It is the same function: tests/test_native_attention.py checks
+scores and gradients against the PyTorch ops, and the whole model's loss and gradients against the
+plain reference.
+
+The library is compiled with the system's C compiler (``$CC``, else ``cc``) into
+``$XDG_CACHE_HOME/captioner/kernels`` (default ``~/.cache``), once per source, compiler and CPU:
+about half a second, then loaded from there. It needs glibc's vector tanhf (libmvec, x86-64
+Linux); without it, or without a compiler, `load_native_scores` says why and the PyTorch ops run.
+Only training asks for it, and only for attention maps large enough to profit
+(`worth_compiling`), so tests with tiny models and one-image captioning never compile anything.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("additive_scores.c")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
+LIBRARIES = ("-lmvec", "-lm")
+# Below this many values per (row, step), regions x attention size, PyTorch's ops are quick
+# enough that compiling is not worth it (tiny test models, toy sizes).
+MIN_VALUES_PER_ROW = 4096
+
+
+def worth_compiling(regions: int, attention_size: int) -> bool:
+    return regions * attention_size >= MIN_VALUES_PER_ROW
+
+
+class NativeScores:
+    """The loaded library: scores and their gradients for contiguous float32 CPU tensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        library = ctypes.CDLL(str(path))
+        pointer, size = ctypes.c_void_p, ctypes.c_long
+        self._forward = library.additive_scores_forward
+        self._forward.argtypes = [pointer] * 3 + [ctypes.c_float, pointer] + [size] * 4
+        self._forward.argtypes += [ctypes.c_int]
+        self._backward = library.additive_scores_backward
+        self._backward.argtypes = [pointer] * 7 + [size] * 4 + [ctypes.c_int]
+        for function in (self._forward, self._backward):
+            function.restype = ctypes.c_int
+
+    @staticmethod
+    def accepts(*tensors: Tensor) -> bool:
+        return all(t.is_cpu and t.dtype == torch.float32 for t in tensors)
+
+    def forward(self, projection: Tensor, query: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """Scores (G, k, L) of projection (G, L, A), query (G, k, A), weight (A,), bias (1,)."""
+        projection, query, weight = _contiguous(projection, query, weight)
+        images, regions, size = projection.shape
+        scores = projection.new_empty(images, query.size(1), regions)
+        status = self._forward(
+            projection.data_ptr(),
+            query.data_ptr(),
+            weight.data_ptr(),
+            float(bias),
+            scores.data_ptr(),
+            images,
+            query.size(1),
+            regions,
+            size,
+            torch.get_num_threads(),
+        )
+        _check(status)
+        return scores
+
+    def backward(
+        self, projection: Tensor, query: Tensor, weight: Tensor, grad_scores: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The gradients of projection, query and weight for `grad_scores` (G, k, L)."""
+        projection, query, weight, grad_scores = _contiguous(projection, query, weight, grad_scores)
+        images, regions, size = projection.shape
+        grad_projection, grad_query = torch.empty_like(projection), torch.empty_like(query)
+        grad_weight = torch.zeros_like(weight)
+        status = self._backward(
+            projection.data_ptr(),
+            query.data_ptr(),
+            weight.data_ptr(),
+            grad_scores.data_ptr(),
+            grad_projection.data_ptr(),
+            grad_query.data_ptr(),
+            grad_weight.data_ptr(),
+            images,
+            query.size(1),
+            regions,
+            size,
+            torch.get_num_threads(),
+        )
+        _check(status)
+        return grad_projection, grad_query, grad_weight
+
+
+def _contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
+    return tuple(tensor.detach().contiguous() for tensor in tensors)
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("additive_scores.c: out of memory for the weight gradient's partial sums")
+
+
+def cache_directory() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "captioner" / "kernels"
+
+
+def load_native_scores(cache: Path | None = None) -> tuple[NativeScores | None, str]:
+    """The compiled scores (built into `cache` if not there yet) and a note on where they came
+    from; (None, why) where no compiler, no libmvec or no x86-64 Linux makes it impossible."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"needs x86-64 Linux for glibc's vector tanhf, not {platform.platform()}"
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None, f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH"
+    cache = cache or cache_directory()
+    path = cache / f"additive_scores-{_build_key(compiler)}.so"
+    built = "cached"
+    if not path.is_file():
+        try:
+            error = _compile(compiler, path)
+        except OSError as failure:  # e.g. a read-only home directory
+            error = f"could not build in {cache}: {failure}"
+        if error:
+            return None, error
+        built = "compiled"
+    try:
+        return NativeScores(path), f"{built} in {path}"
+    except OSError as error:  # e.g. a cache on a noexec mount
+        return None, f"could not load {path}: {error}"
+
+
+def _build_key(compiler: str) -> str:
+    """What the library depends on: the source, the flags, the compiler and this CPU's features
+    (-march=native: a home directory shared by unlike machines keeps one library for each)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    parts = [SOURCE.read_text(), " ".join(FLAGS + LIBRARIES), version, _cpu_flags()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compile(compiler: str, path: Path) -> str:
+    """Builds the library at `path` (written whole, then renamed: ranks of one run may build at
+    once); returns an error note, or "" on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        built = Path(scratch) / path.name
+        command = [compiler, *FLAGS, str(SOURCE), "-o", str(built), *LIBRARIES]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            first_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            return f"{Path(compiler).name} could not build {SOURCE.name}: {first_line}"
+        os.replace(built, path)
+    return ""

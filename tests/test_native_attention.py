@@ -1,0 +1,145 @@
+"""The compiled attention scores (additive_scores.c) compute what PyTorch's ops compute, are built
+once and cached, and give way to PyTorch's ops where they cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import single_thread
+
+from captioner.models import DecoderConfig, build_decoder
+from captioner.models import native_attention as native_module
+from captioner.models.native_attention import load_native_scores, worth_compiling
+from captioner.models.show_attend_tell import additive_scores
+from captioner.training import loop
+
+
+def torch_scores(projection, query, weight, bias):
+    """The definition, in float64."""
+    activation = torch.tanh(projection.double().unsqueeze(1) + query.double().unsqueeze(2))
+    return activation @ weight.double() + bias.double()
+
+
+def inputs(images: int, rows: int, regions: int, size: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.randn(images, regions, size, generator=generator)
+    query = torch.randn(images, rows, size, generator=generator)
+    weight = torch.randn(size, generator=generator) / size**0.5
+    bias = torch.randn(1, generator=generator)
+    return projection, query, weight, bias
+
+
+@pytest.mark.parametrize(
+    "images, rows, regions, size", [(3, 5, 7, 37), (1, 1, 196, 512), (4, 3, 2, 16)]
+)
+def test_scores_and_gradients_equal_the_definition(native_scores, images, rows, regions, size):
+    projection, query, weight, bias = inputs(images, rows, regions, size)
+    grad_scores = torch.randn(images, rows, regions, generator=torch.Generator().manual_seed(9))
+    leaves = [t.double().requires_grad_() for t in (projection, query, weight)]
+    expected = torch_scores(*leaves, bias)
+    expected.backward(grad_scores.double())
+
+    got = native_scores.forward(projection, query, weight, bias)
+    grads = native_scores.backward(projection, query, weight, grad_scores)
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    for grad, leaf in zip(grads, leaves, strict=True):
+        scale = float(leaf.grad.abs().max())
+        torch.testing.assert_close(grad.double(), leaf.grad, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_autograd_through_additive_scores_matches_the_pytorch_ops(native_scores):
+    """The same call with and without the library: values and the gradients of all four inputs,
+    with a query that is a non-contiguous view, as the decoder passes it."""
+    projection, query, weight, bias = inputs(2, 4, 9, 24, seed=1)
+    stacked = torch.cat([query, torch.randn(2, 4, 5)], -1)
+    results = []
+    for native in (None, native_scores):
+        leaves = [t.clone().requires_grad_() for t in (projection, stacked, weight, bias)]
+        scores = additive_scores(leaves[0], leaves[1][..., :24], leaves[2], leaves[3], native)
+        (scores * torch.linspace(-1, 1, scores.numel()).view_as(scores)).sum().backward()
+        results.append((scores.detach(), [leaf.grad for leaf in leaves]))
+    (torch_values, torch_grads), (native_values, native_grads) = results
+    torch.testing.assert_close(native_values, torch_values, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(native_grads, torch_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # decoding: the forward alone
+        values = additive_scores(projection, query, weight, bias, native_scores)
+    torch.testing.assert_close(values, torch_values, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_stays_in_its_image_and_results_repeat_bit_for_bit(native_scores):
+    projection, query, weight, bias = inputs(3, 2, 5, 32)
+    projection[1, 2, 7] = float("nan")
+    scores = native_scores.forward(projection, query, weight, bias)
+    assert scores[1, :, 2].isnan().all()
+    assert not scores[[0, 2]].isnan().any() and scores[1, :, [0, 1, 3, 4]].isfinite().all()
+    grad_scores = torch.ones(3, 2, 5)
+    projection[1, 2, 7] = 0.0
+    first = native_scores.backward(projection, query, weight, grad_scores)
+    again = native_scores.backward(projection, query, weight, grad_scores)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    with single_thread():  # one thread: the weight's gradient is summed in another order
+        one = native_scores.backward(projection, query, weight, grad_scores)
+    for a, b in zip(first, one, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_only_float32_cpu_tensors_go_to_the_library(native_scores):
+    projection, query, weight, bias = inputs(2, 2, 3, 8)
+    assert native_scores.accepts(projection, query, weight)
+    assert not native_scores.accepts(projection.double(), query.double(), weight.double())
+    assert not native_scores.accepts(projection.bfloat16(), query, weight)
+
+
+def test_built_once_per_cache_then_loaded(tmp_path):
+    first, note = load_native_scores(tmp_path)
+    if first is None:
+        pytest.skip(f"compiled attention scores unavailable: {note}")
+    assert note.startswith("compiled in ") and first.path.parent == tmp_path
+    again, note = load_native_scores(tmp_path)
+    assert note == f"cached in {first.path}" and again.path == first.path
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no scratch left behind
+
+
+def test_without_a_working_compiler_the_reason_is_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    native, note = load_native_scores(tmp_path)
+    assert native is None and note == "no C compiler (no-such-compiler) on PATH"
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    native, note = load_native_scores(tmp_path)
+    assert native is None and note.startswith("false could not build additive_scores.c")
+    assert not any(tmp_path.rglob("*.so"))
+
+
+def test_only_attention_maps_large_enough_to_profit_compile():
+    assert worth_compiling(196, 512) and worth_compiling(49, 512) and worth_compiling(64, 64)
+    assert not worth_compiling(9, 16) and not worth_compiling(196, 8)
+
+
+def test_training_loads_the_library_for_attention_on_a_cpu(tmp_path, monkeypatch, native_scores):
+    monkeypatch.setattr(loop, "worth_compiling", lambda regions, size: True)
+    monkeypatch.setattr(loop, "load_native_scores", lambda: (native_scores, "cached in X"))
+
+    class Store:
+        grid = (3, 3)
+
+    def decoder(model: str):
+        return build_decoder(DecoderConfig(model, 10, 6, 4, 4, 4))
+
+    attention = decoder("show-attend-tell")
+    note = loop._load_native_attention(attention, Store(), torch.device("cpu"))
+    assert note == "attention scores: the compiled loop, cached in X"
+    assert attention.attention.native is native_scores
+    assert loop._load_native_attention(decoder("show-tell"), Store(), torch.device("cpu")) == ""
+    monkeypatch.setattr(loop, "load_native_scores", lambda: (None, "no C compiler (cc) on PATH"))
+    unavailable = decoder("show-attend-tell")
+    note = loop._load_native_attention(unavailable, Store(), torch.device("cpu"))
+    assert note == (
+        "attention scores: PyTorch ops (the compiled loop is unavailable: no C compiler (cc) on"
+        " PATH)"
+    )
+    assert unavailable.attention.native is None
+    monkeypatch.setattr(loop, "worth_compiling", native_module.worth_compiling)
+    small = decoder("show-attend-tell")
+    assert loop._load_native_attention(small, Store(), torch.device("cpu")) == ""
