@@ -42,6 +42,7 @@ from plain_decoders import PlainShowAttendTell  # noqa: E402
 
 from captioner.models import DecoderConfig, build_decoder  # noqa: E402
 from captioner.text import END_ID, START_ID, Vocabulary, tokenize  # noqa: E402
+from captioner.training.loop import load_native_attention  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k" / "captions.txt"
 MAX_WORDS = 20  # the vocabulary's --max-length: longer captions are cut
@@ -136,6 +137,7 @@ def main() -> None:
         "show-attend-tell", vocab_size, args.channels, args.size, args.size, args.size, dropout=0.5
     )
     decoder = build_decoder(config).to(device)
+    native_note = load_native_attention(decoder, regions, device)  # as train_decoder.py does
     plain = PlainShowAttendTell(config).to(device)
     plain.load_state_dict(decoder.state_dict())
     fused = device.type in ("cpu", "cuda")  # as captioner.training.run
@@ -203,6 +205,7 @@ def main() -> None:
         f"(with <start>/<end>); losses agree: "
         + ", ".join(f"{name} {value:.5f}" for name, value in values.items())
     )
+    print(f"ours: {native_note or 'attention scores: PyTorch ops'}")
     print(f"median over {args.repeats} steps (forward + backward + Adam):")
     labels = {
         "ours": "ours (issue 10: loop holds only the recurrence)",

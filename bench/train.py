@@ -2,7 +2,7 @@
 
 (a) training throughput and epoch time: both decoders trained over the feature store in a loop
     that does what captioner.training.loop does each step (stream with data wait, loss, backward,
-    clip, Adam), ours against today's step (issue 10's baseline: the plain attention step of
+    clip, Adam), ours against today's step (issue 10's baseline: the plain steps of
     tests/plain_decoders.py, unbucketed batches read by 2 threads, Adam as before) in
     steady-state captions/s;
     then a Flickr8k epoch from the store against the same decoder with the frozen ResNet-152
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from plain_decoders import PlainShowAttendTell  # noqa: E402
+from plain_decoders import PlainShowAttendTell, PlainShowTell  # noqa: E402
 
 from captioner.encoder import EncoderConfig, build_encoder, image_transform  # noqa: E402
 from captioner.images import load_image  # noqa: E402
@@ -57,6 +57,7 @@ from captioner.store import FeatureStore, StoreSettings, create_store, directory
 from captioner.text import Vocabulary  # noqa: E402
 from captioner.training import TrainConfig  # noqa: E402
 from captioner.training.batches import Batch, FeatureStream, StreamConfig, encode_captions  # noqa: E402
+from captioner.training.loop import load_native_attention  # noqa: E402
 from captioner.training.run import Amp  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k"
@@ -140,13 +141,26 @@ def stream_of(
 
 class Trainer:
     """One training step as captioner.training.loop takes it (loss, backward, clip, Adam), ours
-    or today's (the plain attention step and Adam as they were before issue 10)."""
+    (with the compiled attention scores where train_decoder.py would load them) or today's (the
+    plain steps of tests/plain_decoders.py and Adam as they were before issue 10)."""
 
-    def __init__(self, model: str, vocabulary: Vocabulary, device: torch.device, today: bool):
+    def __init__(
+        self,
+        model: str,
+        vocabulary: Vocabulary,
+        device: torch.device,
+        today: bool,
+    ):
         torch.manual_seed(0)
         config = DecoderConfig(model, len(vocabulary), CHANNELS)
-        plain = today and model == "show-attend-tell"
-        self.decoder = (PlainShowAttendTell(config) if plain else build_decoder(config)).to(device)
+        if today:
+            plain = PlainShowAttendTell if model == "show-attend-tell" else PlainShowTell
+            self.decoder = plain(config).to(device)
+        else:
+            self.decoder = build_decoder(config).to(device)
+            load_native_attention(
+                self.decoder, GRID[0] * GRID[1], device
+            )  # as train_decoder.py does
         fused = not today and device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=4e-4, fused=fused)
         self.amp = Amp(device)

@@ -1,5 +1,8 @@
 """Plain implementations of the decoders' fast paths, kept to check them against.
 
+`PlainShowTell` is Show-and-Tell as it was before issue 10: `nn.LSTM` itself over the image
+embedding and over the packed captions, and autograd's own label-smoothed loss.
+
 `PlainShowAttendTell` is the attention model written layer by layer, as it was before its step was
 made fast: the modules called one after another at every step (attention query, tanh, score,
 gate, LSTMCell, output layer) and the masked loss over the full (captions, steps, vocabulary)
@@ -11,14 +14,76 @@ bench/attention_step.py times it as the baseline of the fast step.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
-from captioner.models import LossOutput, ShowAttendTell
-from captioner.models.base import Memory, State, label_smoothed_loss, length_mask, select_rows
+from captioner.models import DecoderConfig, ShowAttendTell, ShowTell
+from captioner.models.base import LossOutput, Memory, State, length_mask, select_rows
 from captioner.models.show_attend_tell import attention_penalty
 
 
+def masked_label_smoothed_loss(
+    logits: Tensor, targets: Tensor, label_smoothing: float, mask: Tensor | None = None
+) -> LossOutput:
+    """Cross entropy with label smoothing over the real tokens only.
+
+    `logits` (..., V) and `targets` (...); `mask` (...) is True at real tokens (None: all are real).
+    Padding positions contribute nothing, whatever their logits hold. Equals
+    ``F.cross_entropy(..., label_smoothing=ε, ignore_index=PAD_ID)`` on padded targets, but gives
+    the unsmoothed NLL from the same log-softmax for free.
+    """
+    log_probs = logits.float().log_softmax(-1)
+    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    smoothed = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(-1)
+    if mask is None:
+        tokens = targets.numel()
+    else:
+        # where(), not multiplication: a NaN in a padded position must not leak into the sum.
+        nll = torch.where(mask, nll, 0.0)
+        smoothed = torch.where(mask, smoothed, 0.0)
+        tokens = int(mask.sum())
+    return LossOutput(smoothed.sum() / max(tokens, 1), tokens, nll.sum())
+
+
+class PlainShowTell(ShowTell):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__(config)
+        self.head[0] = nn.Dropout(config.dropout)  # as before issue 10
+
+    def init_state(self, memory: Memory) -> State:
+        (image_embedding,) = memory
+        _, (h, c) = self.lstm(image_embedding.unsqueeze(1))
+        return h.squeeze(0), c.squeeze(0)
+
+    def advance(self, embedded: Tensor, state: State, memory: Memory) -> tuple[Tensor, State, None]:
+        h, c = state
+        output, (h, c) = self.lstm(embedded.unsqueeze(1), (h.unsqueeze(0), c.unsqueeze(0)))
+        return self.head(output.squeeze(1)), (h.squeeze(0), c.squeeze(0)), None
+
+    def training_loss(
+        self,
+        features: Tensor,
+        image_index: Tensor,
+        captions: Tensor,
+        lengths: Tensor,
+        label_smoothing: float = 0.0,
+        alpha_c: float = 0.0,
+    ) -> LossOutput:
+        h, c = self.init_state(select_rows(self.encode(features), image_index))
+        steps = lengths.cpu() - 1
+        inputs, targets = (
+            pack_padded_sequence(padded, steps, batch_first=True, enforce_sorted=False)
+            for padded in (self.embedding(captions[:, :-1]), captions[:, 1:])
+        )
+        outputs, _ = self.lstm(inputs, (h[None], c[None]))
+        return masked_label_smoothed_loss(self.head(outputs.data), targets.data, label_smoothing)
+
+
 class PlainShowAttendTell(ShowAttendTell):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__(config)
+        self.head[0] = nn.Dropout(config.dropout)  # as before issue 10
+
     def advance(
         self, embedded: Tensor, state: State, memory: Memory
     ) -> tuple[Tensor, State, Tensor]:
@@ -62,7 +127,7 @@ class PlainShowAttendTell(ShowAttendTell):
             features, image_index, captions, lengths
         )
         mask = length_mask(lengths - 1, targets.size(1))
-        output = label_smoothed_loss(logits, targets, label_smoothing, mask)
+        output = masked_label_smoothed_loss(logits, targets, label_smoothing, mask)
         return output._replace(loss=output.loss + alpha_c * attention_penalty(alphas, mask))
 
     def teacher_forced_log_probs(

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from plain_decoders import PlainShowAttendTell
+from plain_decoders import PlainShowAttendTell, PlainShowTell, masked_label_smoothed_loss
 
 from captioner.decode import DecodingConfig, generate
 from captioner.errors import CaptionerError
-from captioner.models import DecoderConfig, LossOutput, build_decoder, show_attend_tell
+from captioner.models import DecoderConfig, LossOutput, base, build_decoder, show_attend_tell
 from captioner.models.base import label_smoothed_loss, length_mask, select_rows
 from captioner.models.step_weights import LoopWeight
 from captioner.text import END_ID, PAD_ID, START_ID
@@ -131,7 +131,7 @@ def test_show_tell_packed_loss_equals_masked_full_length_loss():
     packed = decoder.training_loss(features, IMAGE_INDEX, captions, lengths, label_smoothing=0.2)
     log_probs = decoder.teacher_forced_log_probs(features, IMAGE_INDEX, captions, lengths)
     steps = log_probs.size(1)
-    masked = label_smoothed_loss(
+    masked = masked_label_smoothed_loss(
         log_probs, captions[:, 1 : steps + 1], 0.2, length_mask(lengths - 1, steps)
     )
     assert packed.tokens == masked.tokens == int((lengths - 1).sum())
@@ -144,7 +144,7 @@ def test_loss_ignores_nan_in_padded_positions():
     logits[1, 2] = float("nan")
     targets = torch.tensor([[4, 5, 6], [7, 8, PAD_ID]])
     mask = length_mask(torch.tensor([3, 2]), 3)
-    output = label_smoothed_loss(logits, targets, 0.1, mask)
+    output = masked_label_smoothed_loss(logits, targets, 0.1, mask)
     reference = label_smoothed_loss(logits[mask], targets[mask], 0.1)
     assert output.tokens == 5
     torch.testing.assert_close(output.loss, reference.loss)
@@ -355,6 +355,82 @@ def test_fast_attention_decodes_the_plain_models_captions(scores, request):
             assert a.log_prob == pytest.approx(b.log_prob, rel=1e-5, abs=1e-5)
             if a.tokens:  # (an empty caption has no attention to compare)
                 np.testing.assert_allclose(a.attention, b.attention, rtol=1e-5, atol=1e-6)
+
+
+def assert_same_gradients(fast: torch.nn.Module, plain: torch.nn.Module, message: str) -> None:
+    """Every parameter's gradient agrees to a relative 1e-5 of its largest value."""
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        scale = float(b.grad.abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(
+            a.grad, b.grad, rtol=1e-5, atol=1e-5 * scale, msg=f"{name}, {message}"
+        )
+
+
+def test_fast_show_tell_loss_and_every_gradient_equal_nn_lstm_over_the_packed_batch():
+    """Show-and-Tell's written-out LSTM over the packed batch, its fused loss and its decoding
+    steps agree with nn.LSTM and autograd's loss (tests/plain_decoders.PlainShowTell)."""
+    torch.manual_seed(0)
+    config = DecoderConfig("show-tell", 40, 20, embed_size=12, hidden_size=16, dropout=0.0)
+    fast, plain = build_decoder(config), PlainShowTell(config)
+    plain.load_state_dict(fast.state_dict())
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(3):
+        features = torch.randn(4, 20, generator=generator).relu() * 3
+        index = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3])
+        lengths = torch.randint(2, 12, (len(index),), generator=generator)
+        captions = torch.randint(4, 40, (len(index), int(lengths.max())), generator=generator)
+        outputs = []
+        for decoder in (fast, plain):
+            decoder.zero_grad()
+            output = decoder.training_loss(features, index, captions, lengths, 0.1)
+            output.loss.backward()
+            outputs.append(output)
+        torch.testing.assert_close(outputs[0].loss, outputs[1].loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(outputs[0].nll_sum, outputs[1].nll_sum, rtol=1e-5, atol=0)
+        assert outputs[0].tokens == outputs[1].tokens == int((lengths - 1).sum())
+        assert_same_gradients(fast, plain, f"trial {trial}")
+    fast.eval(), plain.eval()
+    for decoding in (DecodingConfig(beam_size=3, max_length=12), DecodingConfig("greedy")):
+        got, expected = generate(fast, features, decoding), generate(plain, features, decoding)
+        assert [c.tokens for c in got] == [c.tokens for c in expected]
+        for a, b in zip(got, expected, strict=True):
+            assert a.log_prob == pytest.approx(b.log_prob, rel=1e-5, abs=1e-5)
+
+
+def test_label_smoothed_loss_and_its_gradient_equal_torch_cross_entropy():
+    generator = torch.Generator().manual_seed(6)
+    logits = (torch.randn(7, 11, generator=generator) * 3).requires_grad_()
+    targets = torch.randint(0, 11, (7,), generator=generator)
+    weights = torch.rand(7, generator=generator)  # a gradient that differs per token
+    output = label_smoothed_loss(logits, targets, 0.2)
+    (grad,) = torch.autograd.grad(output.loss * 7, logits, retain_graph=True)
+    reference = F.cross_entropy(logits, targets, label_smoothing=0.2)
+    (expected,) = torch.autograd.grad(reference, logits)
+    torch.testing.assert_close(output.loss, reference)
+    torch.testing.assert_close(grad / 7, expected)
+    torch.testing.assert_close(output.nll_sum, F.cross_entropy(logits, targets, reduction="sum"))
+    smoothed, _ = base._SmoothedCrossEntropy.apply(logits, targets, 0.2)
+    (grad,) = torch.autograd.grad((smoothed * weights).sum(), logits)
+    per_token = F.cross_entropy(logits, targets, label_smoothing=0.2, reduction="none")
+    (expected,) = torch.autograd.grad((per_token * weights).sum(), logits)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_dropout_keeps_each_value_with_probability_1_minus_p_scaled_up():
+    dropout = base.Dropout(0.3)
+    inputs = torch.randn(400, 500, requires_grad=True)
+    torch.manual_seed(0)
+    outputs = dropout(inputs)
+    kept = outputs != 0
+    assert abs(float(kept.float().mean()) - 0.7) < 0.005
+    torch.testing.assert_close(outputs[kept], inputs[kept] / 0.7)
+    outputs.sum().backward()
+    torch.testing.assert_close(inputs.grad, kept.float() / 0.7)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(inputs), outputs)  # the seed decides the mask
+    dropout.eval()
+    assert torch.equal(dropout(inputs), inputs)
 
 
 def test_loop_weight_equals_linear_in_values_and_gradients():

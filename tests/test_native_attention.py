@@ -121,20 +121,17 @@ def test_training_loads_the_library_for_attention_on_a_cpu(tmp_path, monkeypatch
     monkeypatch.setattr(loop, "worth_compiling", lambda regions, size: True)
     monkeypatch.setattr(loop, "load_native_scores", lambda: (native_scores, "cached in X"))
 
-    class Store:
-        grid = (3, 3)
-
     def decoder(model: str):
         return build_decoder(DecoderConfig(model, 10, 6, 4, 4, 4))
 
     attention = decoder("show-attend-tell")
-    note = loop._load_native_attention(attention, Store(), torch.device("cpu"))
+    note = loop.load_native_attention(attention, 9, torch.device("cpu"))
     assert note == "attention scores: the compiled loop, cached in X"
     assert attention.attention.native is native_scores
-    assert loop._load_native_attention(decoder("show-tell"), Store(), torch.device("cpu")) == ""
+    assert loop.load_native_attention(decoder("show-tell"), 9, torch.device("cpu")) == ""
     monkeypatch.setattr(loop, "load_native_scores", lambda: (None, "no C compiler (cc) on PATH"))
     unavailable = decoder("show-attend-tell")
-    note = loop._load_native_attention(unavailable, Store(), torch.device("cpu"))
+    note = loop.load_native_attention(unavailable, 9, torch.device("cpu"))
     assert note == (
         "attention scores: PyTorch ops (the compiled loop is unavailable: no C compiler (cc) on"
         " PATH)"
@@ -142,4 +139,4 @@ def test_training_loads_the_library_for_attention_on_a_cpu(tmp_path, monkeypatch
     assert unavailable.attention.native is None
     monkeypatch.setattr(loop, "worth_compiling", native_module.worth_compiling)
     small = decoder("show-attend-tell")
-    assert loop._load_native_attention(small, Store(), torch.device("cpu")) == ""
+    assert loop.load_native_attention(small, 9, torch.device("cpu")) == ""

@@ -32,6 +32,7 @@ from captioner.models.base import (
     RealTokens,
     State,
     length_mask,
+    lstm_update,
     rows_per_image,
     select_rows,
 )
@@ -181,13 +182,6 @@ def attention_penalty(alphas: Tensor, mask: Tensor) -> Tensor:
     return ((1.0 - attention_per_region) ** 2).mean()
 
 
-def lstm_update(gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
-    """`nn.LSTMCell` after its matrix products: gates (B, 4H) in PyTorch's order i, f, g, o."""
-    input_gate, forget_gate, candidate, output_gate = gates.chunk(4, 1)
-    cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(candidate)
-    return torch.sigmoid(output_gate) * torch.tanh(cell), cell
-
-
 class ShowAttendTell(CaptionDecoder):
     feature_kind = "spatial"
 
@@ -198,6 +192,7 @@ class ShowAttendTell(CaptionDecoder):
         self.init_c = nn.Linear(config.feature_size, config.hidden_size)
         self.gate = nn.Linear(config.hidden_size, config.feature_size)  # f_beta in the paper
         self.cell = nn.LSTMCell(config.embed_size + config.feature_size, config.hidden_size)
+        self._input_split = (config.embed_size, config.feature_size)
         self._hidden_split = (config.attention_size, config.feature_size, 4 * config.hidden_size)
 
     def encode(self, features: Tensor) -> Memory:
@@ -234,12 +229,14 @@ class ShowAttendTell(CaptionDecoder):
         return (h, c), alpha
 
     def _step_weights(self) -> _StepWeights:
-        embed, cell = self.config.embed_size, self.cell
-        query, gate = self.attention.hidden_projection, self.gate
+        cell, query, gate = self.cell, self.attention.hidden_projection, self.gate
+        # split, not two slices: its backward writes the two gradients into one tensor, where
+        # each slice's would fill a zero tensor of the whole weight's size
+        word, context = cell.weight_ih.split(self._input_split, 1)
         return _StepWeights(
-            word=cell.weight_ih[:, :embed],
+            word=word,
             word_bias=cell.bias_ih + cell.bias_hh,
-            context=LoopWeight(cell.weight_ih[:, embed:]),
+            context=LoopWeight(context),
             hidden=LoopWeight(query.weight, gate.weight, cell.weight_hh),
             hidden_bias=torch.cat([query.bias, gate.bias, torch.zeros_like(cell.bias_hh)]),
         )

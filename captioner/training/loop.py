@@ -124,7 +124,9 @@ def _train(
         f" {len(val_rows)} val images, vocabulary {len(vocabulary)}) on {device}"
         + (f" x {ranks.world_size} ranks" if ranks.world_size > 1 else "")
     )
-    if config.native_attention and (note := _load_native_attention(run.decoder, store, device)):
+    if config.native_attention and (
+        note := load_native_attention(run.decoder, store.grid[0] * store.grid[1], device)
+    ):
         say(note)
     if config.objective == "scst":
         say(
@@ -240,12 +242,10 @@ def _start_run(
     return Run(config, ranks, device, store, vocabulary, decoder, objective, digest)
 
 
-def _load_native_attention(
-    decoder: CaptionDecoder, store: FeatureStore, device: torch.device
-) -> str:
-    """Gives an attention decoder training on a CPU the compiled attention scores, at sizes where
-    they pay (`worth_compiling`); returns what to tell the user ("" where they do not apply)."""
-    regions = store.grid[0] * store.grid[1]
+def load_native_attention(decoder: CaptionDecoder, regions: int, device: torch.device) -> str:
+    """Gives an attention decoder training on a CPU over maps of `regions` regions the compiled
+    attention scores, at sizes where they pay (`worth_compiling`); returns what to tell the user
+    ("" where they do not apply)."""
     if decoder.feature_kind != "spatial" or device.type != "cpu":
         return ""
     if not worth_compiling(regions, decoder.config.attention_size):
