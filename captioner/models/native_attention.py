@@ -30,7 +30,15 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("additive_scores.c")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-fno-math-errno",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+)
 LIBRARIES = ("-lmvec", "-lm")
 # Below this many values per (row, step), regions x attention size, PyTorch's ops are quick
 # enough that compiling is not worth it (tiny test models, toy sizes).
