@@ -2,17 +2,19 @@
 
 The additive attention's tanh(projection + query) over (captions, regions, attention size) is a
 third of a training step on a CPU when it runs as PyTorch ops: an add, a tanh and a product
-forward, nine passes backward. additive_scores.c does each direction in one pass, about 2.3x
-faster (bench/RESULTS.md [speed]). It is the same function: tests/test_native_attention.py checks
-scores and gradients against the PyTorch ops, and the whole model's loss and gradients against the
+forward, nine passes backward. additive_scores.c does each direction in one pass, 2.4x faster:
+3.8 against 9.2 ms forward and backward for 16 images x 5 captions x 196 regions x 512, so an
+attention step at batch 80 spends 0.10 s in it instead of 0.21 s (bench/RESULTS.md [speed]). It
+is the same function: tests/test_native_attention.py checks scores and gradients against the
+PyTorch ops, and tests/test_models.py the whole model's loss, gradients and captions against the
 plain reference.
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc``) into
 ``$XDG_CACHE_HOME/captioner/kernels`` (default ``~/.cache``), once per source, compiler and CPU:
-about half a second, then loaded from there. It needs glibc's vector tanhf (libmvec, x86-64
-Linux); without it, or without a compiler, `load_native_scores` says why and the PyTorch ops run.
-Only training asks for it, and only for attention maps large enough to profit
-(`worth_compiling`), so tests with tiny models and one-image captioning never compile anything.
+0.2 s, then loaded from there. It needs glibc's vector tanhf (libmvec, x86-64 Linux); without
+it, or without a compiler, `load_native_scores` says why and the PyTorch ops run. Only training
+asks for it, and only for attention maps large enough to profit (`worth_compiling`), so tests
+with tiny models and one-image captioning never compile anything.
 """
 
 from __future__ import annotations
