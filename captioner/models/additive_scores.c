@@ -115,8 +115,8 @@ static int run_parts(void (*body)(const Work *), Work shared, long images, int t
 }
 
 int additive_scores_forward(const float *projection, const float *query, const float *weight,
-                            float bias, float *scores, long images, long rows, long regions,
-                            long size, int threads) {
+                            float *scores, long images, long rows, long regions, long size,
+                            float bias, int threads) {
     Work work = {projection, query, weight, NULL, scores, NULL, NULL, NULL,
                  0, 0, rows, regions, size, bias};
     return run_parts(forward_images, work, images, threads, NULL);

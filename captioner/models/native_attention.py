@@ -59,8 +59,7 @@ class NativeScores:
         library = ctypes.CDLL(str(path))
         pointer, size = ctypes.c_void_p, ctypes.c_long
         self._forward = library.additive_scores_forward
-        self._forward.argtypes = [pointer] * 3 + [ctypes.c_float, pointer] + [size] * 4
-        self._forward.argtypes += [ctypes.c_int]
+        self._forward.argtypes = [pointer] * 4 + [size] * 4 + [ctypes.c_float, ctypes.c_int]
         self._backward = library.additive_scores_backward
         self._backward.argtypes = [pointer] * 7 + [size] * 4 + [ctypes.c_int]
         for function in (self._forward, self._backward):
@@ -73,21 +72,8 @@ class NativeScores:
     def forward(self, projection: Tensor, query: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         """Scores (G, k, L) of projection (G, L, A), query (G, k, A), weight (A,), bias (1,)."""
         projection, query, weight = _contiguous(projection, query, weight)
-        images, regions, size = projection.shape
-        scores = projection.new_empty(images, query.size(1), regions)
-        status = self._forward(
-            projection.data_ptr(),
-            query.data_ptr(),
-            weight.data_ptr(),
-            float(bias),
-            scores.data_ptr(),
-            images,
-            query.size(1),
-            regions,
-            size,
-            torch.get_num_threads(),
-        )
-        _check(status)
+        scores = projection.new_empty(len(projection), query.size(1), projection.size(1))
+        self._call(self._forward, (projection, query, weight, scores), float(bias))
         return scores
 
     def backward(
@@ -95,34 +81,23 @@ class NativeScores:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The gradients of projection, query and weight for `grad_scores` (G, k, L)."""
         projection, query, weight, grad_scores = _contiguous(projection, query, weight, grad_scores)
-        images, regions, size = projection.shape
-        grad_projection, grad_query = torch.empty_like(projection), torch.empty_like(query)
-        grad_weight = torch.zeros_like(weight)
-        status = self._backward(
-            projection.data_ptr(),
-            query.data_ptr(),
-            weight.data_ptr(),
-            grad_scores.data_ptr(),
-            grad_projection.data_ptr(),
-            grad_query.data_ptr(),
-            grad_weight.data_ptr(),
-            images,
-            query.size(1),
-            regions,
-            size,
-            torch.get_num_threads(),
-        )
-        _check(status)
-        return grad_projection, grad_query, grad_weight
+        grads = torch.empty_like(projection), torch.empty_like(query), torch.zeros_like(weight)
+        self._call(self._backward, (projection, query, weight, grad_scores, *grads))
+        return grads
+
+    @staticmethod
+    def _call(function: ctypes._CFuncPtr, tensors: tuple[Tensor, ...], *scalars: float) -> None:
+        """`function` of the tensors' data, the sizes of projection and query (the first two),
+        `scalars` and the thread count."""
+        (images, regions, size), rows = tensors[0].shape, tensors[1].size(1)
+        pointers = (tensor.data_ptr() for tensor in tensors)
+        status = function(*pointers, images, rows, regions, size, *scalars, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("additive_scores.c: no memory for the weight gradient's partial sums")
 
 
 def _contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(tensor.detach().contiguous() for tensor in tensors)
-
-
-def _check(status: int) -> None:
-    if status != 0:
-        raise MemoryError("additive_scores.c: out of memory for the weight gradient's partial sums")
 
 
 def cache_directory() -> Path:
