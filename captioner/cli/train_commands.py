@@ -85,7 +85,7 @@ def _option(name: str, kind: type | click.ParamType, help: str):
 )
 @click.option(
     "--native-attention/--no-native-attention",
-    default=True,
+    default=TrainConfig.native_attention,
     show_default=True,
     help="Attention model on a CPU: compute the attention scores with a C loop compiled on first"
     " use (cached); without a C compiler, or with --no-native-attention, PyTorch's ops.",
