@@ -40,9 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from plain_decoders import PlainShowAttendTell  # noqa: E402
 
-from captioner.models import DecoderConfig, build_decoder  # noqa: E402
+from captioner.models import DecoderConfig, build_decoder, load_native_attention  # noqa: E402
 from captioner.text import END_ID, START_ID, Vocabulary, tokenize  # noqa: E402
-from captioner.training.loop import load_native_attention  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k" / "captions.txt"
 MAX_WORDS = 20  # the vocabulary's --max-length: longer captions are cut

@@ -1,6 +1,7 @@
 """Batched beam search against decoding the same images one at a time, in one run.
 
-Both paths call `beam_search` with the same decoder, features and beam size; the baseline feeds
+Both paths call `beam_search` with the same decoder, features and beam size (an attention
+decoder with the compiled attention scores where evaluate.py would load them); the baseline feeds
 it one image per call, as a Python loop over images would. The captions must be identical
 (asserted). Repetitions alternate between the two so load drift on a shared machine hits both;
 prints the median images/s of each and the ratio (the target is >= 10x).
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.decode import DecodingConfig, beam_search  # noqa: E402
 from captioner.devices import resolve_device  # noqa: E402
-from captioner.models import DecoderConfig, build_decoder  # noqa: E402
+from captioner.models import DecoderConfig, build_decoder, load_native_attention  # noqa: E402
 
 
 def main() -> None:
@@ -51,6 +52,8 @@ def main() -> None:
         dropout=0.0,
     )
     decoder = build_decoder(config).to(device).eval()
+    # the compiled attention scores, as evaluate.py loads them (both paths use them)
+    native_note = load_native_attention(decoder, args.grid * args.grid, device)
     with torch.no_grad():
         decoder.head[1].weight.mul_(6.0)  # untrained heads are flat; make captions end and differ
     shape = (args.images, args.grid * args.grid, args.feature_size)
@@ -87,6 +90,8 @@ def main() -> None:
         f"features, hidden {args.hidden_size}, {device}, {torch.get_num_threads()} threads; "
         f"caption lengths {min(lengths)}-{max(lengths)}; same captions: yes"
     )
+    if native_note:
+        print(native_note)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     for name, value in medians.items():
         print(f"{name:>14}: {value:8.1f} images/s (median of {args.repeats})")

@@ -51,13 +51,12 @@ from plain_decoders import PlainShowAttendTell, PlainShowTell  # noqa: E402
 
 from captioner.encoder import EncoderConfig, build_encoder, image_transform  # noqa: E402
 from captioner.images import load_image  # noqa: E402
-from captioner.models import DecoderConfig, build_decoder  # noqa: E402
+from captioner.models import DecoderConfig, build_decoder, load_native_attention  # noqa: E402
 from captioner.readers import read_corpus  # noqa: E402
 from captioner.store import FeatureStore, StoreSettings, create_store, directory_size  # noqa: E402
 from captioner.text import Vocabulary  # noqa: E402
 from captioner.training import TrainConfig  # noqa: E402
 from captioner.training.batches import Batch, FeatureStream, StreamConfig, encode_captions  # noqa: E402
-from captioner.training.loop import load_native_attention  # noqa: E402
 from captioner.training.run import Amp  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k"

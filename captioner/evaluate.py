@@ -30,6 +30,7 @@ from captioner.errors import CaptionerError
 from captioner.files import atomic_file
 from captioner.images import ImageError, load_image
 from captioner.metrics import COCO, MetricsReport, check_java, score_captions
+from captioner.models import load_native_attention
 from captioner.option_checks import at_least, check_options
 from captioner.readers import read_corpus
 from captioner.report import REPORT_NAME, Card, ReportPage, describe_config, write_report
@@ -56,6 +57,8 @@ class EvaluateConfig:
     metrics: str = "auto"  # "auto" | "coco-caption" | "nltk-fallback"
     visualize: int = 0  # attention figures for this many images
     images: Path | None = None  # image root for the figures; default: the one extraction used
+    # Attention model on a CPU: the compiled attention scores, as in training (TrainConfig).
+    native_attention: bool = True
 
 
 @dataclass
@@ -103,6 +106,8 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
         )
     device = resolve_device(config.device)
     decoder = checkpoint.build_decoder(device)
+    if config.native_attention:
+        load_native_attention(decoder, store.grid[0] * store.grid[1], device)
     captions = decode_rows(
         decoder, store, rows, config.decoding, config.batch_size, device, progress
     )

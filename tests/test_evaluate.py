@@ -18,7 +18,7 @@ from inference_factories import make_checkpoint
 from PIL import Image
 
 from captioner import evaluate as evaluate_module
-from captioner import metrics
+from captioner import metrics, models
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.cli import main
 from captioner.decode import DecodingConfig, generate
@@ -84,6 +84,42 @@ def test_evaluate_writes_captions_metrics_and_coco_results(tmp_path, store_path,
     assert saved["decoding"]["beam_size"] == 2 and saved["split"] == "test"
     assert saved["metrics"]["BLEU-1"] == result.report.scores["BLEU-1"]
     assert result.images == len(rows) == 6
+
+
+def test_the_compiled_attention_scores_caption_as_the_pytorch_ops_do(
+    tmp_path, store_path, checkpoint_path, monkeypatch, native_scores
+):
+    """evaluate loads the compiled scores for an attention model on a CPU (here forced for a
+    tiny one) and writes the same captions as with --no-native-attention."""
+    monkeypatch.setattr(models, "worth_compiling", lambda regions, size: True)
+    monkeypatch.setattr(models, "load_native_scores", lambda: (native_scores, "cached"))
+    loaded = []
+    build = evaluate_module.load_native_attention
+
+    def recording(decoder, regions, device):
+        note = build(decoder, regions, device)
+        loaded.append(decoder.attention.native)
+        return note
+
+    monkeypatch.setattr(evaluate_module, "load_native_attention", recording)
+    written = {}
+    for native in (True, False):
+        config = EvaluateConfig(
+            checkpoint_path,
+            store_path,
+            tmp_path / str(native),
+            decoding=DecodingConfig(beam_size=3, max_length=8),
+            batch_size=4,
+            metrics=FALLBACK,
+            native_attention=native,
+        )
+        evaluate(config)
+        written[native] = read_rows(tmp_path / str(native) / "captions.csv")
+    assert loaded == [native_scores]  # loaded once: --no-native-attention never asks
+    assert [r["caption"] for r in written[True]] == [r["caption"] for r in written[False]]
+    assert [float(r["log_prob"]) for r in written[True]] == pytest.approx(
+        [float(r["log_prob"]) for r in written[False]], abs=1e-4
+    )
 
 
 def test_show_tell_evaluates_from_pooled_features_and_has_nothing_to_visualize(

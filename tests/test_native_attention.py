@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import single_thread
 
+from captioner import models
 from captioner.models import DecoderConfig, build_decoder
 from captioner.models import native_attention as native_module
 from captioner.models.native_attention import load_native_scores, worth_compiling
 from captioner.models.show_attend_tell import additive_scores
-from captioner.training import loop
 
 
 def torch_scores(projection, query, weight, bias):
@@ -118,25 +118,25 @@ def test_only_attention_maps_large_enough_to_profit_compile():
 
 
 def test_training_loads_the_library_for_attention_on_a_cpu(tmp_path, monkeypatch, native_scores):
-    monkeypatch.setattr(loop, "worth_compiling", lambda regions, size: True)
-    monkeypatch.setattr(loop, "load_native_scores", lambda: (native_scores, "cached in X"))
+    monkeypatch.setattr(models, "worth_compiling", lambda regions, size: True)
+    monkeypatch.setattr(models, "load_native_scores", lambda: (native_scores, "cached in X"))
 
     def decoder(model: str):
         return build_decoder(DecoderConfig(model, 10, 6, 4, 4, 4))
 
     attention = decoder("show-attend-tell")
-    note = loop.load_native_attention(attention, 9, torch.device("cpu"))
+    note = models.load_native_attention(attention, 9, torch.device("cpu"))
     assert note == "attention scores: the compiled loop, cached in X"
     assert attention.attention.native is native_scores
-    assert loop.load_native_attention(decoder("show-tell"), 9, torch.device("cpu")) == ""
-    monkeypatch.setattr(loop, "load_native_scores", lambda: (None, "no C compiler (cc) on PATH"))
+    assert models.load_native_attention(decoder("show-tell"), 9, torch.device("cpu")) == ""
+    monkeypatch.setattr(models, "load_native_scores", lambda: (None, "no C compiler (cc) on PATH"))
     unavailable = decoder("show-attend-tell")
-    note = loop.load_native_attention(unavailable, 9, torch.device("cpu"))
+    note = models.load_native_attention(unavailable, 9, torch.device("cpu"))
     assert note == (
         "attention scores: PyTorch ops (the compiled loop is unavailable: no C compiler (cc) on"
         " PATH)"
     )
     assert unavailable.attention.native is None
-    monkeypatch.setattr(loop, "worth_compiling", native_module.worth_compiling)
+    monkeypatch.setattr(models, "worth_compiling", native_module.worth_compiling)
     small = decoder("show-attend-tell")
-    assert loop.load_native_attention(small, 9, torch.device("cpu")) == ""
+    assert models.load_native_attention(small, 9, torch.device("cpu")) == ""

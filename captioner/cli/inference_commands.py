@@ -88,6 +88,12 @@ _metrics_option = click.option(
     "--images",
     help="Image folder for the figures (default: the one the store was extracted from).",
 )
+@click.option(
+    "--native-attention/--no-native-attention",
+    default=EvaluateConfig.native_attention,
+    show_default=True,
+    help="Attention model on a CPU: the attention scores as a compiled C loop, as in training.",
+)
 def evaluate_command(**options) -> None:
     """Caption a split of a feature store and report BLEU-1..4, METEOR, ROUGE-L, CIDEr-D."""
     decoding = _decoding(options)

@@ -13,8 +13,9 @@ The library is compiled with the system's C compiler (``$CC``, else ``cc``) into
 ``$XDG_CACHE_HOME/captioner/kernels`` (default ``~/.cache``), once per source, compiler and CPU:
 0.2 s, then loaded from there. It needs glibc's vector tanhf (libmvec, x86-64 Linux); without
 it, or without a compiler, `load_native_scores` says why and the PyTorch ops run. Only training
-asks for it, and only for attention maps large enough to profit (`worth_compiling`), so tests
-with tiny models and one-image captioning never compile anything.
+and evaluate ask for it (`captioner.models.load_native_attention`), and only for attention maps
+large enough to profit (`worth_compiling`), so tests with tiny models and one-image captioning
+never compile anything.
 """
 
 from __future__ import annotations

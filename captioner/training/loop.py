@@ -44,8 +44,7 @@ from captioner.corpus import Corpus
 from captioner.devices import resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.errors import CaptionerError
-from captioner.models import CaptionDecoder, DecoderConfig, build_decoder
-from captioner.models.native_attention import load_native_scores, worth_compiling
+from captioner.models import DecoderConfig, build_decoder, load_native_attention
 from captioner.preemption import StopRequest
 from captioner.store import FeatureStore, corpus_digest
 from captioner.text import Vocabulary
@@ -240,21 +239,6 @@ def _start_run(
     objective = objective.to(device)
     seed_rank(config.seed, ranks.rank)
     return Run(config, ranks, device, store, vocabulary, decoder, objective, digest)
-
-
-def load_native_attention(decoder: CaptionDecoder, regions: int, device: torch.device) -> str:
-    """Gives an attention decoder training on a CPU over maps of `regions` regions the compiled
-    attention scores, at sizes where they pay (`worth_compiling`); returns what to tell the user
-    ("" where they do not apply)."""
-    if decoder.feature_kind != "spatial" or device.type != "cpu":
-        return ""
-    if not worth_compiling(regions, decoder.config.attention_size):
-        return ""
-    native, note = load_native_scores()
-    decoder.attention.native = native
-    if native is None:
-        return f"attention scores: PyTorch ops (the compiled loop is unavailable: {note})"
-    return f"attention scores: the compiled loop, {note}"
 
 
 def _train_epoch(
