@@ -106,8 +106,8 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
         )
     device = resolve_device(config.device)
     decoder = checkpoint.build_decoder(device)
-    if config.native_attention:
-        load_native_attention(decoder, store.grid[0] * store.grid[1], device)
+    regions = store.grid[0] * store.grid[1]
+    native_note = load_native_attention(decoder, regions, device) if config.native_attention else ""
     captions = decode_rows(
         decoder, store, rows, config.decoding, config.batch_size, device, progress
     )
@@ -126,7 +126,7 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
     report = score_captions(
         {i: references[i] for i in scored}, {i: texts[i] for i in scored}, config.metrics
     )
-    notes = []
+    notes = [native_note] if native_note else []
     if len(scored) < len(texts):
         notes.append(f"{len(texts) - len(scored)} images without reference captions not scored")
 

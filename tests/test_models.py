@@ -139,17 +139,6 @@ def test_show_tell_packed_loss_equals_masked_full_length_loss():
     torch.testing.assert_close(packed.nll_sum, masked.nll_sum)
 
 
-def test_loss_ignores_nan_in_padded_positions():
-    logits = torch.randn(2, 3, VOCAB)
-    logits[1, 2] = float("nan")
-    targets = torch.tensor([[4, 5, 6], [7, 8, PAD_ID]])
-    mask = length_mask(torch.tensor([3, 2]), 3)
-    output = masked_label_smoothed_loss(logits, targets, 0.1, mask)
-    reference = label_smoothed_loss(logits[mask], targets[mask], 0.1)
-    assert output.tokens == 5
-    torch.testing.assert_close(output.loss, reference.loss)
-
-
 @pytest.mark.parametrize("model", MODELS)
 def test_step_api_gives_the_teacher_forced_log_probs(model):
     decoder = make_decoder(model, dropout=0.5).eval()  # eval: dropout must be off in both paths
@@ -415,6 +404,10 @@ def test_label_smoothed_loss_and_its_gradient_equal_torch_cross_entropy():
     per_token = F.cross_entropy(logits, targets, label_smoothing=0.2, reduction="none")
     (expected,) = torch.autograd.grad((per_token * weights).sum(), logits)
     torch.testing.assert_close(grad, expected)
+    smoothed, _ = base._SmoothedCrossEntropy.apply(logits, targets, 0.2)
+    (grad,) = torch.autograd.grad(smoothed.square().sum(), logits, create_graph=True)
+    with pytest.raises(RuntimeError):  # an error, not a silently wrong second derivative
+        torch.autograd.grad(grad.sum(), logits)
 
 
 def test_dropout_keeps_each_value_with_probability_1_minus_p_scaled_up():

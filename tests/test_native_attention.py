@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import single_thread
+from factories import make_store
 
 from captioner import models
 from captioner.models import DecoderConfig, build_decoder
 from captioner.models import native_attention as native_module
 from captioner.models.native_attention import load_native_scores, worth_compiling
 from captioner.models.show_attend_tell import additive_scores
+from captioner.training import TrainConfig, train
 
 
 def torch_scores(projection, query, weight, bias):
@@ -65,6 +67,34 @@ def test_autograd_through_additive_scores_matches_the_pytorch_ops(native_scores)
     with torch.no_grad():  # decoding: the forward alone
         values = additive_scores(projection, query, weight, bias, native_scores)
     torch.testing.assert_close(values, torch_values, rtol=1e-5, atol=1e-6)
+
+
+def test_more_threads_than_cores_split_the_images_and_sum_the_weight_gradient(native_scores):
+    """The images split over 4 threads (each with its own part of the weight's gradient), and
+    over more threads than images, agree with the definition."""
+    projection, query, weight, bias = inputs(6, 3, 11, 40, seed=2)
+    grad_scores = torch.randn(6, 3, 11, generator=torch.Generator().manual_seed(3))
+    leaves = [t.double().requires_grad_() for t in (projection, query, weight)]
+    torch_scores(*leaves, bias).backward(grad_scores.double())
+    threads = torch.get_num_threads()
+    try:
+        for count in (4, 9):
+            torch.set_num_threads(count)
+            grads = native_scores.backward(projection, query, weight, grad_scores)
+            for grad, leaf in zip(grads, leaves, strict=True):
+                torch.testing.assert_close(grad.double(), leaf.grad, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_tensors_of_mismatched_sizes_are_refused_before_the_library_reads_them(native_scores):
+    projection, query, weight, bias = inputs(3, 2, 7, 32)
+    with pytest.raises(ValueError, match="query"):
+        native_scores.forward(projection, query[:2], weight, bias)
+    with pytest.raises(ValueError, match="weight"):
+        native_scores.forward(projection, query, weight[:16], bias)
+    with pytest.raises(ValueError, match="grad_scores"):
+        native_scores.backward(projection, query, weight, torch.zeros(3, 2, 6))
 
 
 def test_nan_stays_in_its_image_and_results_repeat_bit_for_bit(native_scores):
@@ -140,3 +170,24 @@ def test_training_loads_the_library_for_attention_on_a_cpu(tmp_path, monkeypatch
     monkeypatch.setattr(models, "worth_compiling", native_module.worth_compiling)
     small = decoder("show-attend-tell")
     assert models.load_native_attention(small, 9, torch.device("cpu")) == ""
+
+
+def test_a_training_run_says_which_scores_it_uses_and_resumes_with_the_other(
+    tmp_path, monkeypatch, native_scores, capsys
+):
+    """train_decoder.py loads the compiled scores (forced here for a tiny model) and says so;
+    --no-native-attention is a change a resumed run accepts, and then nothing is loaded."""
+    monkeypatch.setattr(models, "worth_compiling", lambda regions, size: True)
+    monkeypatch.setattr(models, "load_native_scores", lambda: (native_scores, "cached in X"))
+    store = make_store(tmp_path / "store.zarr", images=12)
+    options = dict(
+        features=store, out=tmp_path / "run", model="show-attend-tell", embed_size=8,
+        hidden_size=8, attention_size=4, min_count=1, batch_size=6, workers=0,
+    )  # fmt: skip
+    train(TrainConfig(epochs=1, **options), progress=True)
+    assert "attention scores: the compiled loop, cached in X" in capsys.readouterr().out
+    resumed = train(
+        TrainConfig(epochs=2, resume=True, native_attention=False, **options), progress=True
+    )
+    assert len(resumed.history) == 2
+    assert "attention scores" not in capsys.readouterr().out

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from captioner.text import NEVER_GENERATED, PAD_ID
 
@@ -91,6 +92,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         return smoothed, nll
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_smoothed: Tensor, _grad_nll: None) -> tuple[Tensor, None, None]:
         log_probs, targets = ctx.saved_tensors
         smoothing, vocabulary = ctx.smoothing, log_probs.size(-1)

@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -46,6 +47,7 @@ LIBRARIES = ("-lmvec", "-lm")
 # Below this many values per (row, step), regions x attention size, PyTorch's ops are quick
 # enough that compiling is not worth it (tiny test models, toy sizes).
 MIN_VALUES_PER_ROW = 4096
+COMPILE_SECONDS = 120  # a compiler that hangs longer is treated as none
 
 
 def worth_compiling(regions: int, attention_size: int) -> bool:
@@ -72,6 +74,7 @@ class NativeScores:
 
     def forward(self, projection: Tensor, query: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         """Scores (G, k, L) of projection (G, L, A), query (G, k, A), weight (A,), bias (1,)."""
+        _check_shapes(projection, query, weight, bias.reshape(-1))
         projection, query, weight = _contiguous(projection, query, weight)
         scores = projection.new_empty(len(projection), query.size(1), projection.size(1))
         self._call(self._forward, (projection, query, weight, scores), float(bias))
@@ -81,6 +84,9 @@ class NativeScores:
         self, projection: Tensor, query: Tensor, weight: Tensor, grad_scores: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The gradients of projection, query and weight for `grad_scores` (G, k, L)."""
+        _check_shapes(projection, query, weight)
+        if grad_scores.shape != (len(projection), query.size(1), projection.size(1)):
+            raise ValueError(f"grad_scores {tuple(grad_scores.shape)} for {tuple(query.shape)}")
         projection, query, weight, grad_scores = _contiguous(projection, query, weight, grad_scores)
         grads = torch.empty_like(projection), torch.empty_like(query), torch.zeros_like(weight)
         self._call(self._backward, (projection, query, weight, grad_scores, *grads))
@@ -97,6 +103,17 @@ class NativeScores:
             raise MemoryError("additive_scores.c: no memory for the weight gradient's partial sums")
 
 
+def _check_shapes(
+    projection: Tensor, query: Tensor, weight: Tensor, bias: Tensor | None = None
+) -> None:
+    """The C loops trust their sizes: anything else would read past the tensors' ends."""
+    images, _, size = projection.shape
+    if query.dim() != 3 or query.size(0) != images or query.size(2) != size:
+        raise ValueError(f"query {tuple(query.shape)} for projection {tuple(projection.shape)}")
+    if weight.shape != (size,) or (bias is not None and bias.shape != (1,)):
+        raise ValueError(f"weight {tuple(weight.shape)} for attention size {size}")
+
+
 def _contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(tensor.detach().contiguous() for tensor in tensors)
 
@@ -111,30 +128,33 @@ def load_native_scores(cache: Path | None = None) -> tuple[NativeScores | None, 
     from; (None, why) where no compiler, no libmvec or no x86-64 Linux makes it impossible."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None, f"needs x86-64 Linux for glibc's vector tanhf, not {platform.platform()}"
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return None, f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH"
+    named = shlex.split(os.environ.get("CC", "cc")) or ["cc"]  # e.g. CC="ccache gcc"
+    found = shutil.which(named[0])
+    if found is None:
+        return None, f"no C compiler ({named[0]}) on PATH"
+    compiler = [found, *named[1:]]
     cache = cache or cache_directory()
-    path = cache / f"additive_scores-{_build_key(compiler)}.so"
-    built = "cached"
-    if not path.is_file():
-        try:
-            error = _compile(compiler, path)
-        except OSError as failure:  # e.g. a read-only home directory
-            error = f"could not build in {cache}: {failure}"
-        if error:
-            return None, error
-        built = "compiled"
+    try:
+        path = cache / f"additive_scores-{_build_key(compiler)}.so"
+        built = "cached"
+        if not path.is_file():
+            error, built = _compile(compiler, path), "compiled"
+            if error:
+                return None, error
+    except (OSError, subprocess.SubprocessError) as failure:  # read-only cache, a hung compiler
+        return None, f"could not build in {cache}: {failure}"
     try:
         return NativeScores(path), f"{built} in {path}"
     except OSError as error:  # e.g. a cache on a noexec mount
         return None, f"could not load {path}: {error}"
 
 
-def _build_key(compiler: str) -> str:
+def _build_key(compiler: list[str]) -> str:
     """What the library depends on: the source, the flags, the compiler and this CPU's features
     (-march=native: a home directory shared by unlike machines keeps one library for each)."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run(
+        [*compiler, "--version"], capture_output=True, text=True, timeout=COMPILE_SECONDS
+    ).stdout
     parts = [SOURCE.read_text(), " ".join(FLAGS + LIBRARIES), version, _cpu_flags()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -147,16 +167,17 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def _compile(compiler: str, path: Path) -> str:
+def _compile(compiler: list[str], path: Path) -> str:
     """Builds the library at `path` (written whole, then renamed: ranks of one run may build at
     once); returns an error note, or "" on success."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         built = Path(scratch) / path.name
-        command = [compiler, *FLAGS, str(SOURCE), "-o", str(built), *LIBRARIES]
-        result = subprocess.run(command, capture_output=True, text=True)
+        command = [*compiler, *FLAGS, str(SOURCE), "-o", str(built), *LIBRARIES]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_SECONDS)
         if result.returncode != 0:
-            first_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            return f"{Path(compiler).name} could not build {SOURCE.name}: {first_line}"
+            lines = result.stderr.strip().splitlines() or ["no output"]
+            cause = next((line for line in lines if "error" in line), lines[-1])
+            return f"{Path(compiler[-1]).name} could not build {SOURCE.name}: {cause.strip()}"
         os.replace(built, path)
     return ""

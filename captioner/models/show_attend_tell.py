@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from captioner.models.base import (
     CaptionDecoder,
@@ -106,6 +107,7 @@ class _NativeAdditiveScores(torch.autograd.Function):
         return native.forward(projection, query, weight, bias)
 
     @staticmethod
+    @once_differentiable  # the library's gradients are numbers, not a graph
     def backward(ctx, grad_scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
         grads = ctx.native.backward(*ctx.saved_tensors, grad_scores)
         return *grads, grad_scores.sum().reshape(1), None

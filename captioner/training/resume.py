@@ -35,6 +35,7 @@ RESUMABLE_CHANGES = frozenset(
         "resume",
         "captions",
         "checkpoint_minutes",
+        "native_attention",  # the same function either way (tests/test_native_attention.py)
         "init",  # a resumed SCST run continues from last.pt and never reads --init again
     }
 )
