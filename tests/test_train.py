@@ -60,6 +60,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess | object:
     return CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
 
 
+def where(store: Path, run: Path) -> list[str]:
+    """The two options every training command names: the store it reads, the run it writes."""
+    return ["--features", str(store), "--out", str(run)]
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -296,10 +301,7 @@ def test_a_caption_file_overrides_the_store_corpus(store, tmp_path):
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(lines) + "\n")
     result = run_cli(
-        "--features",
-        str(store),
-        "--out",
-        str(tmp_path / "run"),
+        *where(store, tmp_path / "run"),
         "--captions",
         str(captions),
         "--model",
@@ -337,15 +339,7 @@ def test_resuming_with_other_splits_is_refused(store, tmp_path):
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    options = [
-        "--features",
-        str(store),
-        "--out",
-        str(tmp_path / "run"),
-        "--model",
-        "show-tell",
-        *TINY,
-    ]
+    options = [*where(store, tmp_path / "run"), "--model", "show-tell", *TINY]
     first = captions_with_splits("first.csv", flip=False)
     assert run_cli(*options, "--epochs", "1", "--captions", str(first)).exit_code == 0
     flipped = captions_with_splits("flipped.csv", flip=True)
@@ -377,15 +371,7 @@ def test_tensorboard_gets_every_step_and_every_epoch(store, tmp_path):
 def test_without_tensorboard_training_says_so_once_and_goes_on(store, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     result = run_cli(
-        "--features",
-        str(store),
-        "--out",
-        str(tmp_path / "run"),
-        "--epochs",
-        "2",
-        "--model",
-        "show-tell",
-        *TINY,
+        *where(store, tmp_path / "run"), "--epochs", "2", "--model", "show-tell", *TINY
     )
     assert result.exit_code == 0, result.output
     assert result.output.count("not logging to TensorBoard") == 1
@@ -584,10 +570,7 @@ def test_when_a_rank_dies_the_others_stop_with_one_line_at_once(store, tmp_path)
                     "-c",
                     RANK_1_DIES,
                     str(REPO / "train_decoder.py"),
-                    "--features",
-                    str(store),
-                    "--out",
-                    str(tmp_path / "run"),
+                    *where(store, tmp_path / "run"),
                     "--epochs",
                     "2",
                     "--device",
