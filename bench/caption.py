@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract import write_photos  # noqa: E402  (bench/extract.py: Flickr-sized JPEGs)
 
-from captioner.caption import CaptionConfig, caption_images  # noqa: E402
 from captioner.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
-from captioner.decode import DecodingConfig  # noqa: E402
 from captioner.devices import resolve_device  # noqa: E402
 from captioner.encoder import EncoderConfig, build_encoder  # noqa: E402
+from captioner.inference.caption import CaptionConfig, caption_images  # noqa: E402
 from captioner.models import DecoderConfig, build_decoder  # noqa: E402
+from captioner.models.decode import DecodingConfig  # noqa: E402
 from captioner.text import SPECIAL_TOKENS, Vocabulary  # noqa: E402
 
 

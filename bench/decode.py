@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioner.decode import DecodingConfig, beam_search  # noqa: E402
 from captioner.devices import resolve_device  # noqa: E402
 from captioner.models import DecoderConfig, build_decoder, load_native_attention  # noqa: E402
+from captioner.models.decode import DecodingConfig, beam_search  # noqa: E402
 
 
 def main() -> None:

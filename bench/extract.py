@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.devices import resolve_device  # noqa: E402
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform  # noqa: E402
-from captioner.extract import ExtractConfig, extract_features  # noqa: E402
+from captioner.extraction.extract import ExtractConfig, extract_features  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.store import directory_size, read_array_rows  # noqa: E402
 

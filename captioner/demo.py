@@ -32,14 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from captioner.caption import CaptionConfig, CaptionSummary, caption_images
-from captioner.decode import DecodingConfig
 from captioner.encoder import EncoderConfig
 from captioner.errors import CaptionerError
-from captioner.evaluate import EvaluateConfig, evaluate
-from captioner.extract import ExtractConfig, ExtractSummary, extract_features
+from captioner.extraction.extract import ExtractConfig, ExtractSummary, extract_features
+from captioner.inference.caption import CaptionConfig, CaptionSummary, caption_images
+from captioner.inference.evaluate import EvaluateConfig, evaluate
+from captioner.inference.report import REPORT_NAME
 from captioner.metrics import METRICS, score_captions
-from captioner.report import REPORT_NAME
+from captioner.models.decode import DecodingConfig
 from captioner.store import FeatureStore
 from captioner.synthetic import (
     read_scenes,

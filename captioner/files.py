@@ -8,6 +8,7 @@ while writing leaves the previous file as it was, never half of a new one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,3 +33,34 @@ def atomic_file(path: Path, mode: str = "wb", durable: bool = False, **options) 
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: object) -> None:
+    """`data` as indented UTF-8 JSON in `path`, written whole or not at all."""
+    with atomic_file(path, "w", encoding="utf-8") as file:
+        json.dump(data, file, indent=2, ensure_ascii=False)
+
+
+# Cells a spreadsheet would run as a formula when a CSV is opened in it.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: str) -> str:
+    """`value` prefixed with ' if a spreadsheet would run it as a formula (it then shows the
+    text as written); plain numbers such as -12.5 stay numbers."""
+    return "'" + value if _is_formula(value) else value
+
+
+def spreadsheet_value(cell: str) -> str:
+    """The value `spreadsheet_safe` wrote into `cell`."""
+    return cell[1:] if cell.startswith("'") and _is_formula(cell[1:]) else cell
+
+
+def _is_formula(value: str) -> bool:
+    if not value.startswith(_FORMULA_STARTS):
+        return False
+    try:
+        float(value)
+        return False
+    except ValueError:
+        return True

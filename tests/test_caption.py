@@ -20,19 +20,18 @@ from factories import failing_on_call, make_store
 from inference_factories import make_checkpoint, report_data
 from PIL import Image
 
-from captioner import caption as caption_module
-from captioner.caption import (
+from captioner.checkpoint import load_checkpoint
+from captioner.cli import main
+from captioner.encoder import EncoderConfig, build_encoder
+from captioner.files import spreadsheet_safe, spreadsheet_value
+from captioner.inference import caption as caption_module
+from captioner.inference.caption import (
     CaptionConfig,
     caption_images,
     find_images,
     recorded_encoder,
-    spreadsheet_safe,
-    spreadsheet_value,
 )
-from captioner.checkpoint import load_checkpoint
-from captioner.cli import main
-from captioner.decode import DecodingConfig
-from captioner.encoder import EncoderConfig, build_encoder
+from captioner.models.decode import DecodingConfig
 
 # min_length: an untrained decoder may end a caption at once, and readable pictures need words
 FAST = DecodingConfig(beam_size=2, min_length=1, max_length=6)
@@ -240,7 +239,7 @@ def read_csv_text(text: str) -> list[dict]:
 
 _SLOW_CAPTION = """
 import sys, time
-import captioner.caption as caption
+import captioner.inference.caption as caption
 original = caption.generate
 def slow(*args, **kwargs):
     time.sleep(0.15)

@@ -12,7 +12,7 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from captioner.cider import CiderD, ngram_counts
 from captioner.corpus import CaptionRecord, Corpus, ImageRecord
-from captioner.decode import GeneratedCaption
+from captioner.models.decode import GeneratedCaption
 from captioner.text import Vocabulary
 from captioner.training.reward import CiderReward
 

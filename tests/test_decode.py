@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from captioner.decode import DecodingConfig, beam_search, generate, greedy_decode, sample
+from captioner.models.decode import DecodingConfig, beam_search, generate, greedy_decode, sample
 from captioner.text import END_ID, START_ID
 
 

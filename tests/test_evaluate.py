@@ -17,15 +17,15 @@ from flickr8k_fixture import flickr8k_test_captions
 from inference_factories import make_checkpoint
 from PIL import Image
 
-from captioner import evaluate as evaluate_module
 from captioner import metrics, models
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.cli import main
-from captioner.decode import DecodingConfig, generate
-from captioner.evaluate import EvaluateConfig, ScoreConfig, evaluate, score_predictions
-from captioner.store import FeatureStore, corpus_digest
+from captioner.inference import evaluate as evaluate_module
+from captioner.inference.evaluate import EvaluateConfig, evaluate
+from captioner.inference.score import ScoreConfig, score_predictions
+from captioner.models.decode import DecodingConfig, generate
+from captioner.store import FeatureStore, corpus_digest, training_corpus
 from captioner.text import SPECIAL_TOKENS, Vocabulary
-from captioner.training.data import training_corpus
 
 FALLBACK = "nltk-fallback"  # no Java start-up: these tests are about evaluate, not the scorers
 

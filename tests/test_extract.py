@@ -25,9 +25,9 @@ from PIL import Image
 from captioner.cli import main
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
-from captioner.extract import ExtractConfig, extract_features
+from captioner.extraction.extract import ExtractConfig, extract_features
+from captioner.extraction.integrity import damaged_shards
 from captioner.images import load_image
-from captioner.integrity import damaged_shards
 from captioner.readers import read_corpus
 from captioner.store import STATUS_DONE, STATUS_FAILED, FeatureStore, StoreWriter
 

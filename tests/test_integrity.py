@@ -14,7 +14,7 @@ from zarr.codecs import ZstdCodec
 from captioner import store as store_module
 from captioner.cli import main
 from captioner.errors import CaptionerError
-from captioner.integrity import damaged_shards, has_checksums
+from captioner.extraction.integrity import damaged_shards, has_checksums
 from captioner.store import FeatureStore
 
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from plain_decoders import PlainShowAttendTell, PlainShowTell, masked_label_smoothed_loss
 
-from captioner.decode import DecodingConfig, generate
 from captioner.errors import CaptionerError
 from captioner.models import DecoderConfig, LossOutput, base, build_decoder, show_attend_tell
 from captioner.models.base import label_smoothed_loss, length_mask, select_rows
+from captioner.models.decode import DecodingConfig, generate
 from captioner.models.step_weights import LoopWeight
 from captioner.text import END_ID, PAD_ID, START_ID
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from captioner.caption import CaptionConfig, caption_images
 from captioner.errors import CaptionerError
-from captioner.evaluate import EvaluateConfig, evaluate
-from captioner.extract import ExtractConfig, extract_features
+from captioner.extraction.extract import ExtractConfig, extract_features
+from captioner.inference.caption import CaptionConfig, caption_images
+from captioner.inference.evaluate import EvaluateConfig, evaluate
 from captioner.option_checks import at_least, check_options, fraction, one_of, optional
 from captioner.training import TrainConfig, train
 

@@ -15,9 +15,10 @@ from factories import make_store, write_split_pictures
 from inference_factories import make_checkpoint, report_data
 from PIL import Image
 
-from captioner.decode import DecodingConfig
-from captioner.evaluate import EvaluateConfig, ScoreConfig, evaluate, score_predictions
-from captioner.report import Card, ReportPage, write_report
+from captioner.inference.evaluate import EvaluateConfig, evaluate
+from captioner.inference.report import Card, ReportPage, write_report
+from captioner.inference.score import ScoreConfig, score_predictions
+from captioner.models.decode import DecodingConfig
 
 FALLBACK = "nltk-fallback"
 # min_length: an untrained decoder may end at once, and attention strips need words

@@ -14,7 +14,7 @@ from PIL import Image
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.cli import main
 from captioner.errors import CaptionerError
-from captioner.runs import RunsConfig, compare_runs, read_run
+from captioner.training.runs import RunsConfig, compare_runs, read_run
 
 
 @pytest.fixture(scope="module")

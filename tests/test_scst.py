@@ -16,13 +16,12 @@ from factories import at_batch_of_epoch_2, make_store, without_timing
 
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
-from captioner.decode import DecodingConfig, sample
 from captioner.models import DecoderConfig, build_decoder
-from captioner.store import FeatureStore
+from captioner.models.decode import DecodingConfig, sample
+from captioner.store import FeatureStore, split_rows, training_corpus
 from captioner.text import END_ID, PAD_ID, START_ID
 from captioner.training import TrainConfig, train
 from captioner.training.batches import FeatureStream
-from captioner.training.data import split_rows, training_corpus
 from captioner.training.objectives import SelfCritical
 from captioner.training.reward import CiderReward
 

@@ -25,12 +25,12 @@ from PIL import Image
 from captioner import visualize
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
-from captioner.decode import greedy_decode
-from captioner.store import FeatureStore, corpus_digest
+from captioner.models.decode import greedy_decode
+from captioner.store import FeatureStore, corpus_digest, training_corpus
 from captioner.training import TrainConfig, resume, train
 from captioner.training import loop as train_module
 from captioner.training.batches import FeatureStream
-from captioner.training.data import feature_statistics, training_corpus
+from captioner.training.data import feature_statistics
 from captioner.training.loop import seed_rank
 from captioner.training.validation import repeated_word
 

@@ -12,8 +12,8 @@ from captioner.cli.options import PATH, field_option, path_option
 from captioner.devices import DEVICES
 from captioner.encoder import ENCODER_NAMES, EncoderConfig, RandomWeightsWarning
 from captioner.errors import CaptionerError
-from captioner.extract import ExtractConfig, extract_features
-from captioner.integrity import damaged_shards, has_checksums
+from captioner.extraction.extract import ExtractConfig, extract_features
+from captioner.extraction.integrity import damaged_shards, has_checksums
 from captioner.readers import FORMATS
 from captioner.store import (
     COMPRESSIONS,

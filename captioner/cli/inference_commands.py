@@ -8,14 +8,15 @@ from pathlib import Path
 
 import click
 
-from captioner.caption import OUTPUT_FORMATS, CaptionConfig, caption_images
 from captioner.cli.options import apply_options, field_option, path_option
-from captioner.decode import STRATEGIES, DecodingConfig
 from captioner.devices import DEVICES
-from captioner.evaluate import EvaluateConfig, ScoreConfig, evaluate, score_predictions
+from captioner.inference.caption import OUTPUT_FORMATS, CaptionConfig, caption_images
+from captioner.inference.evaluate import EvaluateConfig, evaluate
+from captioner.inference.report import REPORT_NAME
+from captioner.inference.score import ScoreConfig, score_predictions
 from captioner.metrics import IMPLEMENTATIONS
+from captioner.models.decode import STRATEGIES, DecodingConfig
 from captioner.readers import FORMATS as CAPTION_FORMATS
-from captioner.report import REPORT_NAME
 
 
 def decoding_options(command: Callable) -> Callable:

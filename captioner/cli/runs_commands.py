@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from captioner.cli.options import PATH, field_option
-from captioner.runs import RunsConfig, compare_runs, format_runs
+from captioner.training.runs import RunsConfig, compare_runs, format_runs
 
 
 @click.command("runs")

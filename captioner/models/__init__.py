@@ -2,7 +2,7 @@
 
 Every decoder has `feature_kind`, `training_loss(...) -> LossOutput`, and the step API
 (`encode`, `init_state`, `step`) that greedy decoding, beam search and sampling all use.
-See `captioner.models.base.CaptionDecoder`.
+See `captioner.models.base.CaptionDecoder`; `captioner.models.decode` is those strategies.
 """
 
 import torch

@@ -11,6 +11,7 @@ resume       what best.pt and last.pt hold, writing them, resuming, and SCST's s
 validation   validation loss, greedy decodes, BLEU-4, CIDEr-D, the sample's attention maps
 metrics_log  an epoch's metrics row, metrics.jsonl and curves.png
 tensorboard  the optional TensorBoard event files
+runs         `captioner runs`: a table and curves comparing finished runs
 """
 
 from captioner.training.config import TrainConfig, TrainResult

@@ -4,52 +4,16 @@ feature streams over them."""
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from captioner.corpus import UNASSIGNED, CaptionRecord, Corpus, ImageRecord
+from captioner.corpus import Corpus
 from captioner.distributed import Ranks
-from captioner.errors import CaptionerError
-from captioner.readers import read_corpus
-from captioner.store import STATUS_DONE, FeatureStore
+from captioner.store import FeatureStore
 from captioner.text import Vocabulary
 from captioner.training.batches import FeatureStream, StreamConfig, encode_captions
 from captioner.training.config import TrainConfig
-
-
-def training_corpus(store: FeatureStore, captions: Path | None) -> Corpus:
-    """The store's corpus, or the caption file `captions` joined to the store's rows by image path
-    (the images keep the store's row order; store images the file lacks get no captions)."""
-    corpus = store.corpus()
-    if captions is None:
-        return corpus
-    override = read_corpus([Path(captions)])
-    row_of = {image.path: row for row, image in enumerate(corpus.images)}
-    split_of = {image.path: image.split for image in override.images}
-    images = [
-        ImageRecord(image.id, image.path, split_of.get(image.path, UNASSIGNED))
-        for image in corpus.images
-    ]
-    joined = [
-        CaptionRecord(row_of[override.images[c.image].path], c.raw, c.tokens)
-        for c in override.captions
-        if override.images[c.image].path in row_of
-    ]
-    if not joined:
-        raise CaptionerError(f"{captions}: none of its images are in the store {store.path}")
-    return Corpus(override.format, override.sources, images, joined, override.skipped)
-
-
-def split_rows(corpus: Corpus, store: FeatureStore, split: str) -> np.ndarray:
-    """Rows of `split` whose features are done and that have at least one caption."""
-    done = store.status() == STATUS_DONE
-    captioned = np.zeros(len(corpus.images), dtype=bool)
-    captioned[[c.image for c in corpus.captions]] = True
-    in_split = np.array([image.split == split for image in corpus.images], dtype=bool)
-    return np.flatnonzero(done & captioned & in_split)
-
 
 STATISTICS_IMAGES = 512  # spatial statistics come from this many evenly spaced training images
 _STATISTICS_CHUNK_BYTES = 64 << 20  # float64 values held at once while summing

@@ -46,14 +46,12 @@ from captioner.distributed import Ranks, process_group
 from captioner.errors import CaptionerError
 from captioner.models import DecoderConfig, build_decoder, load_native_attention
 from captioner.preemption import StopRequest
-from captioner.store import FeatureStore, corpus_digest
+from captioner.store import FeatureStore, corpus_digest, split_rows, training_corpus
 from captioner.text import Vocabulary
 from captioner.training.batches import Batch, FeatureStream
 from captioner.training.config import METRIC_NAMES, TrainConfig, TrainResult, checked_config
 from captioner.training.data import (
     feature_statistics,
-    split_rows,
-    training_corpus,
     training_stream,
     validation_stream,
 )

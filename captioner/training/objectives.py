@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from captioner.decode import DecodingConfig, GeneratedCaption, greedy_decode, sample
 from captioner.models import CaptionDecoder
+from captioner.models.decode import DecodingConfig, GeneratedCaption, greedy_decode, sample
 from captioner.text import END_ID, START_ID
 from captioner.training.batches import Batch, FeatureStream, padded
 from captioner.training.metrics_log import perplexity

@@ -14,7 +14,7 @@ import numpy as np
 
 from captioner.cider import CiderD
 from captioner.corpus import Corpus
-from captioner.decode import GeneratedCaption
+from captioner.models.decode import GeneratedCaption
 from captioner.text import END, Vocabulary
 
 

@@ -13,10 +13,10 @@ import torch
 from captioner import visualize
 from captioner.cider import CiderD
 from captioner.corpus import Corpus
-from captioner.decode import greedy_decode
 from captioner.images import ImageError, load_image
 from captioner.metrics import corpus_bleu4
 from captioner.models import CaptionDecoder
+from captioner.models.decode import greedy_decode
 from captioner.store import FeatureStore
 from captioner.text import Vocabulary
 from captioner.training.batches import FeatureStream

@@ -87,7 +87,7 @@ def write_report(path: Path, page: ReportPage, progress: bool = False) -> Path:
     # has "<" only inside strings, where "\u003c" reads as the same character.
     data = data.replace("<", "\\u003c")
     parts = {"title": html.escape(page.title), "header": _header(page), "data": data}
-    template = files("captioner").joinpath("report_page.html").read_text("utf-8")
+    template = files("captioner.inference").joinpath("report_page.html").read_text("utf-8")
     # One pass, so that nothing substituted is searched for placeholders again.
     text = re.sub(r"\{\{(title|header|data)\}\}", lambda match: parts[match[1]], template)
     with atomic_file(path, "w", encoding="utf-8") as file:
@@ -191,3 +191,14 @@ def _number(value: float | None, scale: float = 1.0) -> str:
     if value is None:
         return "n/a"
     return f"{value * scale:.2f}" if scale != 1.0 else f"{value:.4f}"
+
+
+def image_root(images: Path | None, recorded: str | None) -> tuple[Path | None, str]:
+    """The folder pictures are read from (`images`, else the one recorded at extraction), or
+    None and why there is none."""
+    root = images or recorded
+    if root is None:
+        return None, "no image folder known (pass --images)"
+    if not Path(root).is_dir():
+        return None, f"{root}: image folder not reachable"
+    return Path(root), ""

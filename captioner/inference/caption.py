@@ -7,7 +7,8 @@ file whatever folder a re-run starts in); a file that cannot be read gets an emp
 its reason. Rows are flushed batch by batch, and a re-run with the same output skips
 the files it already holds, so a killed run resumes without losing or repeating a row (a
 half-written last line is cut off and redone). With `html`, the whole output is also shown as a
-page of cards (captioner.report): each picture with its caption, sortable by log-probability.
+page of cards (captioner.inference.report): each picture with its caption, sortable by
+log-probability.
 """
 
 from __future__ import annotations
@@ -28,22 +29,22 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.checkpoint import Checkpoint, load_checkpoint
-from captioner.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.devices import resolve_device
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
+from captioner.files import spreadsheet_safe, spreadsheet_value
 from captioner.images import ImageDataset, collate_images
+from captioner.inference.report import Card, ReportPage, describe_config, write_report
+from captioner.models.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.option_checks import at_least, check_options, one_of
 from captioner.preemption import StopRequest
 from captioner.readers.builder import IMAGE_SUFFIXES
-from captioner.report import Card, ReportPage, describe_config, write_report
 
 OUTPUT_FORMATS = ("csv", "jsonl")
 COLUMNS = ("path", "caption", "log_prob", "error")
 # What a folder scan takes for a picture: the suffixes caption files name, and Netpbm's.
 FOLDER_IMAGE_SUFFIXES = frozenset((*IMAGE_SUFFIXES, ".ppm", ".pgm", ".pbm"))
 # A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection").
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass
@@ -235,27 +236,6 @@ def find_images(inputs: Iterable[str | Path], recursive: bool = False) -> list[P
                 seen.add(_key(match))
                 found.append(match)
     return found
-
-
-def spreadsheet_safe(value: str) -> str:
-    """`value` prefixed with ' if a spreadsheet would run it as a formula (it then shows the
-    text as written); plain numbers such as -12.5 stay numbers."""
-    return "'" + value if _is_formula(value) else value
-
-
-def spreadsheet_value(cell: str) -> str:
-    """The value `spreadsheet_safe` wrote into `cell`."""
-    return cell[1:] if cell.startswith("'") and _is_formula(cell[1:]) else cell
-
-
-def _is_formula(value: str) -> bool:
-    if not value.startswith(_FORMULA_STARTS):
-        return False
-    try:
-        float(value)
-        return False
-    except ValueError:
-        return True
 
 
 CaptionRow = tuple[str, str, float | None, str | None]  # path, caption, log_prob, error

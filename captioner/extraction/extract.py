@@ -30,8 +30,8 @@ from captioner.devices import resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
+from captioner.extraction.integrity import damaged_shards
 from captioner.images import ImageDataset, collate_images
-from captioner.integrity import damaged_shards
 from captioner.option_checks import at_least, check_options, optional
 from captioner.preemption import StopRequest
 from captioner.readers import read_corpus

@@ -3,15 +3,13 @@
 Outputs in the `out` directory: `metrics.json` (the scores and how they were computed),
 `captions.csv` (image_id, caption, log_prob, references), `results.json` (the COCO results format,
 ``[{"image_id", "caption"}]``), `report.html` (a page to look at every image's caption, references,
-per-image scores and attention; captioner.report) and, with `visualize`, `attention/<image>.png`.
-`score_predictions` scores another system's captions against a caption dataset the same way, and
-writes metrics.json and report.html.
+per-image scores and attention; captioner.inference.report) and, with `visualize`,
+`attention/<image>.png`. `captioner.inference.score` scores another system's captions the same way.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,22 +19,26 @@ import torch
 from tqdm import tqdm
 
 from captioner import visualize
-from captioner.caption import spreadsheet_safe, spreadsheet_value
 from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.corpus import Corpus
-from captioner.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.devices import resolve_device
 from captioner.errors import CaptionerError
-from captioner.files import atomic_file
+from captioner.files import atomic_file, spreadsheet_safe, write_json
 from captioner.images import ImageError, load_image
+from captioner.inference.report import (
+    REPORT_NAME,
+    Card,
+    ReportPage,
+    describe_config,
+    image_root,
+    write_report,
+)
 from captioner.metrics import COCO, MetricsReport, check_java, score_captions
 from captioner.models import load_native_attention
+from captioner.models.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.option_checks import at_least, check_options
-from captioner.readers import read_corpus
-from captioner.report import REPORT_NAME, Card, ReportPage, describe_config, write_report
-from captioner.store import FeatureStore, corpus_digest
+from captioner.store import FeatureStore, corpus_digest, split_rows, training_corpus
 from captioner.text import SPECIAL_TOKENS
-from captioner.training.data import split_rows, training_corpus
 
 # A checkpoint trained on another store is accepted when at least this share of its words occur
 # in this store's captions (the same dataset re-extracted); a vocabulary from another dataset
@@ -67,25 +69,6 @@ class EvaluationResult:
     out: Path
     images: int
     figures: int
-    notes: list[str]
-
-
-@dataclass
-class ScoreConfig:
-    predictions: Path  # CSV with image (or image_id or path) and caption columns, or COCO JSON
-    captions: list[Path]  # the caption dataset, in any format read_corpus reads
-    out: Path
-    split: str = "test"
-    format: str | None = None
-    splits_dir: Path | None = None
-    metrics: str = "auto"
-    images: Path | None = None  # image folder for the report's pictures
-
-
-@dataclass
-class ScoreResult:
-    report: MetricsReport
-    out: Path
     notes: list[str]
 
 
@@ -134,7 +117,7 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
     out.mkdir(parents=True, exist_ok=True)
     log_probs = {ids[row]: c.log_prob for row, c in zip(rows, captions, strict=True)}
     _write_captions_csv(out / "captions.csv", texts, log_probs, references)
-    _write_json(
+    write_json(
         out / "results.json", [{"image_id": _coco_id(i), "caption": texts[i]} for i in texts]
     )
     summary = {
@@ -145,7 +128,7 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
         "decoding": asdict(config.decoding),
         "notes": report.notes + notes,
     }
-    _write_json(out / "metrics.json", summary)
+    write_json(out / "metrics.json", summary)
     figures = 0
     if config.visualize:
         figures, figure_notes = _attention_figures(
@@ -172,7 +155,7 @@ def _evaluation_page(
 ) -> ReportPage:
     """report.html's content: the scores, where they came from, and a card per image."""
     ids = store.image_ids()
-    root, why_not = _image_root(config.images, store.attrs.get("images_root"))
+    root, why_not = image_root(config.images, store.attrs.get("images_root"))
     cards = [
         Card(
             ids[row],
@@ -283,143 +266,6 @@ def decode_rows(
     return captions
 
 
-def score_predictions(config: ScoreConfig) -> ScoreResult:
-    """Score another system's captions (CSV or COCO results JSON) against a caption dataset."""
-    if config.metrics == COCO:
-        check_java()
-    corpus = read_corpus(config.captions, config.format, config.splits_dir)
-    rows = corpus.image_indices(config.split)
-    if not rows:
-        raise CaptionerError(
-            f"{config.captions[0]}: no {config.split!r} images "
-            f"(splits: {', '.join(sorted({image.split for image in corpus.images}))})"
-        )
-    predictions = read_predictions(config.predictions)
-    matched, notes = _match_predictions(predictions, corpus, rows, config.predictions)
-    references = {
-        corpus.images[row].id: [c.raw for c in captions]
-        for row, captions in corpus.references(matched).items()
-    }
-    missing_references = [image for image, refs in references.items() if not refs]
-    if missing_references:
-        raise CaptionerError(
-            f"{config.captions[0]}: image {missing_references[0]!r} has no reference captions"
-        )
-    texts = {corpus.images[row].id: caption for row, caption in matched.items()}
-    report = score_captions(references, texts, config.metrics)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {
-        **report.to_dict(),
-        "predictions": str(config.predictions),
-        "captions": [str(path) for path in config.captions],
-        "split": config.split,
-        "notes": report.notes + notes,
-    }
-    _write_json(out / "metrics.json", summary)
-    root, why_not = _image_root(config.images, None)
-    cards = [
-        Card(
-            corpus.images[row].id,
-            caption,
-            picture=root / corpus.images[row].path if root else None,
-            missing=why_not,
-            references=references[corpus.images[row].id],
-            scores=report.per_image[corpus.images[row].id],
-        )
-        for row, caption in matched.items()
-    ]
-    details = [
-        ("predictions", str(config.predictions)),
-        ("references", f"{', '.join(map(str, config.captions))}, split {config.split!r}"),
-        ("pictures", str(root) if root else why_not),
-    ]
-    title = f"{Path(config.predictions).name} on the {config.split} split"
-    write_report(out / REPORT_NAME, ReportPage(title, cards, details, report, notes=notes))
-    return ScoreResult(report, out, notes)
-
-
-def read_predictions(path: Path) -> list[tuple[str, str, int]]:
-    """(image key, caption, line or entry number) from a CSV or a COCO results JSON file."""
-    path = Path(path)
-    try:
-        text = path.read_text("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CaptionerError(f"{path}: cannot read predictions ({error})") from None
-    if text.lstrip().startswith("["):
-        return _json_predictions(path, text)
-    return _csv_predictions(path, text)
-
-
-def _json_predictions(path: Path, text: str) -> list[tuple[str, str, int]]:
-    try:
-        entries = json.loads(text)
-    except ValueError as error:
-        raise CaptionerError(f"{path}: not valid JSON ({error})") from None
-    predictions = []
-    for number, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict) or "image_id" not in entry or "caption" not in entry:
-            raise CaptionerError(f"{path}: entry {number} lacks image_id or caption")
-        predictions.append((str(entry["image_id"]), str(entry["caption"]), number))
-    return predictions
-
-
-def _csv_predictions(path: Path, text: str) -> list[tuple[str, str, int]]:
-    reader = csv.DictReader(text.splitlines())
-    columns = reader.fieldnames or []
-    key = next((name for name in ("image", "image_id", "path") if name in columns), None)
-    if key is None or "caption" not in columns:
-        raise CaptionerError(
-            f"{path}: a predictions CSV needs an 'image' (or 'image_id' or 'path') column and a "
-            f"'caption' column; found {columns}"
-        )
-    return [
-        (spreadsheet_value(row[key] or ""), spreadsheet_value(row["caption"] or ""), number)
-        for number, row in enumerate(reader, start=2)
-    ]
-
-
-def _match_predictions(
-    predictions: list[tuple[str, str, int]], corpus: Corpus, rows: list[int], path: Path
-) -> tuple[dict[int, str], list[str]]:
-    """Corpus row -> predicted caption, matching a prediction's key to an image's id, its path,
-    or its file name; notes on what was left out."""
-    in_split = set(rows)
-    lookup: dict[str, int] = {}
-    names: dict[str, list[int]] = {}
-    for row, image in enumerate(corpus.images):
-        lookup.setdefault(image.id, row)
-        lookup.setdefault(image.path, row)
-        names.setdefault(Path(image.path).name, []).append(row)
-    matched: dict[int, str] = {}
-    other_split = unknown = 0
-    for key, caption, number in predictions:
-        row = lookup.get(key)
-        if row is None:
-            candidates = names.get(Path(key).name, [])
-            row = candidates[0] if len(candidates) == 1 else None
-        if row is None:
-            unknown += 1
-        elif row not in in_split:
-            other_split += 1
-        elif row in matched:
-            raise CaptionerError(f"{path}: line {number}: a second caption for image {key!r}")
-        else:
-            matched[row] = caption
-    if not matched:
-        raise CaptionerError(
-            f"{path}: none of its {len(predictions)} predictions name an image of that split"
-        )
-    notes = []
-    if len(matched) < len(rows):
-        notes.append(f"scored {len(matched)} of {len(rows)} images; the rest have no prediction")
-    if other_split:
-        notes.append(f"{other_split} predictions for images of other splits ignored")
-    if unknown:
-        notes.append(f"{unknown} predictions for images not in the dataset ignored")
-    return matched, notes
-
-
 def _attention_figures(
     folder: Path,
     checkpoint: Checkpoint,
@@ -432,7 +278,7 @@ def _attention_figures(
     """One PNG per image for the first `config.visualize` images; the photo when it is found."""
     if captions[0].attention is None:
         return 0, [f"{checkpoint.decoder_config.model} has no attention: nothing to visualize"]
-    root, why_not = _image_root(config.images, store.attrs.get("images_root"))
+    root, why_not = image_root(config.images, store.attrs.get("images_root"))
     notes = [f"{why_not}: attention drawn on the grid only"] if root is None else []
     folder.mkdir(parents=True, exist_ok=True)
     count = min(config.visualize, len(rows))
@@ -454,17 +300,6 @@ def _attention_figures(
     return count, notes
 
 
-def _image_root(images: Path | None, recorded: str | None) -> tuple[Path | None, str]:
-    """The folder pictures are read from (`images`, else the one recorded at extraction), or
-    None and why there is none."""
-    root = images or recorded
-    if root is None:
-        return None, "no image folder known (pass --images)"
-    if not Path(root).is_dir():
-        return None, f"{root}: image folder not reachable"
-    return Path(root), ""
-
-
 def _write_captions_csv(
     path: Path,
     texts: Mapping[str, str],
@@ -481,11 +316,6 @@ def _write_captions_csv(
 
     with atomic_file(path, "w", encoding="utf-8", newline="") as file:
         write(file)
-
-
-def _write_json(path: Path, data: object) -> None:
-    with atomic_file(path, "w", encoding="utf-8") as file:
-        json.dump(data, file, indent=2, ensure_ascii=False)
 
 
 def _coco_id(image_id: str) -> int | str:
