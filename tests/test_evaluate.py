@@ -17,6 +17,7 @@ from flickr8k_fixture import flickr8k_test_captions
 from inference_factories import make_checkpoint
 from PIL import Image
 
+from captioner import files as files_module
 from captioner import metrics, models
 from captioner.checkpoint import load_checkpoint, save_checkpoint
 from captioner.cli import main
@@ -392,9 +393,9 @@ def test_a_denied_write_of_the_results_is_one_line_and_the_rerun_writes_them(
     tmp_path, store_path, checkpoint_path, monkeypatch
 ):
     atomic_file = evaluate_module.atomic_file
-    monkeypatch.setattr(
-        evaluate_module, "atomic_file", failing_on_call(2, errno.EACCES, atomic_file)
-    )
+    failing = failing_on_call(2, errno.EACCES, atomic_file)  # the second file evaluate writes
+    monkeypatch.setattr(evaluate_module, "atomic_file", failing)
+    monkeypatch.setattr(files_module, "atomic_file", failing)  # write_json's
     args = [
         "evaluate",
         "--checkpoint",
@@ -413,6 +414,7 @@ def test_a_denied_write_of_the_results_is_one_line_and_the_rerun_writes_them(
     assert code == 1 and last.startswith("Error: ") and "Traceback" not in output
     assert "Permission denied" in last and "run the same command again" in last
     monkeypatch.setattr(evaluate_module, "atomic_file", atomic_file)
+    monkeypatch.setattr(files_module, "atomic_file", atomic_file)
     code, output = run_cli(*args)
     assert code == 0, output
     written = {path.name for path in (tmp_path / "o").iterdir()}
