@@ -1,12 +1,12 @@
-"""One training step of our Show-Attend-and-Tell decoder against two baselines (issues 4 (c), 10).
+"""One training step of our Show-Attend-and-Tell decoder against two baselines.
 
 Ours (captioner.models.ShowAttendTell.training_loss, fused Adam): the attention projection once
 per image, the captions of an image sharing its memory, masked full-length decoding, and only what
 depends on the previous step inside the step loop (see the model's docstring).
 
-Today's step (tests/plain_decoders.PlainShowAttendTell, Adam as before): the same model written
-layer by layer, as the step was before issue 10: per-caption copies of the image memory, every
-module called at every step, the output layer over every padded position.
+The layer-by-layer reference (tests/plain_decoders.PlainShowAttendTell, foreach Adam): the same
+model written layer by layer: per-caption copies of the image memory, every module called at every
+step, the output layer over every padded position.
 
 Tutorial (the popular sgrvinod "a-PyTorch-Tutorial-to-Image-Captioning"): one feature map per
 caption, the batch sorted by length, and at every step t the batch shrunk to the captions still
@@ -16,8 +16,8 @@ All three run the same weights and math (tanh attention, gate, LSTMCell, dropout
 smoothing, doubly stochastic penalty) on the same batch, on the same device, alternating, with
 forward + backward + Adam step timed. Before timing, the three losses are checked to agree.
 Caption lengths and vocabulary size come from the real Flickr8k captions when
-../shared/fixtures/flickr8k is present. The default batch is train_decoder.py's default
-(--batch-size 32: 6 images x 5 captions).
+../shared/fixtures/flickr8k is present. The default batch is 6 images x 5 captions (the
+reference's batch in bench/train.py); --images 16 is train_decoder.py's default batch.
 
     python bench/attention_step.py [--device cpu|cuda] [--repeats 3] [--images 6] [--no-tutorial]
 """
@@ -38,6 +38,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from machine import describe_machine  # noqa: E402  (bench/machine.py)
 from plain_decoders import PlainShowAttendTell  # noqa: E402
 
 from captioner.models import DecoderConfig, build_decoder, load_native_attention  # noqa: E402
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--no-tutorial", action="store_true", help="skip the slowest baseline")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    print(describe_machine())
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
@@ -142,7 +144,7 @@ def main() -> None:
     fused = device.type in ("cpu", "cuda")  # as captioner.training.run
     optimizers = {
         "ours": torch.optim.Adam(decoder.parameters(), lr=4e-4, fused=fused),
-        "today": torch.optim.Adam(plain.parameters(), lr=4e-4),
+        "reference": torch.optim.Adam(plain.parameters(), lr=4e-4),
     }
     features = torch.randn(args.images, regions, args.channels, generator=generator).to(device)
     image_index = torch.arange(args.images).repeat_interleave(args.captions_per_image).to(device)
@@ -157,7 +159,7 @@ def main() -> None:
                 features, image_index, captions, lengths_tensor, smoothing, alpha_c
             ).loss
         ),
-        "today": lambda: (
+        "reference": lambda: (
             plain.training_loss(
                 features, image_index, captions, lengths_tensor, smoothing, alpha_c
             ).loss
@@ -168,7 +170,7 @@ def main() -> None:
     }
     if args.no_tutorial:
         del paths["tutorial"]
-    optimizers["tutorial"] = optimizers["today"]
+    optimizers["tutorial"] = optimizers["reference"]
 
     decoder.eval(), plain.eval()  # the same function of the weights when dropout is off
     with torch.no_grad():
@@ -207,8 +209,8 @@ def main() -> None:
     print(f"ours: {native_note or 'attention scores: PyTorch ops'}")
     print(f"median over {args.repeats} steps (forward + backward + Adam):")
     labels = {
-        "ours": "ours (issue 10: loop holds only the recurrence)",
-        "today": "today's step (plain layers, before issue 10)",
+        "ours": "ours (the loop holds only the recurrence)",
+        "reference": "reference (layer by layer, per-caption copies)",
         "tutorial": "tutorial (projection every step, sorted + shrinking)",
     }
     for name, median in medians.items():

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract import write_photos  # noqa: E402  (bench/extract.py: Flickr-sized JPEGs)
+from machine import describe_machine  # noqa: E402  (bench/machine.py)
 
 from captioner.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from captioner.devices import resolve_device  # noqa: E402
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2500)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    print(describe_machine())
 
     device = resolve_device(args.device)
     encoder_config = EncoderConfig(args.encoder, "none", args.image_size)

@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe_machine  # noqa: E402  (bench/machine.py)
+
 from captioner.devices import resolve_device  # noqa: E402
 from captioner.models import DecoderConfig, build_decoder, load_native_attention  # noqa: E402
 from captioner.models.decode import DecodingConfig, beam_search  # noqa: E402
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    print(describe_machine())
 
     device = resolve_device(args.device)
     torch.manual_seed(0)

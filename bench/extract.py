@@ -32,6 +32,8 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe_machine  # noqa: E402  (bench/machine.py)
+
 from captioner.devices import resolve_device  # noqa: E402
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform  # noqa: E402
 from captioner.extraction.extract import ExtractConfig, extract_features  # noqa: E402
@@ -321,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     storage.add_argument("--batches", type=int, default=6, help="batches of 64 to read")
     storage.add_argument("--tmp", default=None, help="folder for the trial stores (a real disk)")
     args = parser.parse_args(argv)
+    print(describe_machine())
     if args.part == "storage":
         bench_storage(args)
         return

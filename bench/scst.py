@@ -1,4 +1,4 @@
-"""Self-critical training step (issue 11): what the CIDEr-D reward costs of a step, ours against
+"""Self-critical training step: what the CIDEr-D reward costs of a step, ours against
 coco-caption's scorer used as the reward, in one run.
 
 One SCST step at train_decoder.py's defaults (sizes 512, 16 images x 5 samples, 14x14x2048 maps
@@ -28,6 +28,8 @@ import torch
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import describe_machine  # noqa: E402  (bench/machine.py)
 
 from captioner.models import DecoderConfig, build_decoder  # noqa: E402
 from captioner.readers import read_corpus  # noqa: E402
@@ -95,6 +97,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    print(describe_machine())
     device = torch.device(args.device)
     torch.manual_seed(0)
 

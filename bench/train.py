@@ -1,10 +1,9 @@
-"""Phase-2 benchmarks (issues 4 and 10), each measured against its baseline in one run.
+"""Phase-2 benchmarks, each measured against its baseline in one run.
 
 (a) training throughput and epoch time: both decoders trained over the feature store in a loop
     that does what captioner.training.loop does each step (stream with data wait, loss, backward,
-    clip, Adam), ours against today's step (issue 10's baseline: the plain steps of
-    tests/plain_decoders.py, unbucketed batches read by 2 threads, Adam as before) in
-    steady-state captions/s;
+    clip, Adam), ours against the layer-by-layer reference step (tests/plain_decoders.py,
+    unbucketed batches read by 2 threads, foreach Adam) in steady-state captions/s;
     then a Flickr8k epoch from the store against the same decoder with the frozen ResNet-152
     (448 px, images decoded from JPEG) in the loop, run once per image for all its captions, or
     once per (image, caption) sample as the common tutorials do.
@@ -17,8 +16,8 @@
 A Flickr8k epoch on a CPU would take hours with the CNN in the loop, so the CNN's costs are medians
 of a few images and the epoch times are EXTRAPOLATED to Flickr8k's train split (6000 images,
 30000 captions): the printout says so next to each number. The decoder loop runs train_decoder.py's
-default options (sizes 512, --batch-size 80: 16 images x 5 captions; today's step at its own
-default, --batch-size 32) over the whole store.
+default options (sizes 512, --batch-size 80: 16 images x 5 captions; the reference step at
+--batch-size 32, the default before the fast step) over the whole store.
 
 The CNN uses random weights (weights=none): the same architecture and FLOPs as the ImageNet
 weights, which cannot be downloaded here. The store holds 128 images of synthetic post-ReLU
@@ -47,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from machine import describe_machine  # noqa: E402  (bench/machine.py)
 from plain_decoders import PlainShowAttendTell, PlainShowTell  # noqa: E402
 
 from captioner.encoder import EncoderConfig, build_encoder, image_transform  # noqa: E402
@@ -61,8 +61,8 @@ from captioner.training.run import Amp  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k"
 FLICKR8K_TRAIN_IMAGES, CAPTIONS_PER_IMAGE = 6000, 5
-TODAY_BATCH_SIZE = 32  # train_decoder.py's default before issue 10: 6 images x 5 captions
-BATCH_SIZE = TrainConfig.batch_size  # today's default
+REFERENCE_BATCH_SIZE = 32  # 6 images x 5 captions: train_decoder.py's default before the fast step
+BATCH_SIZE = TrainConfig.batch_size  # train_decoder.py's default
 STORE_IMAGES, GRID, CHANNELS = 128, (14, 14), 2048
 MODELS = ("show-tell", "show-attend-tell")
 
@@ -140,19 +140,19 @@ def stream_of(
 
 class Trainer:
     """One training step as captioner.training.loop takes it (loss, backward, clip, Adam), ours
-    (with the compiled attention scores where train_decoder.py would load them) or today's (the
-    plain steps of tests/plain_decoders.py and Adam as they were before issue 10)."""
+    (with the compiled attention scores where train_decoder.py would load them) or the reference
+    (the layer-by-layer steps of tests/plain_decoders.py with foreach Adam)."""
 
     def __init__(
         self,
         model: str,
         vocabulary: Vocabulary,
         device: torch.device,
-        today: bool,
+        reference: bool,
     ):
         torch.manual_seed(0)
         config = DecoderConfig(model, len(vocabulary), CHANNELS)
-        if today:
+        if reference:
             plain = PlainShowAttendTell if model == "show-attend-tell" else PlainShowTell
             self.decoder = plain(config).to(device)
         else:
@@ -160,7 +160,7 @@ class Trainer:
             load_native_attention(
                 self.decoder, GRID[0] * GRID[1], device
             )  # as train_decoder.py does
-        fused = not today and device.type in ("cpu", "cuda")
+        fused = not reference and device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=4e-4, fused=fused)
         self.amp = Amp(device)
         self.device = device
@@ -220,8 +220,8 @@ def measure_training(
     store: FeatureStore, vocabulary: Vocabulary, repeats: int, device: torch.device
 ) -> dict[str, dict[str, float]]:
     """Steady-state captions/s of whole epochs over the store (data wait included, after one
-    warm-up step) for each path, alternating: today's step at today's defaults, ours at those
-    same options, and ours at train_decoder.py's defaults now."""
+    warm-up step) for each path, alternating: the reference step at its batch size, ours at that
+    batch size, and ours at train_decoder.py's defaults."""
     print(
         f"(a) training over the store, {store.num_images} images with real Flickr8k captions,"
         f" sizes 512, vocabulary {len(vocabulary)}; captions/s of whole epochs, data wait"
@@ -231,16 +231,23 @@ def measure_training(
     rates: dict[str, dict[str, float]] = {}
     for model in MODELS:
         kind = "pooled" if model == "show-tell" else "spatial"
-        paths = {  # name: (today's step?, stream)
-            "today": (
+        paths = {  # name: (the reference step?, stream)
+            "reference": (
                 True,
                 stream_of(
-                    store, vocabulary, kind, workers=2, device=device, batch_size=TODAY_BATCH_SIZE
+                    store,
+                    vocabulary,
+                    kind,
+                    workers=2,
+                    device=device,
+                    batch_size=REFERENCE_BATCH_SIZE,
                 ),
             ),
-            f"ours, batch {TODAY_BATCH_SIZE}": (
+            f"ours, batch {REFERENCE_BATCH_SIZE}": (
                 False,
-                stream_of(store, vocabulary, kind, ours_workers, False, device, TODAY_BATCH_SIZE),
+                stream_of(
+                    store, vocabulary, kind, ours_workers, False, device, REFERENCE_BATCH_SIZE
+                ),
             ),
             "ours": (False, stream_of(store, vocabulary, kind, ours_workers, False, device)),
         }
@@ -250,7 +257,8 @@ def measure_training(
                 stream_of(store, vocabulary, kind, ours_workers, True, device),
             )
         trainers = {
-            name: Trainer(model, vocabulary, device, today) for name, (today, _) in paths.items()
+            name: Trainer(model, vocabulary, device, reference)
+            for name, (reference, _) in paths.items()
         }
         for name, (_, stream) in paths.items():  # warm-up (first-call allocations)
             trainers[name].step(next(iter(stream.epoch(0))))
@@ -280,7 +288,7 @@ def measure_training(
             wait = 100 * statistics.median(waits[name])
             print(
                 f"  {model:<17} {label:<44} {rates[model][name]:7.1f} captions/s,"
-                f" {rates[model][name] / rates[model]['today']:5.2f}x today's,"
+                f" {rates[model][name] / rates[model]['reference']:5.2f}x the reference,"
                 f" data wait {wait:4.1f}%  (each: {each})"
             )
     return rates
@@ -297,12 +305,12 @@ def report_epochs(decode: float, cnn: float, rates: dict[str, dict[str, float]])
     per_image_cnn = decode + cnn
     for model in MODELS:
         ours = samples_per_epoch / rates[model]["ours"]
-        today = samples_per_epoch / rates[model]["today"]
+        reference = samples_per_epoch / rates[model]["reference"]
         once_per_image = ours + images_per_epoch * per_image_cnn
         once_per_sample = ours + samples_per_epoch * per_image_cnn
         print(f"  {model}:")
         print(f"    from the store (ours)                         {hours(ours)}")
-        print(f"    from the store (today's step)                 {hours(today)}")
+        print(f"    from the store (reference step)               {hours(reference)}")
         print(
             f"    CNN once per image, all its captions          {hours(once_per_image)}"
             f"   ours is {once_per_image / ours:7.1f}x faster"
@@ -394,6 +402,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    print(describe_machine())
     device = torch.device(args.device)
     if not (FIXTURES / "captions.txt").is_file():
         sys.exit(f"needs the Flickr8k fixtures at {FIXTURES}")

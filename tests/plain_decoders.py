@@ -1,14 +1,14 @@
-"""Plain implementations of the decoders' fast paths, kept to check them against.
+"""The layer-by-layer references of the decoders' fast paths, kept to check them against.
 
-`PlainShowTell` is Show-and-Tell as it was before issue 10: `nn.LSTM` itself over the image
-embedding and over the packed captions, and autograd's own label-smoothed loss.
+`PlainShowTell` is Show-and-Tell on the library's own layers: `nn.LSTM` itself over the image
+embedding and over the packed captions, `nn.Dropout`, and autograd's own label-smoothed loss.
 
-`PlainShowAttendTell` is the attention model written layer by layer, as it was before its step was
-made fast: the modules called one after another at every step (attention query, tanh, score,
-gate, LSTMCell, output layer) and the masked loss over the full (captions, steps, vocabulary)
-logits. It has the same weights as `ShowAttendTell`, so a state dict moves between the two.
-tests/test_models.py compares losses, gradients and decoded captions with it, and
-bench/attention_step.py times it as the baseline of the fast step.
+`PlainShowAttendTell` is the attention model written layer by layer: the modules called one after
+another at every step (attention query, tanh, score, gate, LSTMCell, output layer) and the masked
+loss over the full (captions, steps, vocabulary) logits. It has the same weights as
+`ShowAttendTell`, so a state dict moves between the two. tests/test_models.py compares losses,
+gradients and decoded captions with both references, and bench/attention_step.py and
+bench/train.py time them as the baselines of the fast steps.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def masked_label_smoothed_loss(
 class PlainShowTell(ShowTell):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__(config)
-        self.head[0] = nn.Dropout(config.dropout)  # as before issue 10
+        self.head[0] = nn.Dropout(config.dropout)  # nn.Dropout, not the torch.rand mask
 
     def init_state(self, memory: Memory) -> State:
         (image_embedding,) = memory
@@ -82,7 +82,7 @@ class PlainShowTell(ShowTell):
 class PlainShowAttendTell(ShowAttendTell):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__(config)
-        self.head[0] = nn.Dropout(config.dropout)  # as before issue 10
+        self.head[0] = nn.Dropout(config.dropout)  # nn.Dropout, not the torch.rand mask
 
     def advance(
         self, embedded: Tensor, state: State, memory: Memory

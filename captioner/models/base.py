@@ -83,9 +83,9 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
-        log_probs = logits.float().log_softmax(-1)
-        nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        smoothed = (1.0 - smoothing) * nll - smoothing * log_probs.mean(-1)
+        log_probs = logits.float().log_softmax(-1)  # (N, V)
+        nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+        smoothed = (1.0 - smoothing) * nll - smoothing * log_probs.mean(-1)  # (N,)
         ctx.save_for_backward(log_probs, targets)
         ctx.smoothing, ctx.dtype = smoothing, logits.dtype
         ctx.mark_non_differentiable(nll)
@@ -94,11 +94,11 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_smoothed: Tensor, _grad_nll: None) -> tuple[Tensor, None, None]:
-        log_probs, targets = ctx.saved_tensors
+        log_probs, targets = ctx.saved_tensors  # (N, V), (N,)
         smoothing, vocabulary = ctx.smoothing, log_probs.size(-1)
-        grad = log_probs.exp().sub_(smoothing / vocabulary)
-        on_target = grad.new_full((len(targets), 1), smoothing - 1.0)
-        grad.scatter_add_(-1, targets.unsqueeze(-1), on_target)
+        grad = log_probs.exp().sub_(smoothing / vocabulary)  # softmax - ε / V: (N, V)
+        on_target = grad.new_full((len(targets), 1), smoothing - 1.0)  # (N, 1)
+        grad.scatter_add_(-1, targets.unsqueeze(-1), on_target)  # - (1 - ε) at each target
         return grad.mul_(grad_smoothed.unsqueeze(-1)).to(ctx.dtype), None, None
 
 
@@ -111,7 +111,7 @@ def rows_per_image(image_index: Tensor, images: int) -> int | None:
     """k when `image_index` is k consecutive rows for each of `images` images in order
     (0, 0, 1, 1, ...), the layout in which captions share their image's memory; else None."""
     rows = len(image_index) // max(images, 1)
-    expected = torch.arange(images, device=image_index.device).repeat_interleave(rows)
+    expected = torch.arange(images, device=image_index.device).repeat_interleave(rows)  # (G k,)
     if rows == 0 or not torch.equal(image_index, expected):
         return None
     return rows
@@ -124,7 +124,8 @@ def select_rows(tensors: tuple[Tensor, ...], index: Tensor) -> tuple[Tensor, ...
 
 def lstm_update(gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
     """`nn.LSTMCell` after its matrix products: gates (B, 4H) in PyTorch's order i, f, g, o."""
-    input_gate, forget_gate, candidate, output_gate = gates.chunk(4, 1)
+    input_gate, forget_gate, candidate, output_gate = gates.chunk(4, 1)  # (B, H) each
+    # c = f * c + i * g, h = o * tanh(c), with i, f, o = sigmoid(...) and g = tanh(...)
     cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(candidate)
     return torch.sigmoid(output_gate) * torch.tanh(cell), cell
 
@@ -239,7 +240,8 @@ class CaptionDecoder(nn.Module):
         real = self.real_tokens(features, image_index, captions, lengths)
         never = torch.tensor(NEVER_GENERATED, device=real.logits.device)
         log_probs = real.logits.float().index_fill(-1, never, float("-inf")).log_softmax(-1)
-        token = log_probs.gather(-1, real.targets.unsqueeze(-1)).squeeze(-1)
+        token = log_probs.gather(-1, real.targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+        # each token's log-probability added to its caption's: (B_cap,)
         return token.new_zeros(len(captions)).index_add(0, real.captions, token)
 
     def teacher_forced_log_probs(

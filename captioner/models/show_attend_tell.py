@@ -1,7 +1,30 @@
 """Show, Attend and Tell (Xu et al., 2015) with soft (Bahdanau) attention over the H*W regions.
 
+For an image whose L = H*W regions f_1 .. f_L (C,) are standardized by the training split's
+statistics, and a caption y_0 = <start>, y_1, ... whose words are embedded as E y (E,):
+
+    h_0     = W_init_h mean_l(f_l) + b           the initial state (H,), from the mean feature:
+    c_0     = W_init_c mean_l(f_l) + b             `init_state` (`init_h`, `init_c`)
+    P_l     = W_f f_l + b_f                      each region's projection (A,), computed once
+                                                   per image and shared by its captions (`encode`)
+    and at each step t = 1, 2, ..., from the word y_t-1 and the state h_t-1, c_t-1:
+    e_t,l   = w . tanh(P_l + W_h h_t-1) + b_w    additive (Bahdanau) attention scores (L,)
+    alpha_t = softmax_l(e_t)                     where to look (L,)
+    beta_t  = sigmoid(f_beta h_t-1)              the gate (C,)                         `gate`
+    z_t     = beta_t * sum_l alpha_t,l f_l       the gated context (C,)
+    the LSTM cell (`cell`) on x_t = [E y_t-1; z_t], its input, forget, candidate and output
+    gates' pre-activations (H,) each, stacked in PyTorch's order:
+    [i; f; g; o] = W_x x_t + W_hh h_t-1 + b      (4H,), W_x x_t = W_word E y_t-1 + W_context z_t
+    c_t     = sigmoid(f) * c_t-1 + sigmoid(i) * tanh(g)                        `base.lstm_update`
+    h_t     = sigmoid(o) * tanh(c_t)
+    p_t     = softmax(W_o dropout(h_t))          the distribution of the word y_t (V,)  `head`
+
+(W_f, W_h and w are `attention.feature_projection`, `.hidden_projection` and `.score`.) The loss
+is the label-smoothed cross entropy of p_t against y_t over the real tokens, plus alpha_c times
+the doubly stochastic penalty mean_l (1 - sum_t alpha_t,l)^2 (`attention_penalty`).
+
 Training is fast because only what depends on the previous step runs inside the step loop
-(bench/attention_step.py measures it against the plain layer-by-layer step, bench/RESULTS.md):
+(bench/attention_step.py measures it against the layer-by-layer reference step, bench/RESULTS.md):
 - the attention projection of the features, the largest matrix product, is computed once per
   image in `encode` and shared by all of the image's captions through `image_index`;
 - masked full-length decoding: the whole batch runs to its longest caption and the loss is
@@ -12,8 +35,8 @@ Training is fast because only what depends on the previous step runs inside the 
 - the attention scores keep one (captions, regions, attention) tensor per step for the backward
   pass instead of two (`additive_scores`).
 The weights and their names are those of the plain layers (`nn.LSTMCell`, three `nn.Linear`), so
-checkpoints are unchanged; tests/test_models.py checks the loss and every gradient against a plain
-implementation.
+checkpoints are unchanged; tests/test_models.py checks the loss and every gradient against the
+layer-by-layer reference (tests/plain_decoders.py).
 """
 
 from __future__ import annotations
@@ -59,31 +82,34 @@ class _AdditiveScores(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        projection, query, weight = ctx.saved_tensors
-        grad_projection = torch.empty_like(projection)
-        grad_query = torch.empty_like(query)
-        grad_weight, negative_weight = torch.zeros_like(weight), weight.neg()
-        for chunk, activation in _activations(projection, query):
+        projection, query, weight = ctx.saved_tensors  # (G, L, A), (G, k, A), (A,)
+        grad_projection = torch.empty_like(projection)  # (G, L, A)
+        grad_query = torch.empty_like(query)  # (G, k, A)
+        grad_weight, negative_weight = torch.zeros_like(weight), weight.neg()  # (A,) each
+        for chunk, activation in _activations(projection, query):  # tanh(...) (g, k, L, A)
             grad = grad_scores[chunk]  # (g, k, L)
+            # the weight's: activation (g k L, A) transposed times grad (g k L,)
             grad_weight.addmv_(activation.reshape(-1, activation.size(-1)).t(), grad.reshape(-1))
-            # d tanh(x) / dx = 1 - tanh(x)^2; (tanh^2 - 1) * -weight, in place on the chunk
+            # d tanh(x) / dx = 1 - tanh(x)^2; (tanh^2 - 1) * -weight, in place on the chunk:
+            # the gradient of the sum P_l + W_h h, (g, k, L, A)
             activation.mul_(activation).sub_(1.0).mul_(negative_weight).mul_(grad.unsqueeze(-1))
-            torch.sum(activation, 2, out=grad_query[chunk])
-            torch.sum(activation, 1, out=grad_projection[chunk])
+            torch.sum(activation, 2, out=grad_query[chunk])  # over the regions: (g, k, A)
+            torch.sum(activation, 1, out=grad_projection[chunk])  # over the k rows: (g, L, A)
+        # the bias's gradient (1,): every score has it
         return grad_projection, grad_query, grad_weight, grad_scores.sum().reshape(1)
 
 
 def _scores(projection: Tensor, query: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    scores = projection.new_empty(query.shape[:2] + projection.shape[1:2])
-    for chunk, activation in _activations(projection, query):
-        torch.matmul(activation, weight, out=scores[chunk])
+    scores = projection.new_empty(query.shape[:2] + projection.shape[1:2])  # (G, k, L)
+    for chunk, activation in _activations(projection, query):  # (g, k, L, A)
+        torch.matmul(activation, weight, out=scores[chunk])  # . w: (g, k, L)
     return scores.add_(bias)
 
 
 def _activations(projection: Tensor, query: Tensor) -> Iterator[tuple[slice, Tensor]]:
     """(images, tanh(projection + query) (g, k, L, A)) for chunks of g images, in one buffer."""
-    images, rows = projection.size(0), query.size(1)
-    per_image = rows * projection[0].numel()
+    images, rows = projection.size(0), query.size(1)  # G, k
+    per_image = rows * projection[0].numel()  # k * L * A values
     # A GPU has no such cache to fit and pays per kernel launch: one chunk there.
     per_chunk = max(1, _SCORE_CHUNK_VALUES // per_image) if projection.is_cpu else images
     buffer = projection.new_empty(min(per_chunk, images) * per_image)
@@ -91,6 +117,7 @@ def _activations(projection: Tensor, query: Tensor) -> Iterator[tuple[slice, Ten
         chunk = slice(start, start + per_chunk)
         size = len(range(*chunk.indices(images)))
         activation = buffer[: size * per_image].view(size, rows, *projection.shape[1:])
+        # P (g, 1, L, A) + W_h h (g, k, 1, A) -> (g, k, L, A)
         torch.add(projection[chunk].unsqueeze(1), query[chunk].unsqueeze(2), out=activation)
         yield chunk, activation.tanh_()
 
@@ -128,7 +155,7 @@ def additive_scores(
             return native.forward(projection, query, weight, bias)
         return _NativeAdditiveScores.apply(projection, query, weight, bias, native)
     if projection.dtype != weight.dtype:  # autocast: the plain ops let it pick the dtypes
-        activation = torch.tanh(projection.unsqueeze(1) + query.unsqueeze(2))
+        activation = torch.tanh(projection.unsqueeze(1) + query.unsqueeze(2))  # (G, k, L, A)
         return activation @ weight.to(activation.dtype) + bias.to(activation.dtype)
     if not torch.is_grad_enabled():  # decoding: no graph to record
         return _scores(projection, query, weight, bias)
@@ -154,17 +181,17 @@ class Attention(nn.Module):
         """Context (R, C) and weights alpha (R, L) for the projected hidden states `query` (R, A)
         of R = G * k rows, k consecutive rows for each of the G images of `features` (G, L, C)
         and `projection` (G, L, A): the k captions (or beams) of an image share its features."""
-        images = features.size(0)
-        scores = additive_scores(
-            projection,
-            query.view(images, -1, query.size(1)),
-            self.score.weight[0],
-            self.score.bias,
+        images = features.size(0)  # G
+        scores = additive_scores(  # e: (G, k, L)
+            projection,  # (G, L, A)
+            query.view(images, -1, query.size(1)),  # (G, k, A)
+            self.score.weight[0],  # w (A,)
+            self.score.bias,  # (1,)
             self.native,
         )
-        alpha = scores.softmax(-1)
-        context = torch.bmm(alpha, features)
-        return context.flatten(0, 1), alpha.flatten(0, 1)
+        alpha = scores.softmax(-1)  # (G, k, L)
+        context = torch.bmm(alpha, features)  # sum_l alpha_l f_l: (G, k, C)
+        return context.flatten(0, 1), alpha.flatten(0, 1)  # (R, C), (R, L)
 
 
 class _StepWeights(NamedTuple):
@@ -204,29 +231,31 @@ class ShowAttendTell(CaptionDecoder):
 
     def init_state(self, memory: Memory) -> State:
         """h0, c0 (G, H) from the mean feature over the regions, one row per memory row."""
-        mean = memory[0].mean(1)
+        mean = memory[0].mean(1)  # (G, C)
         return self.init_h(mean), self.init_c(mean)
 
     def advance(
         self, embedded: Tensor, state: State, memory: Memory
     ) -> tuple[Tensor, State, Tensor]:
         weights = self._step_weights()
-        state, alpha = self._recur(
+        state, alpha = self._recur(  # the word's share of the gates (R, 4H) from embedded (R, E)
             F.linear(embedded, weights.word, weights.word_bias), state, memory, weights
         )
-        return self.head(state[0]), state, alpha
+        return self.head(state[0]), state, alpha  # logits (R, V), alpha (R, L)
 
     def _recur(
         self, word_gates: Tensor, state: State, memory: Memory, weights: _StepWeights
     ) -> tuple[State, Tensor]:
         """One step from the word's share of the LSTM gates (R, 4H): the new state and alpha."""
-        features, projection = memory
-        h, c = state
-        hidden_products = weights.hidden(h)  # (autocast may have made it half precision)
+        features, projection = memory  # f (G, L, C), P (G, L, A)
+        h, c = state  # (R, H) each, k = R / G rows for each image
+        hidden_products = weights.hidden(h)  # (R, A + C + 4H); autocast may make it half precision
         hidden_products = hidden_products + weights.hidden_bias.to(hidden_products.dtype)
+        # W_h h (R, A), f_beta h (R, C), the LSTM's recurrent products W_h* h (R, 4H)
         query, gate, recurrence = hidden_products.split(self._hidden_split, 1)
-        context, alpha = self.attention.attend(features, projection, query)
-        gated = torch.sigmoid(gate) * context
+        context, alpha = self.attention.attend(features, projection, query)  # (R, C), (R, L)
+        gated = torch.sigmoid(gate) * context  # z = beta * context: (R, C)
+        # the gates (R, 4H): word half + recurrent + context half; then h, c (R, H) each
         h, c = lstm_update(word_gates + recurrence + weights.context(gated), c)
         return (h, c), alpha
 
@@ -248,24 +277,26 @@ class ShowAttendTell(CaptionDecoder):
     ) -> RealTokens:
         """Masked full-length decoding: every caption runs to the batch's longest, and the head
         runs once after the loop on the hidden states of the real tokens only."""
-        memory = self.encode(features)
-        rows = rows_per_image(image_index, features.size(0))
+        memory = self.encode(features)  # f (G, L, C), P (G, L, A)
+        rows = rows_per_image(image_index, features.size(0))  # k captions for each image
         if rows is None:  # images with unequal numbers of captions: one memory row per caption
             memory, rows = select_rows(memory, image_index), 1
+        # h_0, c_0 (B, H) for the B = G * k captions
         state = tuple(s.repeat_interleave(rows, 0) for s in self.init_state(memory))
-        steps = int(lengths.max()) - 1
+        steps = int(lengths.max()) - 1  # S: every caption runs to the longest
         weights = self._step_weights()
+        # the word half of every step's gates, before the loop: (B, S, 4H)
         word_gates = F.linear(self.embedding(captions[:, :steps]), weights.word, weights.word_bias)
         hidden, alphas = [], []
-        for step_gates in word_gates.unbind(1):
-            state, alpha = self._recur(step_gates, state, memory, weights)
+        for step_gates in word_gates.unbind(1):  # (B, 4H)
+            state, alpha = self._recur(step_gates, state, memory, weights)  # h, c (B, H); (B, L)
             hidden.append(state[0])
             alphas.append(alpha)
-        mask = length_mask(lengths.to(captions.device) - 1, steps)
-        caption_of, position = mask.nonzero().unbind(1)  # in the order of hidden[mask]
+        mask = length_mask(lengths.to(captions.device) - 1, steps)  # (B, S): the real tokens
+        caption_of, position = mask.nonzero().unbind(1)  # (N,) each, in the order of hidden[mask]
         return RealTokens(
-            logits=self.head(torch.stack(hidden, 1)[mask]),
-            targets=captions[:, 1 : steps + 1][mask],
+            logits=self.head(torch.stack(hidden, 1)[mask]),  # (B, S, H)[mask] -> (N, V)
+            targets=captions[:, 1 : steps + 1][mask],  # (N,)
             captions=caption_of,
             positions=position,
             penalty=lambda: attention_penalty(torch.stack(alphas, 1), mask),

@@ -25,7 +25,7 @@ class LoopWeight:
 
     def __init__(self, *weights: Tensor) -> None:
         self.steps = _Steps()
-        self.weights = weights
+        self.weights = weights  # (O_i, I) each: O = the sum of the O_i outputs
         # Under autocast the plain products let autocast choose the dtypes.
         self.deferred = (
             torch.is_grad_enabled()
@@ -33,9 +33,10 @@ class LoopWeight:
             and not torch.is_autocast_enabled(weights[0].device.type)
         )
         if self.deferred:
-            self.weight = _LoopGradient.apply(torch.cat(weights), self.steps)
+            self.weight = _LoopGradient.apply(torch.cat(weights), self.steps)  # (O, I)
 
     def __call__(self, inputs: Tensor) -> Tensor:
+        """One step's product: inputs (R, I) -> (R, O)."""
         if self.deferred:
             return _StepProduct.apply(inputs, self.weight, self.steps)
         if len(self.weights) == 1:
@@ -65,7 +66,9 @@ class _LoopGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _unused: Tensor) -> tuple[Tensor, None]:
         steps = ctx.steps
-        grad = torch.cat(steps.grads).t() @ torch.cat(steps.inputs)
+        # the output gradients of all steps (sum of R_t, O), transposed, times their inputs
+        # (sum of R_t, I)
+        grad = torch.cat(steps.grads).t() @ torch.cat(steps.inputs)  # (O, I)
         steps.inputs.clear()
         steps.grads.clear()
         return grad, None
@@ -83,7 +86,7 @@ class _StepProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        inputs, weight = ctx.saved_tensors
+        inputs, weight = ctx.saved_tensors  # (R, I), (O, I)
         ctx.steps.inputs.append(inputs)
-        ctx.steps.grads.append(grad)
-        return grad @ weight, None, None
+        ctx.steps.grads.append(grad)  # (R, O)
+        return grad @ weight, None, None  # the input's gradient (R, I)
