@@ -166,7 +166,7 @@ def test_cached_steps_give_the_teacher_forced_log_probs(shared):
             torch.testing.assert_close(log_probs[real], teacher[real, t], rtol=0, atol=1e-5)
             assert alpha.shape == (len(index), REGIONS)
             torch.testing.assert_close(alpha.sum(1), torch.ones(len(index)))
-            assert [cache.shape for cache in state] == [(len(index), 2, HEADS, t + 1, 16)] * 2
+            assert [cache.shape for cache in state] == [(len(index), t + 1, 2 * WIDTH)] * 2
 
 
 def test_beam_size_one_is_greedy_and_batched_beam_is_per_image():

@@ -85,10 +85,15 @@ def check_config(config: DecoderConfig) -> None:
         raise ValueError(f"transformer sizes must satisfy {', '.join(broken)}")
 
 
-def _split_heads(projected: Tensor, parts: int, heads: int) -> Tensor:
-    """(B, T, parts * d) -> (parts, B, H, T, d_h): a view, the parts (queries, keys, values)
-    of a fused projection apart and each cut into heads."""
-    return projected.unflatten(-1, (parts, heads, -1)).permute(2, 0, 3, 1, 4)
+def _split_heads(projected: Tensor, parts: int, heads: int) -> tuple[Tensor, ...]:
+    """(B, T, parts * d) -> `parts` views (B, H, T, d_h): the queries, keys or values of a fused
+    projection, each cut into heads.
+
+    The views keep the projection's memory layout, which the attention kernels read as it is,
+    and unbind's backward stacks their gradients straight back into it, ready for the
+    projection's own backward: no copies either way."""
+    split = projected.unflatten(-1, (parts, heads, -1)).unbind(2)  # (B, T, H, d_h) each
+    return tuple(part.transpose(1, 2) for part in split)
 
 
 def _merge_heads(attended: Tensor) -> Tensor:
@@ -107,18 +112,22 @@ class _SelfAttention(nn.Module):
 
     def forward(
         self, x: Tensor, causal: bool, cache: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """x (B, T, d) -> (B, T, d), and the keys and values (B, 2, H, t + T, d_h) of the t
-        positions in `cache` (B, 2, H, t, d_h) and these T. With `causal`, position i attends
-        to positions <= i only; one new position after a cache attends to all and needs no mask.
-        """
-        parts = _split_heads(self.query_key_value(x), 3, self.heads)  # (3, B, H, T, d_h)
-        queries, keys_values = parts[0], parts[1:].transpose(0, 1)  # (B, H, T, d_h), (B, 2, ...)
-        if cache is not None:
-            keys_values = torch.cat([cache, keys_values], 3)
-        keys, values = keys_values.unbind(1)  # (B, H, t + T, d_h) each
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, d) -> (B, T, d). With `causal`, position i attends to positions <= i only.
+
+        With a `cache` (B, t, 2d) of the keys and values of the t positions before, x is one new
+        position, which attends to them all and to itself (no mask needed); then also the cache
+        grown to t + 1 positions, else None."""
+        projected = self.query_key_value(x)  # (B, T, 3d)
+        if cache is None:
+            queries, keys, values = _split_heads(projected, 3, self.heads)
+        else:
+            width = x.size(-1)
+            cache = torch.cat([cache, projected[..., width:]], 1)  # (B, t + 1, 2d)
+            (queries,) = _split_heads(projected[..., :width], 1, self.heads)
+            keys, values = _split_heads(cache, 2, self.heads)
         attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=causal)
-        return self.output(_merge_heads(attended)), keys_values
+        return self.output(_merge_heads(attended)), cache
 
 
 class _CrossAttention(nn.Module):
@@ -132,26 +141,22 @@ class _CrossAttention(nn.Module):
         self.key_value = nn.Linear(width, 2 * width)  # [W_k; W_v] stacked
         self.output = nn.Linear(width, width)
 
-    def keys_values(self, memory: Tensor) -> Tensor:
-        """The regions' keys and values (G, 2, H, L, d_h) from `memory` (G, L, d), once per
-        image."""
-        return _split_heads(self.key_value(memory), 2, self.heads).transpose(0, 1)
-
     def forward(
         self, x: Tensor, keys_values: Tensor, return_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """x (R, T, d) -> (R, T, d) for R = G * k rows, k consecutive rows for each of the G
-        images of `keys_values` (G, 2, H, L, d_h): the k rows' k * T queries of an image meet its
-        keys in one call, so they share them without copies. With `return_weights`, also the
-        attention weights averaged over the heads (R, T, L), computed here (SDPA does not return
-        them); otherwise None."""
+        images of `keys_values` (G, L, 2d), `self.key_value` of the regions: the k rows' k * T
+        queries of an image meet its keys in one call, so they share them without copies.
+
+        With `return_weights`, also the attention weights averaged over the heads (R, T, L),
+        computed here (SDPA does not return them); otherwise None."""
         rows, steps, width = x.shape
-        images, _, heads, _, head_size = keys_values.shape
-        queries = self.query(x).view(images, -1, heads, head_size)  # (G, kT, H, d_h)
-        queries = queries.transpose(1, 2)  # (G, H, kT, d_h)
-        keys, values = keys_values.unbind(1)  # (G, H, L, d_h) each
+        images = keys_values.size(0)
+        queries = self.query(x).view(images, -1, width)  # (G, kT, d)
+        (queries,) = _split_heads(queries, 1, self.heads)  # (G, H, kT, d_h)
+        keys, values = _split_heads(keys_values, 2, self.heads)  # (G, H, L, d_h) each
         if return_weights:
-            scores = queries @ keys.transpose(2, 3) / math.sqrt(head_size)  # (G, H, kT, L)
+            scores = queries @ keys.transpose(2, 3) / math.sqrt(queries.size(-1))  # (G, H, kT, L)
             attention = scores.softmax(-1)
             attended = attention @ values
             average = attention.mean(1).view(rows, steps, -1)  # (R, T, L)
@@ -162,7 +167,7 @@ class _CrossAttention(nn.Module):
 
 
 def _feed_forward(width: int, inner: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(width, inner), nn.ReLU(inplace=True), nn.Linear(inner, width))
+    return nn.Sequential(nn.Linear(width, inner), nn.ReLU(), nn.Linear(inner, width))
 
 
 class _EncoderLayer(nn.Module):
@@ -203,9 +208,9 @@ class _DecoderLayer(nn.Module):
         keys_values: Tensor,
         cache: Tensor | None = None,
         return_weights: bool = False,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """x (R, T, d) -> (R, T, d), this layer's self-attention keys and values (as
-        `_SelfAttention`) and, with `return_weights`, its cross-attention weights (R, T, L).
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x (R, T, d) -> (R, T, d); the grown `cache` (as `_SelfAttention`); with
+        `return_weights`, the cross-attention weights (R, T, L).
 
         Without a `cache`, all T positions of a caption at once (teacher forcing); with the
         `cache` of the positions before, one new position (decoding)."""
@@ -256,15 +261,15 @@ class TransformerDecoder(CaptionDecoder):
 
     def encode(self, features: Tensor) -> Memory:
         """Spatial features (G, L, C) -> memory: for each decoder layer, the keys and values
-        (G, 2, H, L, d_h) its cross-attention reads, computed once per image."""
-        memory = self._regions(features)  # (G, L, d)
-        return tuple(layer.cross_attention.keys_values(memory) for layer in self.layers)
+        (G, L, 2d) its cross-attention reads, computed once per image."""
+        regions = self._regions(features)  # (G, L, d)
+        return tuple(layer.cross_attention.key_value(regions) for layer in self.layers)
 
     def init_state(self, memory: Memory) -> State:
-        """An empty cache: for each layer, self-attention keys and values (G, 2, H, 0, d_h) of
-        no positions yet, one row per memory row."""
-        # (empty slices of the memory, so of its batch size, dtype and device)
-        return tuple(keys_values[:, :, :, :0] for keys_values in memory)
+        """An empty cache: for each layer, the self-attention keys and values (G, 0, 2d) of no
+        positions yet, one row per memory row."""
+        # (empty slices of the memory, so of its batch size, width, dtype and device)
+        return tuple(keys_values[:, :0] for keys_values in memory)
 
     def advance(
         self, embedded: Tensor, state: State, memory: Memory
@@ -272,7 +277,7 @@ class TransformerDecoder(CaptionDecoder):
         """One new position from the embedded words (R, d) and the cache of the positions
         before (its length is the new position's index): logits (R, V), the cache one position
         longer, and alpha (R, L), the last layer's cross-attention weights averaged over heads."""
-        x = self._words(embedded.unsqueeze(1), start=state[0].size(3))  # (R, 1, d)
+        x = self._words(embedded.unsqueeze(1), start=state[0].size(1))  # (R, 1, d)
         cache = []
         for layer, keys_values, layer_cache in zip(self.layers, memory, state, strict=True):
             x, layer_cache, alpha = layer(
