@@ -60,7 +60,7 @@ from captioner.models.base import (
 from captioner.text import PAD_ID
 
 # Standard deviation of the learned position tables at the start: small beside the unit-scale
-# word embeddings and projected features, so that training starts from content alone.
+# word embeddings and projected features, so that training starts mostly from content.
 _POSITION_INIT_STD = 0.02
 
 
@@ -90,8 +90,8 @@ def _split_heads(projected: Tensor, parts: int, heads: int) -> tuple[Tensor, ...
     projection, each cut into heads.
 
     The views keep the projection's memory layout, which the attention kernels read as it is,
-    and unbind's backward stacks their gradients straight back into it, ready for the
-    projection's own backward: no copies either way."""
+    and unbind's backward stacks their gradients back into it in one pass, ready for the
+    projection's own backward."""
     split = projected.unflatten(-1, (parts, heads, -1)).unbind(2)  # (B, T, H, d_h) each
     return tuple(part.transpose(1, 2) for part in split)
 
@@ -321,12 +321,12 @@ class TransformerDecoder(CaptionDecoder):
             regions = layer(regions)
         return self.memory_norm(regions)
 
-    def _grid_positions(self, regions: int) -> Tensor:
+    def _grid_positions(self, count: int) -> Tensor:
         """(L, d): E_row[r] + E_col[c] of region r * side + c, the order of a (C, H, W) feature
         map flattened."""
-        side = math.isqrt(regions)
-        if side * side != regions:
-            raise ValueError(f"the transformer reads a square grid of regions, not {regions}")
+        side = math.isqrt(count)
+        if side * side != count:
+            raise ValueError(f"the transformer reads a square grid of regions, not {count}")
         if side > self.config.max_grid_side:
             raise ValueError(
                 f"a {side}x{side} grid exceeds the transformer's max_grid_side of "
