@@ -317,6 +317,7 @@ def test_configs_saved_before_the_transformer_load_with_its_defaults():
         ({"heads": 0, "decoder_layers": 0}, "heads >= 1, hidden_size .*, decoder_layers >= 1$"),
         ({"encoder_layers": -1}, "encoder_layers >= 0$"),
     ],
+    ids=["heads-not-dividing-d-model", "embed-size-not-d-model", "three-at-once", "negative"],
 )
 def test_bad_sizes_are_refused_in_one_line(sizes, rules):
     with pytest.raises(ValueError, match=f"^transformer sizes must satisfy {rules}") as error:
