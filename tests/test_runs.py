@@ -111,15 +111,16 @@ def test_a_failed_run_says_where_and_values_that_were_not_finite_show_as_dashes(
     failure = {"epoch": 3, "step": 4, "failed": "the loss or its gradient is NaN or inf"}
     rows = [epoch(1, 0.2), {**epoch(2, 0.25), "val_loss": None, "val_bleu4": None}, failure]
     failed = make_run(tmp_path / "failed", store, "show-tell", rows, best=1)
-    older = make_run(tmp_path / "older", store, "show-tell", [epoch(1, 0.2)], None)
-    with open(older / "metrics.jsonl", "a") as file:  # as runs from before null was written
-        file.write('{"epoch": 2, "val_loss": NaN, "val_bleu4": NaN}\n')
+    # Runs from before null was written hold NaN (json.dumps writes it as a bare NaN).
+    nan = float("nan")
+    older_rows = [epoch(1, 0.2, val_cider=nan), {"epoch": 2, "val_loss": nan, "val_bleu4": nan}]
+    older = make_run(tmp_path / "older", store, "show-tell", older_rows, None)
     at_once = make_run(tmp_path / "at_once", store, "show-tell", [{**failure, "epoch": 1}], None)
     code, output = run_cli("runs", failed, older, at_once, "--out", tmp_path / "c.png")
     assert code == 0, output
     lines = output.splitlines()
     assert lines[1].split()[5:8] == ["2", "1", "0.2000"] and lines[1].endswith("failed")
-    assert lines[2].split()[5:8] == ["2", "1", "0.2000"] and lines[2].endswith("ok")
+    assert lines[2].split()[5:9] == ["2", "1", "0.2000", "-"] and lines[2].endswith("ok")
     assert lines[3].split()[5:7] == ["0", "-"] and lines[3].endswith("failed")
     assert lines[4] == f"{failed}: failed at epoch 3 step 4: the loss or its gradient is NaN or inf"
     assert lines[5].startswith(f"{at_once}: failed at epoch 1 step 4")

@@ -197,7 +197,9 @@ def _best_epoch(best: Checkpoint | None, history: list[dict], objective: str) ->
 
 
 def _text(value: float | int | None, spec: str = "") -> str:
-    return "-" if value is None else format(value, spec)
+    """The value for the table; "-" where there is none or it is not finite."""
+    missing = value is None or (isinstance(value, float) and not math.isfinite(value))
+    return "-" if missing else format(value, spec)
 
 
 def _duration(seconds: float) -> str:
