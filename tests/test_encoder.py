@@ -55,8 +55,9 @@ def test_resnet152_at_448_px_gives_14x14x2048(tmp_path):
         features = encoder(image[None])
     assert (encoder.grid, encoder.channels) == ((14, 14), 2048)
     assert features.shape == (1, 14 * 14, 2048)
-    stored = features.half().float()  # the store's default dtype
-    assert torch.isfinite(stored).all() and float(stored.std(1).median()) > 0
+    stored = features.half().float()  # the store's default dtype: random weights fit it
+    assert torch.isfinite(stored).all() and float(stored.abs().max()) < 1000
+    assert float((stored[0].std(0) > 1e-4).float().mean()) > 0.5  # most channels vary
 
 
 def varied_pictures(config: EncoderConfig) -> torch.Tensor:
@@ -68,7 +69,8 @@ def varied_pictures(config: EncoderConfig) -> torch.Tensor:
     return torch.stack([transform(ramp), transform(square)])
 
 
-@pytest.mark.parametrize("name", ENCODER_NAMES)
+# (ResNet-152 is checked at its default size, 448 px, by the test above)
+@pytest.mark.parametrize("name", [name for name in ENCODER_NAMES if name != "resnet152"])
 def test_random_weights_give_finite_varied_maps_in_float16(name):
     config = EncoderConfig(name, "none", 64)
     with warnings.catch_warnings():
