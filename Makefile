@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/caption.py
 	$(BIN)/python bench/scst.py
+	$(BIN)/python bench/finite_check.py
+	$(BIN)/python bench/random_features.py
 
 bench-gpu: $(STAMP)  # on a CUDA machine; writes bench/gpu-results.txt
 	bash bench/gpu.sh

@@ -102,8 +102,9 @@ class FrozenEncoder(nn.Module):
 def build_encoder(config: EncoderConfig) -> FrozenEncoder:
     """The frozen encoder for `config` on the CPU; CaptionerError for unknown names or weights.
 
-    ``weights="none"`` gives a seeded random init and a RandomWeightsWarning (except for "tiny",
-    which has no trained weights and exists for tests and the offline demo).
+    ``weights="none"`` gives a seeded random init, scaled so that the maps are finite and varied
+    in float16 too, and a RandomWeightsWarning (except for "tiny", which has no trained weights
+    and exists for tests and the offline demo).
     """
     if config.name not in ENCODER_NAMES:
         raise CaptionerError(f"unknown encoder {config.name!r}; choose one of {ENCODER_NAMES}")
@@ -120,6 +121,8 @@ def build_encoder(config: EncoderConfig) -> FrozenEncoder:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             model = _architecture(config.name)
+            if config.name in _TORCHVISION:
+                _keep_random_features_in_range(model)
         return FrozenEncoder(
             config, _backbone(config.name, model), f"random-seed-{RANDOM_WEIGHTS_SEED}"
         )
@@ -201,6 +204,32 @@ def _architecture(name: str) -> nn.Module:
         return _tiny_cnn()
     builder, _ = _torchvision_classifier(name)
     return builder(weights=None)
+
+
+def _keep_random_features_in_range(model: nn.Module) -> None:
+    """Make a randomly initialised classifier give finite, varied maps that float16 can store.
+
+    torchvision's random init is meant for training, not for use as it is: each residual block
+    of a ResNet adds its branch's variance to the signal, so a random ResNet-152's last maps reach
+    1e7 and overflow float16 (ResNet-101's reach 2e4, a few percent of them overflowing at 448 px);
+    and MobileNetV2's depthwise convolutions are scaled by their fan-out, which counts the
+    channels although each filter sees one, so its maps shrink to 1e-8 and round to zero in
+    float16. As in torchvision's ``zero_init_residual``, the last normalisation of every residual
+    branch starts at zero, so each block passes its input on and the maps keep the stem's scale;
+    depthwise convolutions get He init over what each filter sees (its fan-in).
+    """
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    for module in model.modules():
+        if isinstance(module, Bottleneck):
+            nn.init.zeros_(module.bn3.weight)
+        elif isinstance(module, BasicBlock):
+            nn.init.zeros_(module.bn2.weight)
+        elif isinstance(module, InvertedResidual) and module.use_res_connect:
+            nn.init.zeros_(module.conv[-1].weight)
+        elif isinstance(module, nn.Conv2d) and module.groups > 1:
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
 
 
 def _torchvision_classifier(name: str) -> tuple[Callable[..., nn.Module], type[WeightsEnum]]:

@@ -19,6 +19,7 @@ from PIL import Image
 from captioner.files import atomic_file
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 DPI = 100
@@ -94,37 +95,43 @@ def attention_strip(
 
 
 def save_training_curves(path: Path, rows: Sequence[dict]) -> None:
-    """One PNG of a run's metrics rows per epoch: train/val loss, val BLEU-4, and val CIDEr-D
-    with (self-critical runs) the mean reward of the training samples, also CIDEr-D. Keys:
-    "epoch", "train_loss", "val_loss", "val_bleu4", "val_cider", "mean_reward"; a missing value
-    is left out of its curve."""
+    """One PNG of a run's metrics rows per epoch (see `training_curves`)."""
+    _save(training_curves(rows), path)
+
+
+def training_curves(rows: Sequence[dict]) -> Figure:
+    """A run's metrics rows per epoch: train/val loss, val BLEU-4, and val CIDEr-D with
+    (self-critical runs) the mean reward of the training samples, also CIDEr-D. Keys: "epoch",
+    "train_loss", "val_loss", "val_bleu4", "val_cider", "mean_reward"; a missing, null or
+    non-finite value is left out of its curve, and a curve without values out of the legend."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(15, 4), dpi=DPI)
     loss_axes, bleu_axes, cider_axes = figure.subplots(1, 3)
     for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
-        loss_axes.plot(*_series(rows, key), marker="o", label=label)
+        _plot(loss_axes, rows, key, label=label)
     loss_axes.set(xlabel="epoch", ylabel="loss per token", title="Loss")
-    loss_axes.legend()
-    bleu_axes.plot(*_series(rows, "val_bleu4"), marker="o", color="tab:green")
+    _plot(bleu_axes, rows, "val_bleu4", color="tab:green")
     bleu_axes.set(xlabel="epoch", ylabel="BLEU-4", title="Validation BLEU-4 (greedy)")
     for key, label in (("val_cider", "val (greedy)"), ("mean_reward", "train samples (SCST)")):
-        cider_axes.plot(*_series(rows, key), marker="o", label=label)
+        _plot(cider_axes, rows, key, label=label)
     cider_axes.set(xlabel="epoch", ylabel="CIDEr-D", title="CIDEr-D")
-    cider_axes.legend()
     for axes in (loss_axes, bleu_axes, cider_axes):
-        axes.grid(alpha=0.3)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _finish(axes)
     figure.tight_layout()
-    _save(figure, path)
+    return figure
 
 
 def save_run_comparison(path: Path, histories: Mapping[str, Sequence[dict]]) -> None:
-    """One PNG comparing runs: their validation loss, BLEU-4 and, when some run's rows carry
-    it, CIDEr-D per epoch, one line per run (named by the mapping's keys) on shared axes."""
+    """One PNG comparing runs (see `run_comparison`)."""
+    _save(run_comparison(histories), path)
+
+
+def run_comparison(histories: Mapping[str, Sequence[dict]]) -> Figure:
+    """Runs compared: their validation loss, BLEU-4 and, when some run's rows carry it, CIDEr-D
+    per epoch, one line per run (named by the mapping's keys, in one colour on every panel) on
+    shared axes. The legend lists the runs drawn on some panel."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     panels = [("val_loss", "Validation loss per token"), ("val_bleu4", "Validation BLEU-4")]
     if any(row.get("val_cider") is not None for rows in histories.values() for row in rows):
@@ -132,15 +139,38 @@ def save_run_comparison(path: Path, histories: Mapping[str, Sequence[dict]]) -> 
     figure = Figure(figsize=(5 * len(panels), 4.5), dpi=DPI)
     axes_row = figure.subplots(1, len(panels), squeeze=False)[0]
     for axes, (key, title) in zip(axes_row, panels, strict=True):
-        for name, rows in histories.items():
-            axes.plot(*_series(rows, key), marker=".", label=name)
+        for number, (name, rows) in enumerate(histories.items()):
+            _plot(axes, rows, key, marker=".", label=name, color=f"C{number % 10}")
         axes.set(xlabel="epoch", title=title)
-        axes.grid(alpha=0.3)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles, labels = axes_row[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
-    figure.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 3), 1, 1))
-    _save(figure, path)
+        _finish(axes, legend=False)
+    drawn: dict = {}  # run name -> its line, from whichever panel drew it
+    for axes in axes_row:
+        handles, labels = axes.get_legend_handles_labels()
+        drawn.update(zip(labels, handles, strict=True))
+    names = [name for name in histories if name in drawn]
+    if names:
+        lines = [drawn[name] for name in names]
+        figure.legend(lines, names, loc="lower center", ncol=min(len(names), 3), fontsize=8)
+    figure.tight_layout(rect=(0, 0.06 * math.ceil(len(names) / 3), 1, 1))
+    return figure
+
+
+def _plot(axes: Axes, rows: Sequence[dict], key: str, **style) -> None:
+    """The curve of `key` per epoch, when the rows hold a finite value of it (an empty curve
+    would still be listed in the legend)."""
+    epochs, values = _series(rows, key)
+    if epochs:
+        axes.plot(epochs, values, **({"marker": "o"} | style))
+
+
+def _finish(axes: Axes, legend: bool = True) -> None:
+    """Grid, whole-number epochs, and the legend of what the axes drew (none if nothing)."""
+    from matplotlib.ticker import MaxNLocator
+
+    if legend and axes.get_legend_handles_labels()[0]:
+        axes.legend()
+    axes.grid(alpha=0.3)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _series(rows: Sequence[dict], key: str) -> tuple[list, list]:

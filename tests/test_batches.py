@@ -15,7 +15,7 @@ from captioner.training.batches import FeatureStream, StreamConfig, encode_capti
 
 
 class CountingStore:
-    """A FeatureStore that counts the rows each read_spatial call asks for."""
+    """A FeatureStore that counts the rows each read of spatial maps asks for."""
 
     def __init__(self, store: FeatureStore) -> None:
         self._store = store
@@ -24,9 +24,10 @@ class CountingStore:
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    def read_spatial(self, rows):
-        self.spatial_reads.append(np.asarray(rows))
-        return self._store.read_spatial(rows)
+    def read(self, kind, rows):
+        if kind == "spatial":
+            self.spatial_reads.append(np.asarray(rows))
+        return self._store.read(kind, rows)
 
 
 def open_stream(path, split="train", **options):
@@ -214,9 +215,9 @@ def test_ranks_read_disjoint_parts_and_run_the_same_number_of_batches(store_path
 def test_a_read_error_in_the_background_reaches_the_consumer(store_path):
     stream, store, _, _ = open_stream(store_path, batch_size=6, workers=2)
 
-    def broken(rows):
+    def broken(kind, rows):
         raise OSError("disk gone")
 
-    store.read_spatial = broken
+    store.read = broken
     with pytest.raises(OSError, match="disk gone"):
         list(stream.epoch(0))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from captioner.errors import CaptionerError
 from captioner.models.decode import DecodingConfig, beam_search, generate, greedy_decode, sample
 from captioner.text import END_ID, START_ID
 
@@ -289,3 +290,42 @@ def test_real_decoders_beam_one_is_greedy_and_batched_beam_is_per_image(model):
             assert caption.attention.shape == (len(caption.tokens), 4)
         else:
             assert caption.attention is None
+
+
+STRATEGIES = [
+    DecodingConfig("greedy", max_length=6),
+    DecodingConfig("beam", beam_size=3, max_length=6),
+    DecodingConfig("sample", max_length=6, seed=2),
+]
+
+
+@pytest.mark.parametrize("config", STRATEGIES, ids=lambda config: config.strategy)
+def test_an_empty_caption_is_a_caption_with_attention_over_no_words(config):
+    decoder = FakeAttentionDecoder(end_bias=50.0)  # <end> first, always
+    captions = generate(decoder, features_for(3), config)
+    assert [c.tokens for c in captions] == [[], [], []] and all(c.ended for c in captions)
+    assert all(c.attention.shape == (0, 4) for c in captions)  # still an attention model's
+    assert all(math.isfinite(c.log_prob) for c in captions)
+
+
+@pytest.mark.parametrize("config", STRATEGIES, ids=lambda config: config.strategy)
+def test_a_caption_with_every_word_forbidden_ends_there(config):
+    """Five words that may be said (ids 3-7, <unk> among them), none twice, and no end before the
+    sixth: after five words nothing is allowed, so the caption ends there (it used to take
+    <pad>, or leave beam search without any hypothesis)."""
+    decoder = FakeAttentionDecoder(vocab_size=8, end_bias=-50.0)
+    options = dict(min_length=6, no_repeat_ngram_size=1)
+    captions = generate(decoder, features_for(3), DecodingConfig(**{**vars(config), **options}))
+    for caption in captions:
+        assert sorted(caption.tokens) == [3, 4, 5, 6, 7] and caption.ended
+        assert math.isfinite(caption.log_prob)
+
+
+@pytest.mark.parametrize("config", STRATEGIES, ids=lambda config: config.strategy)
+def test_nan_probabilities_stop_decoding_in_one_line(config):
+    decoder = FakeAttentionDecoder()
+    features = features_for(2)
+    features[1, 0, 0] = float("nan")
+    with pytest.raises(CaptionerError, match="probabilities are NaN") as error:
+        generate(decoder, features, config)
+    assert "\n" not in str(error.value)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from PIL import Image
 
 from captioner.encoder import (
+    ENCODER_NAMES,
     EncoderConfig,
     RandomWeightsWarning,
     build_encoder,
@@ -53,6 +55,34 @@ def test_resnet152_at_448_px_gives_14x14x2048(tmp_path):
         features = encoder(image[None])
     assert (encoder.grid, encoder.channels) == ((14, 14), 2048)
     assert features.shape == (1, 14 * 14, 2048)
+    stored = features.half().float()  # the store's default dtype: random weights fit it
+    assert torch.isfinite(stored).all() and float(stored.abs().max()) < 1000
+    assert float((stored[0].std(0) > 1e-4).float().mean()) > 0.5  # most channels vary
+
+
+def varied_pictures(config: EncoderConfig) -> torch.Tensor:
+    """Two unlike pictures (a colour ramp, and a bright square on a dark ground), transformed."""
+    ramp = Image.linear_gradient("L").convert("RGB").resize((80, 60))
+    square = Image.new("RGB", (80, 60), (20, 30, 40))
+    square.paste((250, 200, 10), (20, 10, 60, 50))
+    transform = image_transform(config)
+    return torch.stack([transform(ramp), transform(square)])
+
+
+# (ResNet-152 is checked at its default size, 448 px, by the test above)
+@pytest.mark.parametrize("name", [name for name in ENCODER_NAMES if name != "resnet152"])
+def test_random_weights_give_finite_varied_maps_in_float16(name):
+    config = EncoderConfig(name, "none", 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        encoder = build_encoder(config)
+    with torch.inference_mode():
+        maps = encoder(varied_pictures(config)).half().float()
+    assert torch.isfinite(maps).all()
+    # Far below float16's largest number (65504), so bigger pictures stay in range too.
+    assert float(maps.abs().max()) < 1000
+    per_channel_std = maps.reshape(-1, encoder.channels).std(0)
+    assert float((per_channel_std > 1e-4).float().mean()) > 0.5  # most channels vary
 
 
 def test_local_weights_file_is_loaded_and_identified(tmp_path):

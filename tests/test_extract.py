@@ -379,3 +379,46 @@ def test_bad_requests_are_one_line_errors(dataset, tmp_path):
     result = runner.invoke(main, [*options, "--images", str(empty), "--encoder", "tiny"])
     assert result.exit_code == 1 and "none of the first 14 images" in result.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        (1e6, "the features of 2 images overflow float16"),
+        (float("nan"), "encoder tiny with weights random-seed-0 gave NaN or inf"),
+    ],
+    ids=["overflow", "nan"],
+)
+def test_features_that_are_not_finite_stop_extraction_and_the_finished_shards_stay(
+    dataset, reference, tmp_path, one_thread, monkeypatch, fault, said
+):
+    forward, calls = FrozenEncoder.forward, []
+
+    def faulty_from_the_third_batch(self, images):  # the first batch of shard 1
+        calls.append(1)
+        return forward(self, images) * (fault if len(calls) >= 3 else 1.0)
+
+    monkeypatch.setattr(FrozenEncoder, "forward", faulty_from_the_third_batch)
+    config = config_for(dataset, out=str(tmp_path / "s.zarr"))
+    result = CliRunner().invoke(main, ["extract", *cli_options(config)])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output
+    (error,) = errors
+    assert said in error and "img_004.jpg, img_006.jpg" in error  # (img_005.jpg is broken)
+    assert f"{config.out} keeps the shards finished so far (1 of 4)" in error
+    cure = "--dtype float32 --overwrite" if fault == 1e6 else "other --weights"
+    assert f"run the same command with {cure}" in error
+    store = FeatureStore.open(config.out)
+    assert (store.status()[:4] != 0).all() and (store.status()[4:] == 0).all()  # 0: pending
+    assert CliRunner().invoke(main, ["features", "verify", str(config.out)]).exit_code == 0
+    kept, whole = read_arrays(config.out), read_arrays(reference)
+    for name in ("spatial", "pooled", "status"):
+        np.testing.assert_array_equal(kept[name][:4], whole[name][:4])
+    if fault == 1e6:  # the cure the message names
+        cured = CliRunner().invoke(
+            main, ["extract", *cli_options(config), "--dtype", "float32", "--overwrite"]
+        )
+        assert cured.exit_code == 0, cured.output
+        store = FeatureStore.open(config.out)
+        assert store.dtype == "float32" and (store.status() != 0).all()
+        assert np.isfinite(store.read("spatial", store.split_indices("train"))).all()

@@ -75,8 +75,8 @@ def test_the_table_says_what_each_run_is_and_reached(tmp_path, store):
     assert code == 0, output
     header, xe_line, scst_line = output.splitlines()[:3]
     assert header.split()[:4] == ["run", "model", "emb/hid/att", "vocab"]
-    assert xe_line.split()[4:] == ["xe", "2", "2", "0.3000", "-", "150", "0m20s"]
-    assert scst_line.split()[4:] == ["scst", "3", "2", "0.2800", "0.9500", "200", "0m30s"]
+    assert xe_line.split()[4:] == ["xe", "2", "2", "0.3000", "-", "150", "0m20s", "ok"]
+    assert scst_line.split()[4:] == ["scst", "3", "2", "0.2800", "0.9500", "200", "0m30s", "ok"]
     # validation loss, BLEU-4 and (rows carry it) CIDEr-D: three panels, on one figure
     assert Image.open(tmp_path / "curves.png").size == (1500, 450)
 
@@ -105,3 +105,22 @@ def test_bad_folders_are_one_line_errors(tmp_path, store):
     (path / "best.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CaptionerError, match="best.pt: not a captioner checkpoint"):
         read_run(path)
+
+
+def test_a_failed_run_says_where_and_values_that_were_not_finite_show_as_dashes(tmp_path, store):
+    failure = {"epoch": 3, "step": 4, "failed": "the loss or its gradient is NaN or inf"}
+    rows = [epoch(1, 0.2), {**epoch(2, 0.25), "val_loss": None, "val_bleu4": None}, failure]
+    failed = make_run(tmp_path / "failed", store, "show-tell", rows, best=1)
+    # Runs from before null was written hold NaN (json.dumps writes it as a bare NaN).
+    nan = float("nan")
+    older_rows = [epoch(1, 0.2, val_cider=nan), {"epoch": 2, "val_loss": nan, "val_bleu4": nan}]
+    older = make_run(tmp_path / "older", store, "show-tell", older_rows, None)
+    at_once = make_run(tmp_path / "at_once", store, "show-tell", [{**failure, "epoch": 1}], None)
+    code, output = run_cli("runs", failed, older, at_once, "--out", tmp_path / "c.png")
+    assert code == 0, output
+    lines = output.splitlines()
+    assert lines[1].split()[5:8] == ["2", "1", "0.2000"] and lines[1].endswith("failed")
+    assert lines[2].split()[5:9] == ["2", "1", "0.2000", "-"] and lines[2].endswith("ok")
+    assert lines[3].split()[5:7] == ["0", "-"] and lines[3].endswith("failed")
+    assert lines[4] == f"{failed}: failed at epoch 3 step 4: the loss or its gradient is NaN or inf"
+    assert lines[5].startswith(f"{at_once}: failed at epoch 1 step 4")

@@ -623,8 +623,8 @@ def test_spatial_statistics_cover_every_region_and_floor_dead_channels(store):
     class DeadChannel:  # the store with its first channel always zero
         grid, channels = opened.grid, opened.channels
 
-        def read_spatial(self, rows):
-            maps = opened.read_spatial(rows).copy()
+        def read(self, kind, rows):
+            maps = opened.read(kind, rows).copy()
             maps[..., 0] = 0
             return maps
 
@@ -632,8 +632,8 @@ def test_spatial_statistics_cover_every_region_and_floor_dead_channels(store):
     assert float(std[0]) == pytest.approx(0.1 * float(std[1:].median()), rel=0.2)
 
     class MostlyDead(DeadChannel):  # all channels but one always zero: the median std is 0
-        def read_spatial(self, rows):
-            maps = opened.read_spatial(rows).copy()
+        def read(self, kind, rows):
+            maps = opened.read(kind, rows).copy()
             maps[..., 1:] = 0
             return maps
 

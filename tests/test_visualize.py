@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.visualize import attention_strip, save_attention_figure, save_training_curves
+from captioner.visualize import (
+    attention_strip,
+    run_comparison,
+    save_attention_figure,
+    save_training_curves,
+    training_curves,
+)
 
 GRID = (3, 4)
 
@@ -100,9 +106,35 @@ def test_training_curves_of_a_self_critical_run_draw_its_cider_and_reward(tmp_pa
         colours = [(31, 119, 180), (255, 127, 14)]  # tab:blue, tab:orange
         return sum(int((np.abs(panel - c).sum(-1) < 30).sum()) for c in colours)
 
-    # without the values only the legend's two markers are drawn (about 200 pixels)
-    drawn, legend_only = (lines_in_cider_panel(tmp_path / f) for f in ("scst.png", "bare.png"))
-    assert drawn > 3 * legend_only > 0
+    # without the values nothing is drawn there, not even a legend
+    drawn, without = (lines_in_cider_panel(tmp_path / f) for f in ("scst.png", "bare.png"))
+    assert drawn > 100 and without == 0
+
+
+def legends(figure) -> list[list[str]]:
+    """The labels each panel's legend lists (none for a panel without a legend)."""
+    return [
+        [text.get_text() for text in axes.get_legend().get_texts()] if axes.get_legend() else []
+        for axes in figure.axes
+    ]
+
+
+def test_legends_list_only_the_curves_drawn():
+    xe = [
+        {"epoch": e, "train_loss": 3.0 / e, "val_loss": 3.1 / e, "val_bleu4": 0.1 * e,
+         "val_cider": 0.2 * e}
+        for e in (1, 2)
+    ]  # fmt: skip
+    assert legends(training_curves(xe)) == [["train loss", "val loss"], [], ["val (greedy)"]]
+    scst = [{**row, "train_loss": None, "mean_reward": 0.3 * row["epoch"]} for row in xe]
+    assert legends(training_curves(scst)) == [
+        ["val loss"],
+        [],
+        ["val (greedy)", "train samples (SCST)"],
+    ]
+    diverged = [{"epoch": 1, "val_loss": float("nan"), "val_bleu4": None}]
+    comparison = run_comparison({"good": xe, "diverged": diverged})
+    assert [t.get_text() for t in comparison.legends[0].get_texts()] == ["good"]
 
 
 def test_attention_strip_lights_each_words_region_of_the_picture(tmp_path):

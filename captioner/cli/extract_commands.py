@@ -125,22 +125,27 @@ def info(store: Path, failures: int) -> None:
 @features.command("verify")
 @click.argument("store", type=PATH)
 def verify(store: Path) -> None:
-    """Read every chunk of STORE: one line per damaged shard and exit status 1, or a summary.
+    """Read every chunk of STORE: one line per damaged shard, or per shard whose finished rows
+    hold NaN or inf (naming those rows), then an error and exit status 1; or a summary.
 
     Repair what it finds with the extraction command that made the store plus --repair.
     """
     opened = FeatureStore.open(store)
     shards = -(-opened.num_images // opened.images_per_shard)
-    damaged = []
+    found = 0
     for shard in damaged_shards(opened, progress=True):
         tqdm.write(shard.describe(opened))
-        damaged.append(shard)
-    if damaged:
-        raise SystemExit(1)
+        found += 1
+    if found:
+        raise CaptionerError(
+            f"{opened.path}: {found} shard{'s are' if found > 1 else ' is'} damaged or holding"
+            " NaN or inf (listed above); re-extract them: the extraction command that made the"
+            " store, plus --repair"
+        )
     how = (
         "every chunk's crc32c checksum matches"
         if has_checksums(opened)
         else "every chunk decompresses (this store predates chunk checksums, so damage that"
         " still decompresses cannot show)"
-    )
+    ) + ", and every finished image's values are finite"
     click.echo(f"{opened.path}: {shards} shards of spatial and pooled features verified: {how}")

@@ -20,9 +20,13 @@ from captioner.training.runs import RunsConfig, compare_runs, format_runs
 )
 def runs_command(runs: tuple[Path, ...], out: Path) -> None:
     """Compare training runs (output folders of `captioner train`, e.g. runs/*): model, sizes,
-    objective, epochs, best epoch, best val BLEU-4 (and CIDEr-D where recorded), speed, time."""
+    objective, epochs, best epoch, best val BLEU-4 (and CIDEr-D where recorded), speed, time,
+    and whether the run failed (where and why are said below the table)."""
     summaries, skipped = compare_runs(RunsConfig(list(runs), out))
     click.echo(format_runs(summaries))
+    for run in summaries:
+        if run.failure:
+            click.echo(run.describe_failure())
     for note in skipped:
         click.echo(f"skipped {note}")
     click.echo(f"validation curves: {out}")

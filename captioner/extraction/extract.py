@@ -48,6 +48,7 @@ from captioner.store import (
     create_store,
     describe_failures,
     format_bytes,
+    non_finite_rows,
     remove_partial_files,
 )
 
@@ -159,9 +160,12 @@ def _extract(
     pending = writer.pending_shards()
     mine = [shard for shard in pending if shard % ranks.world_size == ranks.rank]
     loop_started = time.perf_counter()
-    processed = _extract_shards(
-        writer, mine, corpus, encoder, device, config, stop, progress and ranks.is_main
-    )
+    try:
+        processed = _extract_shards(
+            writer, mine, corpus, encoder, device, config, stop, progress and ranks.is_main
+        )
+    except NonFiniteFeatures as found:
+        raise CaptionerError(found.describe(config, corpus, encoder, writer)) from None
     loop_seconds = time.perf_counter() - loop_started
     (processed,) = ranks.sum([processed])  # also waits until every rank has finished writing
 
@@ -236,6 +240,45 @@ def _differences(stored: dict, requested: dict, prefix: str = "") -> list[str]:
         elif old != new:
             found.append(f"{prefix}{key} {old} in the store, {new} now")
     return sorted(found)
+
+
+class NonFiniteFeatures(Exception):
+    """A batch's features hold NaN or inf once cast to the store's dtype; found by the shard
+    writer, which then writes nothing more (the shard in hand stays pending)."""
+
+    def __init__(self, rows: np.ndarray, values: int, from_encoder: bool) -> None:
+        super().__init__(f"{values} non-finite feature values in rows {rows.tolist()}")
+        self.rows = rows  # the store rows (images) concerned
+        self.values = values  # how many spatial values are NaN or inf
+        self.from_encoder = from_encoder  # the float32 maps already were; else the cast made them
+
+    def describe(
+        self, config: ExtractConfig, corpus: Corpus, encoder: FrozenEncoder, writer: StoreWriter
+    ) -> str:
+        """The one line the user reads: which images, how many values, what to do."""
+        shown = 3
+        names = ", ".join(corpus.images[row].path for row in self.rows[:shown].tolist())
+        more = f" and {len(self.rows) - shown} more" if len(self.rows) > shown else ""
+        finished = writer.num_shards - len(writer.pending_shards())
+        kept = (
+            f"until then {config.out} keeps the shards finished so far ({finished} of"
+            f" {writer.num_shards})"
+        )
+        if self.from_encoder:
+            return (
+                f"{config.out}: stopped: encoder {config.encoder.name} with weights"
+                f" {encoder.weights_id} gave NaN or inf ({self.values} values) for"
+                f" {len(self.rows)} images: {names}{more}; its weights are broken: run the same"
+                f" command with other --weights (and --overwrite, which replaces this store);"
+                f" {kept}"
+            )
+        largest = float(np.finfo(config.dtype).max)
+        return (
+            f"{config.out}: stopped: the features of {len(self.rows)} images overflow"
+            f" {config.dtype} ({self.values} values beyond its ±{largest:.0f} would be stored as"
+            f" inf): {names}{more}; run the same command with --dtype float32 --overwrite (which"
+            f" replaces this {config.dtype} store), or with other --weights; {kept}"
+        )
 
 
 @dataclass
@@ -381,6 +424,7 @@ class _BackgroundShardWriter:
         if result.ready is not None:
             result.ready.synchronize()
         if len(result.good_rows):
+            _refuse_non_finite(result)
             offsets = result.good_rows - buffer.first_row
             buffer.spatial[offsets] = result.spatial.numpy()
             buffer.pooled[offsets] = result.pooled.numpy()
@@ -389,3 +433,14 @@ class _BackgroundShardWriter:
         if buffer.remaining == 0:
             self._writer.write_shard(result.shard, buffer.spatial, buffer.pooled, buffer.failures)
             del self._buffers[result.shard]
+
+
+def _refuse_non_finite(result: _BatchResult) -> None:
+    """NonFiniteFeatures if any image of the batch has NaN or inf in its stored maps (after the
+    cast to the store's dtype) or in its pooled vector (the float32 maps' mean)."""
+    spatial, pooled = result.spatial.numpy(), result.pooled.numpy()
+    in_spatial, in_pooled = non_finite_rows(spatial), non_finite_rows(pooled)
+    if len(in_spatial) or len(in_pooled):
+        bad = np.union1d(in_spatial, in_pooled)
+        values = int(np.count_nonzero(~np.isfinite(spatial[bad])))
+        raise NonFiniteFeatures(result.good_rows[bad], values, from_encoder=len(in_pooled) > 0)

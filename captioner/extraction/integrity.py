@@ -2,9 +2,10 @@
 `extract --repair` use.
 
 Stores carry a crc32c checksum of every chunk (stores made before that still read, and only damage
-that breaks decompression shows in them). A damaged shard is named by its rows and image ids;
-repairing it means extracting those images again, which `extract ... --repair` does for exactly
-the damaged shards.
+that breaks decompression shows in them). A damaged shard is named by its rows and image ids, and
+so is a shard whose finished rows hold NaN or inf (which no decoder may read); repairing either
+means extracting those images again, which `extract ... --repair` does for exactly those shards
+(where the values were an overflow of float16, the extraction then says so and stops).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 from zarr.codecs import Crc32cCodec, ShardingCodec
 
-from captioner.store import CHUNK_ERRORS, STATUS_DONE, FeatureStore
+from captioner.store import CHUNK_ERRORS, STATUS_DONE, FeatureStore, non_finite_rows
 
 ARRAYS = ("spatial", "pooled")  # the arrays whose chunks hold features
 
@@ -25,17 +26,26 @@ ARRAYS = ("spatial", "pooled")  # the arrays whose chunks hold features
 class DamagedShard:
     array: str  # "spatial" or "pooled"
     shard: int
-    rows: range
-    image_ids: list[str]
-    reason: str
+    rows: list[int]  # the rows concerned: the whole shard, or those holding NaN or inf
+    image_ids: list[str]  # of those rows
+    problem: str  # what is wrong, as the predicate of a sentence: "is damaged (...)"
 
     def describe(self, store: FeatureStore, shown: int = 5) -> str:
         ids = ", ".join(self.image_ids[:shown])
         more = f" and {len(self.image_ids) - shown} more" if len(self.image_ids) > shown else ""
-        return (
-            f"{store.path}: {self.array} shard {self.shard}, rows {self.rows.start}-"
-            f"{self.rows.stop - 1}, is damaged ({self.reason}): {ids}{more}"
-        )
+        rows = f"row{'s' * (len(self.rows) > 1)} {_row_ranges(self.rows)}"
+        return f"{store.path}: {self.array} shard {self.shard}, {rows}, {self.problem}: {ids}{more}"
+
+
+def _row_ranges(rows: list[int]) -> str:
+    """Rows as runs: [4, 5, 6, 7] -> "4-7", [5, 9] -> "5, 9"."""
+    runs: list[list[int]] = []
+    for row in rows:
+        if runs and row == runs[-1][-1] + 1:
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 def has_checksums(store: FeatureStore) -> bool:
@@ -49,20 +59,37 @@ def has_checksums(store: FeatureStore) -> bool:
 
 
 def damaged_shards(store: FeatureStore, progress: bool = False) -> Iterator[DamagedShard]:
-    """Read every shard of the feature arrays, yielding those whose chunks do not read back, or
-    whose finished rows read back empty (a chunk file lost, say by an interrupted copy)."""
+    """Read every shard of the feature arrays, yielding those whose chunks do not read back,
+    whose finished rows all read back empty (a chunk file lost, say by an interrupted copy), or
+    whose finished rows hold NaN or inf (those rows only)."""
     ids, done = store.image_ids(), store.status() == STATUS_DONE
     shards = range(-(-store.num_images // store.images_per_shard))
     checks = [(name, shard) for name in ARRAYS for shard in shards]
     for name, shard in tqdm(checks, "verifying", unit="shard", leave=False, disable=not progress):
         start = shard * store.images_per_shard
-        rows = range(start, min(start + store.images_per_shard, store.num_images))
-        try:
-            values = store.read_shard(name, shard)
-        except CHUNK_ERRORS as error:
-            yield DamagedShard(name, shard, rows, ids[rows.start : rows.stop], str(error))
-            continue
-        finished = values[done[rows.start : rows.stop]].reshape(-1, values[0].size)
-        if np.isnan(finished).all(axis=1).any():
-            reason = "finished rows read back empty: a chunk file is missing"
-            yield DamagedShard(name, shard, rows, ids[rows.start : rows.stop], reason)
+        rows = np.arange(start, min(start + store.images_per_shard, store.num_images))
+        problem, concerned = _shard_problem(store, name, shard, done[rows])
+        if problem:
+            named = rows[concerned].tolist()
+            yield DamagedShard(name, shard, named, [ids[row] for row in named], problem)
+
+
+def _shard_problem(
+    store: FeatureStore, name: str, shard: int, finished: np.ndarray
+) -> tuple[str, np.ndarray]:
+    """What is wrong with one shard of the array `name` ("" when nothing is) and the positions
+    within the shard it concerns; `finished` says which of its rows are done."""
+    everything = np.arange(len(finished))
+    try:
+        values = store.read_shard(name, shard)
+    except CHUNK_ERRORS as error:
+        return f"is damaged ({error})", everything
+    done_rows = np.flatnonzero(finished)
+    done_values = values[done_rows].reshape(len(done_rows), int(np.prod(values.shape[1:])))
+    if len(done_rows) and np.isnan(done_values).all():
+        return "is damaged (its finished rows read back empty: a chunk file is missing)", everything
+    bad = done_rows[non_finite_rows(done_values)]
+    if len(bad) == 0:
+        return "", bad
+    count = int(np.count_nonzero(~np.isfinite(values[bad])))
+    return f"holds NaN or inf ({count} value{'s' * (count > 1)})", bad

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioner.checkpoint import Checkpoint, load_checkpoint
+from captioner.checkpoint import Checkpoint, load_checkpoint, require_finite_weights
 from captioner.devices import resolve_device
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
@@ -92,6 +92,7 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
     if not files:
         raise CaptionerError(f"no image files in {', '.join(map(str, config.inputs))}")
     checkpoint, _ = load_checkpoint(config.checkpoint)
+    require_finite_weights(checkpoint, config.checkpoint)
     output = CaptionOutput(Path(config.out), config.format)
     done = output.captioned_paths()
     todo = [path for path in files if _key(path) not in done]

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from captioner import visualize
-from captioner.checkpoint import Checkpoint, load_checkpoint
+from captioner.checkpoint import Checkpoint, load_checkpoint, require_finite_weights
 from captioner.corpus import Corpus
 from captioner.devices import resolve_device
 from captioner.errors import CaptionerError
@@ -78,6 +78,7 @@ def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult
     if config.metrics == COCO:
         check_java()  # before the decoding, not after it
     checkpoint, _ = load_checkpoint(config.checkpoint)
+    require_finite_weights(checkpoint, config.checkpoint)
     store = FeatureStore.open(config.features)
     corpus = trained_corpus(checkpoint, store, config.checkpoint)
     check_compatible(checkpoint, store, corpus, config.checkpoint)

@@ -8,6 +8,11 @@ tuples of batch-first tensors, so beam search keeps ``images x beams`` rows of s
 
 Lengths count words: `max_length` is the most words a caption gets (a caption cut there has no
 end token and its log-probability no end term); `min_length` is the fewest before the end token.
+A caption may have no word at all (the end token first): it is a caption like any other, with
+attention weights of shape (0, L) for the attention model. Where the options forbid every word
+(`min_length` and `no_repeat_ngram_size` together can), the caption ends there. Next-word
+log-probabilities that are NaN (weights or features that are not finite) stop the decoding with a
+CaptionerError instead of turning into empty or arbitrary captions.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from captioner.errors import CaptionerError
 from captioner.text import END_ID, NEVER_GENERATED, START_ID, Vocabulary
 
 STRATEGIES = ("beam", "greedy", "sample")
@@ -205,6 +211,8 @@ def beam_search(decoder, features: Tensor, config: DecodingConfig) -> list[Gener
 
     for _ in range(config.max_length):
         log_probs, state, alpha = decoder.step(search.tokens, search.state, search.memory)
+        if alpha is not None and search.attention is None:  # no word attended to yet: (rows, 0, L)
+            search.attention = alpha.float().new_zeros((alpha.shape[0], 0, alpha.shape[1]))
         log_probs = _forbid(log_probs, search.words, config.min_length, config.no_repeat_ngram_size)
         searching_now, vocab = search.scores.shape[0], log_probs.shape[1]
         candidates = (search.scores.reshape(-1, 1) + log_probs).reshape(
@@ -283,11 +291,7 @@ class _BeamBatch:
         self.words = torch.cat([self.words.index_select(0, parents), tokens[:, None]], dim=1)
         if alpha is not None:
             history = alpha.float().index_select(0, parents)[:, None]
-            self.attention = (
-                history
-                if self.attention is None
-                else torch.cat([self.attention.index_select(0, parents), history], dim=1)
-            )
+            self.attention = torch.cat([self.attention.index_select(0, parents), history], dim=1)
         self.state = tuple(s.index_select(0, parents) for s in state)
 
     def keep_positions(self, positions: list[int]) -> None:
@@ -368,9 +372,16 @@ def _forbid(log_probs: Tensor, words: Tensor, min_length: int, no_repeat_ngram_s
     """The log-probs with impossible next words set to -inf.
 
     Never <pad> or <start>; not <end> before `min_length` words; no word that would repeat an
-    n-gram of size `no_repeat_ngram_size` already in the row's `words` (N, t).
+    n-gram of size `no_repeat_ngram_size` already in the row's `words` (N, t). A row left with no
+    possible word may end (its <end> keeps its log-prob). CaptionerError for NaN log-probs.
     """
-    log_probs = log_probs.float().clone()
+    if bool(torch.isnan(log_probs).any()):
+        raise CaptionerError(
+            "the decoder's next-word probabilities are NaN: its weights, or the features it was"
+            " given, hold NaN or inf"
+        )
+    given = log_probs.float()
+    log_probs = given.clone()
     log_probs[:, list(NEVER_GENERATED)] = float("-inf")
     length = words.shape[1]
     if length < min_length:
@@ -382,4 +393,7 @@ def _forbid(log_probs: Tensor, words: Tensor, min_length: int, no_repeat_ngram_s
         repeats = (ngrams[:, :, :-1] == prefix[:, None, :]).all(dim=2)
         banned = torch.zeros_like(log_probs).scatter_add_(1, ngrams[:, :, -1], repeats.float())
         log_probs = log_probs.masked_fill(banned > 0, float("-inf"))
+    if length < min_length or n > 0:  # the options that can forbid every word
+        stuck = torch.isneginf(log_probs).all(dim=1)
+        log_probs[:, END_ID] = torch.where(stuck, given[:, END_ID], log_probs[:, END_ID])
     return log_probs

@@ -13,6 +13,8 @@ The order of an epoch is a pure function of (seed, epoch, rank), fixed before an
 That is what lets a killed run resume at batch k of an epoch and see exactly the batches an
 uninterrupted run would have seen. Shards are read by `workers` threads and batches are assembled
 `prefetch` steps ahead in a background thread, so the training step does not wait for data.
+Every read goes through FeatureStore.read, which refuses rows holding NaN or inf in one line: each
+image is checked once per epoch as its shard is streamed in, or once at the start when in RAM.
 Under DistributedDataParallel each rank reads its own disjoint part of the store (images for the
 in-RAM modes, whole shards for streaming) and every rank runs the same number of batches.
 """
@@ -273,7 +275,7 @@ class FeatureStream:
             loaded.close()
 
     def _read_shard(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        features = self.store.read_spatial(self.rows[positions])
+        features = self.store.read("spatial", self.rows[positions])
         self._count_streamed(len(positions))
         return positions, features
 
@@ -323,7 +325,7 @@ class FeatureStream:
         shard_of = rows // self.store.images_per_shard
         for shard in np.unique(shard_of):
             in_shard = np.flatnonzero(shard_of == shard)
-            features[in_shard] = self.store.read_spatial(rows[in_shard])
+            features[in_shard] = self.store.read("spatial", rows[in_shard])
         return features
 
 

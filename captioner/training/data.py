@@ -25,20 +25,21 @@ def feature_statistics(
     """Per-channel mean and std (C,) of what a decoder of `kind` reads from the training images
     `rows`: all their pooled vectors, or every region of up to STATISTICS_IMAGES of their maps.
 
-    Read in chunks of at most 64 MB and summed in float64, so memory stays flat for any store.
+    Read in chunks of at most 64 MB and summed in float64, so memory stays flat for any store;
+    a row holding NaN or inf is refused in one line (FeatureStore.read), as training refuses it.
     A channel that barely varies gets a tenth of the typical (median non-zero) std
     instead of its own, so that a channel dead in training cannot be blown up on a new image.
     """
     if kind == "pooled":
-        sample, read, per_image = rows, store.read_pooled, store.channels
+        sample, per_image = rows, store.channels
     else:
         picks = np.linspace(0, len(rows) - 1, min(len(rows), STATISTICS_IMAGES)).round()
-        sample, read = np.unique(rows[picks.astype(np.int64)]), store.read_spatial
+        sample = np.unique(rows[picks.astype(np.int64)])
         per_image = store.grid[0] * store.grid[1] * store.channels
     chunk = max(1, _STATISTICS_CHUNK_BYTES // (8 * per_image))
     count, total, squares = 0, 0.0, 0.0
     for start in range(0, len(sample), chunk):
-        values = read(sample[start : start + chunk])
+        values = store.read(kind, sample[start : start + chunk])
         values = values.reshape(-1, values.shape[-1]).astype(np.float64)
         count += len(values)
         total = total + values.sum(0)

@@ -21,12 +21,16 @@ every `checkpoint_minutes`; every write is atomic. SIGTERM (a scheduler's notice
 the step in hand (on every rank: they agree on the step), writes last.pt there with each rank's
 sums, and returns `preempted`.
 
+A NaN or an infinity in a step's loss or gradient, in an epoch's metrics or in the weights about
+to be saved stops the run at once in one line, writing nothing from those weights
+(training.divergence).
+
 Launched by torchrun (WORLD_SIZE > 1) the objective is wrapped in DistributedDataParallel (NCCL
 on CUDA, gloo on CPU); each rank reads its own part of the store, and rank 0 validates and writes.
 
 This module is the loop; the parts it uses live beside it in captioner/training/ (config, data,
-batches, objectives, reward, run, resume, validation, metrics_log, tensorboard), one concern a
-module.
+batches, objectives, reward, run, resume, divergence, validation, metrics_log, tensorboard), one
+concern a module.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from captioner.training.data import (
     training_stream,
     validation_stream,
 )
+from captioner.training.divergence import TrainingDiverged, non_finite_columns
 from captioner.training.metrics_log import (
     EpochTiming,
     describe_epoch,
@@ -157,6 +162,10 @@ def _train(
                 figure = save_sample_attention(out, store, corpus, validation, state.epoch + 1)
             log.epoch(row, figure)
         row = ranks.broadcast(row)
+        if not_finite := non_finite_columns(row):
+            values = ", ".join(f"{name} {row[name]}" for name in not_finite)
+            what = f"its metrics are not finite ({values})"
+            raise TrainingDiverged(config, row["epoch"], None, what, epoch_row=row)
         improved = state.finish_epoch(row, config.selection_metric)
         if improved:
             save_run(run, out / "best.pt", state)
@@ -181,6 +190,10 @@ def _train(
                 )
                 return _result(run, state, stopped_early=False, preempted=stop.name or "SIGTERM")
             end_epoch(timing)
+    except TrainingDiverged as diverged:
+        if ranks.is_main:  # the run records how it ended; last.pt and best.pt stay as they were
+            write_metrics(out, [*state.history, *diverged.rows])
+        raise
     finally:
         if log is not None:
             log.close()
@@ -272,7 +285,10 @@ def _train_epoch(
             data_wait += waited
             if batch is None:
                 break
-            output, grad_norm = _optimizer_step(run, batch.to(run.device))
+            output, grad_norm, finite = _optimizer_step(run, batch.to(run.device))
+            if not finite:  # (on every rank: _optimizer_step's verdict is theirs together)
+                what = "the loss or its gradient is NaN or inf"
+                raise TrainingDiverged(config, state.epoch + 1, state.step + 1, what)
             totals += output.totals
             state.step += 1
             captions += output.captions
@@ -286,7 +302,7 @@ def _train_epoch(
                     {
                         "loss": output.loss.item(),
                         "lr": run.optimizer.param_groups[0]["lr"],
-                        **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                        "grad_norm": float(grad_norm),
                         "captions_per_s": output.captions / step_seconds,
                         "data_wait": waited / step_seconds,
                     },
@@ -307,21 +323,33 @@ def _train_epoch(
     return EpochTiming(time.perf_counter() - started, data_wait, int(ranks.sum([captions])[0]))
 
 
-def _optimizer_step(run: Run, batch: Batch) -> tuple[StepOutput, torch.Tensor | None]:
+def _optimizer_step(run: Run, batch: Batch) -> tuple[StepOutput, torch.Tensor, bool]:
     """Forward, backward, gradient clipping and the optimizer's update for one batch: the
-    objective's output and the gradient norm before clipping (None without clipping)."""
+    objective's output, the gradient norm before clipping, and whether the step was finite.
+
+    The update is taken only if the loss and the gradient norm are finite on every rank (where a
+    float16 loss scaler runs, it skips steps with inf gradients itself, and only the loss is
+    checked); otherwise the weights stay those of the last good step."""
     config, amp, optimizer = run.config, run.amp, run.optimizer
     with amp.autocast():
         output = run.model(batch)
     optimizer.zero_grad(set_to_none=True)
     amp.scaler.scale(output.loss).backward()
-    grad_norm = None
+    amp.scaler.unscale_(optimizer)
+    parameters = [p for p in run.decoder.parameters() if p.grad is not None]
     if config.grad_clip > 0:
-        amp.scaler.unscale_(optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(run.decoder.parameters(), config.grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+    else:
+        grad_norm = nn.utils.get_total_norm([p.grad for p in parameters])
+    checked = [output.loss.detach().float()]
+    if not amp.scaler.is_enabled():
+        checked.append(grad_norm.float())
+    finite = bool(torch.isfinite(torch.stack(checked)).all())
+    if run.ranks.any(not finite, run.device):
+        return output, grad_norm, False
     amp.scaler.step(optimizer)
     amp.scaler.update()
-    return output, grad_norm
+    return output, grad_norm, True
 
 
 def _result(run: Run, state: RunState, stopped_early: bool, preempted: str = "") -> TrainResult:

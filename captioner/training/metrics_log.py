@@ -10,6 +10,7 @@ from pathlib import Path
 
 from captioner import visualize
 from captioner.files import atomic_file
+from captioner.training.divergence import FAILED
 from captioner.training.resume import RunState
 from captioner.training.validation import Validation
 
@@ -81,11 +82,24 @@ def describe_epoch(row: dict, improved: bool, epochs: int) -> str:
 
 def write_metrics(out: Path, history: list[dict]) -> None:
     """metrics.jsonl and curves.png from the whole history (rewritten atomically each epoch, so a
-    run killed between two writes never leaves a duplicate or a missing row after resume)."""
+    run killed between two writes never leaves a duplicate or a missing row after resume).
+
+    The file is strict JSON, one object a line: a number that is NaN or inf is written as null
+    (Python's json would write the bare NaN that other JSON readers refuse). A failed run's last
+    row (captioner.training.divergence) is written too, but has no curve to add to."""
+    lines = [json.dumps(_finite_or_null(row), allow_nan=False) + "\n" for row in history]
     with atomic_file(out / "metrics.jsonl", "w", encoding="utf-8") as file:
-        file.write("".join(json.dumps(row) + "\n" for row in history))
-    if history:
-        visualize.save_training_curves(out / "curves.png", history)
+        file.write("".join(lines))
+    epochs = [row for row in history if FAILED not in row]
+    if epochs:
+        visualize.save_training_curves(out / "curves.png", epochs)
+
+
+def _finite_or_null(row: dict) -> dict:
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in row.items()
+    }
 
 
 def perplexity(mean_nll: float) -> float:

@@ -15,10 +15,17 @@ from pathlib import Path
 
 import torch
 
-from captioner.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from captioner.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    non_finite_weights,
+    require_finite_weights,
+    save_checkpoint,
+)
 from captioner.errors import CaptionerError
 from captioner.store import FeatureStore
 from captioner.training.config import TrainConfig
+from captioner.training.divergence import TrainingDiverged
 from captioner.training.run import Run
 
 # Options that may change when a run is resumed; any other change is refused (it would silently
@@ -75,7 +82,13 @@ class RunState:
 
 def save_run(run: Run, path: Path, state: RunState, resumable: bool = False) -> None:
     """Write best.pt / last.pt from rank 0. A resumable (last.pt) checkpoint also holds the
-    optimizer, the loss scaler and every rank's RNG state, so all ranks must call it."""
+    optimizer, the loss scaler and every rank's RNG state, so all ranks must call it.
+    Weights that hold NaN or inf are never written: TrainingDiverged instead (on every rank, which
+    all hold the same weights)."""
+    if names := non_finite_weights(run.decoder.state_dict()):
+        epoch, step = (state.epoch, None) if state.step == 0 else (state.epoch + 1, state.step)
+        what = f"the weights to save in {path.name} are not finite (NaN or inf in {names[0]})"
+        raise TrainingDiverged(run.config, epoch, step, what)
     rng_states = run.ranks.gather(_rng_state()) if resumable else []
     if not run.ranks.is_main:
         return
@@ -180,6 +193,7 @@ def initial_checkpoint(
     Refused in one line unless it was trained on this store, as this kind of decoder, on these
     captions."""
     checkpoint, _ = load_checkpoint(path)
+    require_finite_weights(checkpoint, path)
     trained = checkpoint.decoder_config
     if checkpoint.store_fingerprint != store.fingerprint:
         raise CaptionerError(

@@ -5,7 +5,10 @@ A run is a training output folder. Each epoch's figures come from its metrics.js
 decoder is (model, sizes) and how it was trained (the objective, "xe" unless the run recorded
 another) from its checkpoint, best.pt or else last.pt, opened like every checkpoint with
 ``torch.load(weights_only=True)``. The best epoch is the one best.pt holds, so it follows
-whatever criterion training chose it by.
+whatever criterion training chose it by. A run that stopped because its numbers stopped being
+finite ends its metrics.jsonl with a failure row (captioner.training.divergence): it is listed as
+failed, with where and why. Values that were not finite are null in metrics.jsonl (NaN in files
+of older runs): they show as "-" and are left out of the curves.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from captioner import visualize
 from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.errors import CaptionerError
 from captioner.training.config import SELECTION_METRIC
+from captioner.training.divergence import FAILED
 
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_OBJECTIVE = "xe"  # runs from before training recorded an objective were all xe
@@ -33,16 +37,25 @@ class RunsConfig:
 @dataclass
 class RunSummary:
     path: Path
-    history: list[dict]  # the metrics.jsonl rows
+    history: list[dict]  # the epochs' metrics.jsonl rows
     model: str  # "?" where the run has no checkpoint yet
     sizes: str  # embed/hidden/attention, e.g. "512/512/512" ("512/512/-" without attention)
     vocabulary: int | None
     objective: str
-    best_epoch: int
+    best_epoch: int | None  # None when no epoch was finished
+    failure: dict | None = None  # the failure row a failed run's metrics.jsonl ends with
 
     @property
     def best_row(self) -> dict:
-        return next(row for row in self.history if row["epoch"] == self.best_epoch)
+        return next((row for row in self.history if row["epoch"] == self.best_epoch), {})
+
+    def describe_failure(self) -> str:
+        """Where and why the run failed ("" for a run that did not)."""
+        if self.failure is None:
+            return ""
+        step = self.failure.get("step")
+        where = f"epoch {self.failure['epoch']}" + (f" step {step}" if step else "")
+        return f"{self.path}: failed at {where}: {self.failure[FAILED]}"
 
     @property
     def captions_per_second(self) -> float | None:
@@ -78,12 +91,14 @@ def compare_runs(config: RunsConfig) -> tuple[list[RunSummary], list[str]]:
 
 def read_run(path: Path) -> RunSummary:
     """What the run in folder `path` is and reached."""
-    history = _read_history(path / METRICS_FILE)
+    rows = _read_history(path / METRICS_FILE)
+    history = [row for row in rows if FAILED not in row]
+    failure = next((row for row in rows if FAILED in row), None)
     best = _checkpoint(path / "best.pt")
     checkpoint = best or _checkpoint(path / "last.pt")
     if checkpoint is None:
         best_epoch = _best_epoch(None, history, DEFAULT_OBJECTIVE)
-        return RunSummary(path, history, "?", "?", None, DEFAULT_OBJECTIVE, best_epoch)
+        return RunSummary(path, history, "?", "?", None, DEFAULT_OBJECTIVE, best_epoch, failure)
     objective = checkpoint.training.get("options", {}).get("objective", DEFAULT_OBJECTIVE)
     decoder = checkpoint.decoder_config
     attention = decoder.attention_size if decoder.model == "show-attend-tell" else "-"
@@ -95,6 +110,7 @@ def read_run(path: Path) -> RunSummary:
         decoder.vocab_size,
         objective,
         _best_epoch(best, history, objective),
+        failure,
     )
 
 
@@ -112,6 +128,7 @@ def format_runs(runs: list[RunSummary]) -> str:
         "val CIDEr-D",
         "captions/s",
         "train time",
+        "status",
     )
     lines = [header]
     for run in runs:
@@ -123,12 +140,13 @@ def format_runs(runs: list[RunSummary]) -> str:
                 run.sizes,
                 _text(run.vocabulary),
                 run.objective,
-                str(run.history[-1]["epoch"]),  # (an SCST run's rows start at epoch 0)
-                str(run.best_epoch),
+                str(run.history[-1]["epoch"] if run.history else 0),  # (SCST's start at 0)
+                _text(run.best_epoch),
                 _text(best.get("val_bleu4"), ".4f"),
                 _text(best.get("val_cider"), ".4f"),
                 _text(run.captions_per_second, ".0f"),
                 _duration(run.seconds),
+                "failed" if run.failure else "ok",
             )
         )
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
@@ -162,9 +180,11 @@ def _checkpoint(path: Path) -> Checkpoint | None:
     return load_checkpoint(path)[0] if path.is_file() else None
 
 
-def _best_epoch(best: Checkpoint | None, history: list[dict], objective: str) -> int:
+def _best_epoch(best: Checkpoint | None, history: list[dict], objective: str) -> int | None:
     """The epoch best.pt was saved at; without it, the first epoch of the best value of what
-    training selects by for `objective` (val BLEU-4, or CIDEr-D for SCST)."""
+    training selects by for `objective` (val BLEU-4, or CIDEr-D for SCST); None without epochs."""
+    if not history:
+        return None
     if best is not None:
         epoch = best.training.get("metrics", {}).get("epoch")
         if any(row["epoch"] == epoch for row in history):
@@ -177,7 +197,9 @@ def _best_epoch(best: Checkpoint | None, history: list[dict], objective: str) ->
 
 
 def _text(value: float | int | None, spec: str = "") -> str:
-    return "-" if value is None else format(value, spec)
+    """The value for the table; "-" where there is none or it is not finite."""
+    missing = value is None or (isinstance(value, float) and not math.isfinite(value))
+    return "-" if missing else format(value, spec)
 
 
 def _duration(seconds: float) -> str:

@@ -9,6 +9,7 @@ says once that it is not logging to TensorBoard and trains as before.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,8 +56,9 @@ class TensorBoardLog:
             return
         epoch = row["epoch"]
         for key, name in EPOCH_SCALARS.items():
-            if key in row:
-                self._writer.add_scalar(name, row[key], epoch)
+            value = row.get(key)
+            if isinstance(value, int | float) and math.isfinite(value):  # not null, NaN or inf
+                self._writer.add_scalar(name, value, epoch)
         self._writer.add_text("val/sample", row["sample"], epoch)
         if attention_figure is not None and attention_figure.is_file():
             with Image.open(attention_figure) as figure:
