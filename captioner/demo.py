@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from captioner.devices import default_workers
 from captioner.encoder import EncoderConfig
 from captioner.errors import CaptionerError
 from captioner.extraction.extract import ExtractConfig, ExtractSummary, extract_features
@@ -102,7 +103,7 @@ class DemoConfig:
     beam_size: int = 3
     figures: int = 8  # attention overlays written for test images
     device: str = "auto"
-    workers: int = 2
+    workers: int = default_workers(2)
 
     @property
     def dataset(self) -> Path:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.corpus import Corpus
-from captioner.devices import resolve_device
+from captioner.devices import default_workers, resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
@@ -63,7 +63,7 @@ class ExtractConfig:
     keep_restval: bool = False
     device: str = "auto"
     batch_size: int = 64
-    workers: int = 4
+    workers: int = default_workers(4)
     dtype: str = "float16"
     images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
     compression: str = DEFAULT_COMPRESSION

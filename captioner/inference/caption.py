@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.checkpoint import Checkpoint, load_checkpoint
-from captioner.devices import resolve_device
+from captioner.devices import default_workers, resolve_device
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
 from captioner.files import spreadsheet_safe, spreadsheet_value
@@ -57,7 +57,7 @@ class CaptionConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     device: str = "auto"
     batch_size: int = 32
-    workers: int = 2
+    workers: int = default_workers(2)
     weights: str | None = None  # a local encoder weights file instead of the checkpoint's record
     allow_other_weights: bool = False  # caption with weights the decoder was not trained on
     html: Path | None = None  # also write a page of the output's pictures and captions here
