@@ -135,18 +135,16 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: Path) -> FeatureStore:
-        """Open read-only; CaptionerError if `path` is not a complete feature store."""
+        """Open read-only; CaptionerError, in our words, if `path` is not a complete store."""
         path = Path(path)
+        _check_store_metadata(path)
         try:
-            group = zarr.open_group(str(path), mode="r")
-            if group.attrs.get("schema_version") != SCHEMA_VERSION:
-                raise KeyError("schema_version")
-            return cls(path, group)
+            return cls(path, zarr.open_group(str(path), mode="r"))
         except (OSError, KeyError, ValueError, TypeError) as error:
-            reason = (
-                "not found" if not path.exists() else f"not a captioner feature store ({error})"
-            )
-            raise CaptionerError(f"{path}: {reason}") from None
+            missing = f"no {error.args[0]!r}" if isinstance(error, KeyError) else "unreadable"
+            raise CaptionerError(
+                f"{path}: an incomplete or damaged feature store ({missing}); extract it again"
+            ) from None
 
     def __reduce__(self):
         # DataLoader workers may receive a store: send the path, not the open zarr handles.
@@ -504,6 +502,32 @@ def describe_failures(failures: list[tuple[str, str]], shown: int) -> list[str]:
     if len(failures) > shown:
         lines.append(f"  ... and {len(failures) - shown} more")
     return lines
+
+
+def _check_store_metadata(path: Path) -> None:
+    """CaptionerError unless `path` holds a Zarr group that says it is a store of our schema."""
+    if not path.exists():
+        raise CaptionerError(f"{path}: no such feature store")
+    if not path.is_dir():
+        raise CaptionerError(f"{path}: is a file, not a feature store (a folder, STORE.zarr)")
+    made_by = "`captioner extract` makes feature stores"
+    try:
+        metadata = json.loads((path / "zarr.json").read_text("utf-8"))
+    except FileNotFoundError:
+        raise CaptionerError(f"{path}: not a feature store (no zarr.json); {made_by}") from None
+    except (OSError, ValueError):
+        raise CaptionerError(f"{path}: a damaged feature store (zarr.json does not read)") from None
+    if not isinstance(metadata, dict) or metadata.get("node_type") != "group":
+        raise CaptionerError(f"{path}: a Zarr array, not a feature store; {made_by}")
+    attributes = metadata.get("attributes")
+    version = attributes.get("schema_version") if isinstance(attributes, dict) else None
+    if version is None:
+        raise CaptionerError(f"{path}: a Zarr group but not a feature store; {made_by}")
+    if version != SCHEMA_VERSION:
+        raise CaptionerError(
+            f"{path}: feature store schema version {version!r}; this captioner reads version"
+            f" {SCHEMA_VERSION}"
+        )
 
 
 def remove_partial_files(path: Path) -> None:
