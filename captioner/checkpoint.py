@@ -73,7 +73,12 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint, extra: dict | None = Non
     }
     _require_plain(payload, "checkpoint")
     with atomic_file(path, durable=True) as file:
-        torch.save(payload, file)
+        try:
+            torch.save(payload, file)
+        except RuntimeError as error:  # torch's writer wraps a failed write (a full disk)
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None
+            raise
 
 
 def load_checkpoint(path: Path) -> tuple[Checkpoint, dict]:

@@ -48,6 +48,7 @@ from captioner.corpus import (
 )
 from captioner.encoder import EncoderConfig
 from captioner.errors import CaptionerError
+from captioner.files import named_after
 from captioner.readers import read_corpus
 
 SCHEMA_VERSION = 1
@@ -331,10 +332,11 @@ class StoreWriter:
             reasons[offset] = reason
             status[offset] = STATUS_FAILED
         where = self._slice(shard)
-        self._spatial[where] = spatial
-        self._pooled[where] = pooled
-        self._failure[where] = reasons.astype(str)
-        self._status[where] = status  # last: marks the shard durable
+        with named_after(self.path, self.path):  # a full disk's error names the store
+            self._spatial[where] = spatial
+            self._pooled[where] = pooled
+            self._failure[where] = reasons.astype(str)
+            self._status[where] = status  # last: marks the shard durable
 
     def _slice(self, shard: int) -> slice:
         rows = self.shard_rows(shard)
@@ -361,7 +363,8 @@ def create_store(
     building = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_empty_store(building, corpus, settings, dict(provenance or {}))
+        with named_after(path, building):
+            _write_empty_store(building, corpus, settings, dict(provenance or {}))
         if path.exists():
             old = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex[:8]}")
             os.rename(path, old)

@@ -31,6 +31,7 @@ from captioner.distributed import Ranks, process_group
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
 from captioner.extraction.integrity import damaged_shards
+from captioner.files import require_writable_folder
 from captioner.images import ImageDataset, collate_images
 from captioner.option_checks import at_least, check_options, optional
 from captioner.preemption import StopRequest
@@ -131,6 +132,8 @@ def _extract(
     progress: bool,
     started: float,
 ) -> ExtractSummary:
+    if ranks.is_main:
+        require_writable_folder(config.out)
     corpus = _read_images_corpus(config)
     encoder = build_encoder(config.encoder).to_device(device)
     settings = StoreSettings(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from captioner.corpus import Corpus
 from captioner.errors import CaptionerError
-from captioner.files import spreadsheet_value, write_json
+from captioner.files import require_writable_folder, spreadsheet_value, write_json
 from captioner.inference.report import REPORT_NAME, Card, ReportPage, image_root, write_report
 from captioner.metrics import COCO, MetricsReport, check_java, score_captions
 from captioner.readers import read_corpus
@@ -37,6 +37,7 @@ class ScoreResult:
 
 def score_predictions(config: ScoreConfig) -> ScoreResult:
     """Score another system's captions (CSV or COCO results JSON) against a caption dataset."""
+    require_writable_folder(config.out)
     if config.metrics == COCO:
         check_java()
     corpus = read_corpus(config.captions, config.format, config.splits_dir)

@@ -44,6 +44,7 @@ from captioner.corpus import Corpus
 from captioner.devices import resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.errors import CaptionerError
+from captioner.files import require_writable_folder
 from captioner.models import DecoderConfig, build_decoder, load_native_attention
 from captioner.preemption import StopRequest
 from captioner.store import FeatureStore, corpus_digest, split_rows, training_corpus
@@ -89,6 +90,8 @@ def _train(
 ) -> TrainResult:
     say = tqdm.write if progress and ranks.is_main else _silent
     out, last_path = Path(config.out), Path(config.out) / "last.pt"
+    if ranks.is_main:
+        require_writable_folder(out)
     store = FeatureStore.open(config.features)
     corpus = training_corpus(store, config.captions)
     train_rows, val_rows = (split_rows(corpus, store, split) for split in ("train", "val"))
