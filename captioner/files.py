@@ -11,6 +11,7 @@ says names the path the user gave, never the temporary name it was being written
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -40,6 +41,12 @@ def atomic_file(path: Path, mode: str = "wb", durable: bool = False, **options) 
             os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of the file's bytes, in hex."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def write_json(path: Path, data: object) -> None:
