@@ -53,16 +53,23 @@ def damaged_shards(store: FeatureStore, progress: bool = False) -> Iterator[Dama
     whose finished rows read back empty (a chunk file lost, say by an interrupted copy)."""
     ids, done = store.image_ids(), store.status() == STATUS_DONE
     shards = range(-(-store.num_images // store.images_per_shard))
-    checks = [(name, shard) for name in ARRAYS for shard in shards]
-    for name, shard in tqdm(checks, "verifying", unit="shard", leave=False, disable=not progress):
+    # The bar counts shards (each read in every feature array), as the summaries do.
+    for shard in tqdm(shards, "verifying", unit="shard", leave=False, disable=not progress):
         start = shard * store.images_per_shard
         rows = range(start, min(start + store.images_per_shard, store.num_images))
-        try:
-            values = store.read_shard(name, shard)
-        except CHUNK_ERRORS as error:
-            yield DamagedShard(name, shard, rows, ids[rows.start : rows.stop], str(error))
-            continue
-        finished = values[done[rows.start : rows.stop]].reshape(-1, values[0].size)
-        if np.isnan(finished).all(axis=1).any():
-            reason = "finished rows read back empty: a chunk file is missing"
-            yield DamagedShard(name, shard, rows, ids[rows.start : rows.stop], reason)
+        for name in ARRAYS:
+            if reason := _unreadable_shard(store, name, shard, done[rows.start : rows.stop]):
+                yield DamagedShard(name, shard, rows, ids[rows.start : rows.stop], reason)
+
+
+def _unreadable_shard(store: FeatureStore, name: str, shard: int, done: np.ndarray) -> str:
+    """Why the shard of array `name` does not read back whole ("" when it does); `done`: which of
+    its rows are finished."""
+    try:
+        values = store.read_shard(name, shard)
+    except CHUNK_ERRORS as error:
+        return str(error)
+    finished = values[done].reshape(-1, values[0].size)
+    if np.isnan(finished).all(axis=1).any():
+        return "finished rows read back empty: a chunk file is missing"
+    return ""
