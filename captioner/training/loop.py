@@ -124,6 +124,8 @@ def _train(
         f" {len(val_rows)} val images, vocabulary {len(vocabulary)}) on {device}"
         + (f" x {ranks.world_size} ranks" if ranks.world_size > 1 else "")
     )
+    if config.resume:
+        say(_where_resumed(state, train_stream.num_batches, config.epochs, last_path))
     if config.native_attention and (
         note := load_native_attention(run.decoder, store.grid[0] * store.grid[1], device)
     ):
@@ -264,21 +266,25 @@ def _train_epoch(
         disable=not (progress and ranks.is_main),
     )
     mid_epoch_saves = ranks.world_size == 1  # ranks would have to agree on when to stop and save
-    started = last_save = time.perf_counter()
-    data_wait, captions = 0.0, 0
+    last_save = time.perf_counter()
+    # Speed and data wait are measured over the steps this call runs: from the first wait for a
+    # batch to the end of the last step (a resumed epoch runs only its remaining steps).
+    first_wait, last_step_end, data_wait, captions = None, None, 0.0, 0
     batches = stream.epoch(state.epoch, start_batch=state.step)
     try:
         while True:
             waiting = time.perf_counter()
             batch = next(batches, None)
-            waited = time.perf_counter() - waiting
-            data_wait += waited
             if batch is None:
                 break
+            waited = time.perf_counter() - waiting
+            first_wait = waiting if first_wait is None else first_wait
+            data_wait += waited
             output, grad_norm = _optimizer_step(run, batch.to(run.device))
             totals += output.totals
             state.step += 1
             captions += output.captions
+            last_step_end = time.perf_counter()
             bar.update(output.captions)
             if progress and state.step % 25 == 0:
                 bar.set_postfix(loss=f"{output.loss.item():.3f}")
@@ -307,7 +313,8 @@ def _train_epoch(
     finally:  # (also when a fault ends the epoch: the error then starts its own line)
         bar.close()
     state.totals = ranks.sum(totals.tolist())
-    return EpochTiming(time.perf_counter() - started, data_wait, int(ranks.sum([captions])[0]))
+    seconds = last_step_end - first_wait if first_wait is not None else 0.0
+    return EpochTiming(seconds, data_wait, int(ranks.sum([captions])[0]))
 
 
 def _optimizer_step(run: Run, batch: Batch) -> tuple[StepOutput, torch.Tensor | None]:
@@ -325,6 +332,13 @@ def _optimizer_step(run: Run, batch: Batch) -> tuple[StepOutput, torch.Tensor | 
     amp.scaler.step(optimizer)
     amp.scaler.update()
     return output, grad_norm
+
+
+def _where_resumed(state: RunState, steps: int, epochs: int, last_path: Path) -> str:
+    """The line a resumed run starts with: where in which epoch it goes on, from which file."""
+    if state.epoch >= epochs:
+        return f"{last_path}: the run has trained its {epochs} epochs (a larger --epochs goes on)"
+    return f"resuming at epoch {state.epoch + 1}, step {state.step} of {steps} from {last_path}"
 
 
 def _result(run: Run, state: RunState, stopped_early: bool, preempted: str = "") -> TrainResult:
