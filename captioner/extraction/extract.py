@@ -189,7 +189,9 @@ def _extract(
 
 def _read_images_corpus(config: ExtractConfig) -> Corpus:
     if not Path(config.images).is_dir():
-        raise CaptionerError(f"{config.images}: image folder not found")
+        exists = Path(config.images).exists()
+        what = "is a file, not an image folder" if exists else "image folder not found"
+        raise CaptionerError(f"{config.images}: {what}")
     corpus = read_corpus(
         list(config.captions), config.format, config.splits_dir, config.keep_restval
     )
