@@ -359,12 +359,14 @@ def test_usage_lines_name_the_scripts_as_typed(command, name):
 # ---- faults of the machine: named in the user's words, with the hint that fits the command ----
 
 
-def disk_refusing_temporary_files(error_number: int) -> Callable:
+def disk_refusing_temporary_files(error_number: int, name: str = "") -> Callable:
     """`open` for captioner.files in which writing a temporary file (an atomic write's
-    `.NAME.PID.tmp`) fails as a full disk, a denied folder or a read-only disk would."""
+    `.NAME.PID.tmp`, of `name` only if given) fails as a full disk, a denied folder or a
+    read-only disk would."""
 
     def refusing(path, mode="r", *args, **kwargs):
-        if str(path).endswith(".tmp") and "w" in mode:
+        temporary = Path(path).name.endswith(".tmp") and Path(path).name.startswith(f".{name}")
+        if temporary and "w" in mode:
             raise OSError(error_number, os.strerror(error_number), str(path))
         return open(path, mode, *args, **kwargs)
 
@@ -386,13 +388,24 @@ def test_a_write_fault_names_the_output_and_does_not_promise_a_resume_it_lacks(
     assert not out.exists()
 
 
-def test_training_is_told_to_resume_after_a_write_fault(workspace, tmp_path, monkeypatch):
-    monkeypatch.setattr(files_module, "open", disk_refusing_temporary_files(errno.ENOSPC), False)
+def test_training_stopped_at_its_first_checkpoint_is_told_to_resume_and_can(
+    workspace, tmp_path, monkeypatch
+):
+    """A full disk at the first best.pt, before any last.pt: the hint says --resume, and the
+    resumed run, having nothing saved to go on from, starts again."""
+    refusing = disk_refusing_temporary_files(errno.ENOSPC, "best.pt")
+    monkeypatch.setattr(files_module, "open", refusing, raising=False)
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, train(workspace, None, out, "--epochs", "1"))
+    small = ["--epochs", "1", "--embed-size", "8", "--hidden-size", "8", "--attention-size", "4"]
+    small += ["--min-count", "1", "--batch-size", "4", "--workers", "0"]
+    result = CliRunner().invoke(main, train(workspace, None, out, *small))
     last = result.output.strip().splitlines()[-1]
-    assert result.exit_code == 1 and last.startswith(f"Error: {out}/") and ".tmp" not in last
-    assert last.endswith("then run the same command with --resume: it goes on from last.pt")
+    assert result.exit_code == 1 and last.startswith(f"Error: {out / 'best.pt'}: No space left")
+    assert last.endswith("then run the same command with --resume: it goes on from its last save")
+    monkeypatch.undo()
+    resumed = CliRunner().invoke(main, train(workspace, None, out, *small, "--resume"))
+    assert resumed.exit_code == 0 and "it starts again" in resumed.output, resumed.output
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
 
 
 def test_warnings_are_one_plain_line_each_once(workspace, monkeypatch):

@@ -36,7 +36,7 @@ _MACHINE_FAULTS = {
 }
 # What to do after the fix, for the commands that keep their finished work and go on from it.
 _RESUMING = {
-    "train": "run the same command with --resume: it goes on from last.pt",
+    "train": "run the same command with --resume: it goes on from its last save",
     "extract": "run the same command again: it keeps the finished shards and extracts the rest",
     "caption": "run the same command again: it keeps the rows written and captions the rest",
     "demo": "run it again: it reuses every finished phase",

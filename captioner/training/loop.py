@@ -32,6 +32,7 @@ module.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,13 @@ from captioner.training.metrics_log import (
     write_metrics,
 )
 from captioner.training.objectives import CrossEntropy, SelfCritical, StepOutput
-from captioner.training.resume import RunState, initial_checkpoint, resume_run, save_run
+from captioner.training.resume import (
+    RunState,
+    initial_checkpoint,
+    resume_run,
+    save_run,
+    stopped_before_its_first_save,
+)
 from captioner.training.reward import CiderReward
 from captioner.training.run import Run
 from captioner.training.tensorboard import TensorBoardLog
@@ -98,6 +105,9 @@ def _train(
     for split, rows in (("train", train_rows), ("val", val_rows)):
         if len(rows) == 0:
             raise CaptionerError(f"{store.path}: no {split} images with features and captions")
+    if config.resume and stopped_before_its_first_save(out):
+        say(f"no {last_path} yet (the run stopped before its first save): it starts again")
+        config = replace(config, resume=False)
     run = _start_run(config, ranks, device, store, corpus, train_rows)
     config, vocabulary = run.config, run.vocabulary
     state = RunState()
