@@ -12,7 +12,7 @@ import contextlib
 import errno
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import click
 from tqdm import tqdm
@@ -74,24 +74,28 @@ def _plain_warnings() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _as_users_see_it(command: Callable[[], str | None]) -> Iterator[None]:
+    """Errors a user can fix and warnings, each as one line; `command`: the command's name."""
+    try:
+        with _plain_warnings():
+            yield
+    except (CaptionerError, OSError) as error:
+        raise _one_line(error, command()) from None
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
-        try:
-            with _plain_warnings():
-                return super().invoke(ctx)
-        except (CaptionerError, OSError) as error:
-            raise _one_line(error, ctx.invoked_subcommand) from None
+        with _as_users_see_it(lambda: ctx.invoked_subcommand):
+            return super().invoke(ctx)
 
 
 class _Script(click.Command):
     """A command run as a program of its own (`python train_decoder.py ...`)."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            with _plain_warnings():
-                return super().invoke(ctx)
-        except (CaptionerError, OSError) as error:
-            raise _one_line(error, self.name) from None
+        with _as_users_see_it(lambda: self.name):
+            return super().invoke(ctx)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
