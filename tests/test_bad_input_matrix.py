@@ -58,11 +58,23 @@ class Workspace:
     picture: Path  # a JPEG, where captions, a checkpoint or predictions belong
     truncated: Path  # the checkpoint cut short, as an interrupted copy leaves it
     other_group: Path  # a Zarr group that is not a feature store
-    other_weights_store: Path  # a store extracted with other encoder weights than the checkpoint's
+    other_store: Path  # a store extracted with other encoder weights than the checkpoint's
     cut_run: Path  # a run whose last.pt is truncated
     damaged_run: Path  # a run whose best.pt is truncated
     under_a_file: Path  # no folder can be made here: its parent is a regular file
     system: Path | None  # a path in /sys (None where this machine lets a file be made there)
+
+    @property
+    def cut_last(self) -> Path:
+        return self.cut_run / "last.pt"
+
+    @property
+    def damaged_best(self) -> Path:
+        return self.damaged_run / "best.pt"
+
+    @property
+    def new_csv(self) -> Path:
+        return self.root / "new.csv"
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +106,7 @@ def workspace(tmp_path_factory) -> Workspace:
     truncated = root / "truncated.pt"
     truncated.write_bytes(checkpoint.read_bytes()[:5000])
     zarr.open_group(str(root / "other.zarr"), mode="w").attrs["made_by"] = "another tool"
-    other_weights = make_store(root / "other_weights.zarr", images=8, channels=16, seed=3)
+    make_store(root / "other_weights.zarr", images=8, channels=16, seed=3)
     for name, damaged in (("cut_run", "last.pt"), ("damaged_run", "best.pt")):
         shutil.copytree(run, root / name)
         (root / name / damaged).write_bytes(truncated.read_bytes())
@@ -115,7 +127,7 @@ def workspace(tmp_path_factory) -> Workspace:
         root / "picture.jpg",
         truncated,
         root / "other.zarr",
-        other_weights,
+        root / "other_weights.zarr",
         root / "cut_run",
         root / "damaged_run",
         root / "regular.txt" / "out",
@@ -137,19 +149,14 @@ def _system_path() -> Path | None:
 
 @dataclass(frozen=True)
 class Case:
-    """A command line (without the program) and the path its one-line error must name: a
-    workspace attribute's name, or a function of the workspace."""
+    """A command line (without the program) and the workspace input its one-line error must
+    name."""
 
     arguments: Callable[[Workspace], list]
-    named: str | Callable[[Workspace], Path | None]
-
-    def path_named(self, workspace: Workspace) -> Path | None:
-        if isinstance(self.named, str):
-            return getattr(workspace, self.named)
-        return self.named(workspace)
+    named: str  # a Workspace attribute
 
 
-def case(id: str, arguments: Callable[[Workspace], list], named) -> pytest.param:
+def case(id: str, arguments: Callable[[Workspace], list], named: str) -> pytest.param:
     return pytest.param(Case(arguments, named), id=id)
 
 
@@ -163,6 +170,10 @@ def extract(w: Workspace, captions=None, images=None, out=None) -> list:
 def train(w: Workspace, features=None, out=None, *more) -> list:
     out = out or w.root / "new_run"
     return ["train", "--features", features or w.store, "--out", out, "--device", "cpu", *more]
+
+
+def scst(w: Workspace, init: Path, features=None) -> list:
+    return train(w, features, None, "--objective", "scst", "--init", init)
 
 
 def evaluate(w: Workspace, checkpoint=None, features=None, out=None) -> list:
@@ -179,140 +190,70 @@ def score(w: Workspace, predictions=None, captions=None, out=None) -> list:
     return ["score", "--predictions", predictions, "--captions", captions, "--out", out, *options]
 
 
-def caption(w: Workspace, inputs=None, checkpoint=None, out=None, *more) -> list:
+def caption(w: Workspace, inputs=None, checkpoint=None, out=None, html=None) -> list:
     inputs, checkpoint = inputs or w.images, checkpoint or w.checkpoint
-    out = out or w.captions_out
-    return ["caption", inputs, "--checkpoint", checkpoint, "--out", out, "--device", "cpu", *more]
+    out, page = out or w.captions_out, ["--html", html] if html else []
+    return ["caption", inputs, "--checkpoint", checkpoint, "--out", out, "--device", "cpu", *page]
 
 
 def runs(w: Workspace, folder=None, out=None) -> list:
     return ["runs", folder or w.run, "--out", out or w.root / "runs.png"]
 
 
+def each(prefix: str, build: Callable[[Workspace, Path], list], kinds: list[str]) -> list:
+    """One case per kind of bad input: `build` puts the workspace's input of that kind where
+    the case tests it; the error must name that input."""
+    return [
+        case(f"{prefix}-{kind}", lambda w, kind=kind: build(w, getattr(w, kind)), kind)
+        for kind in kinds
+    ]
+
+
+NOT_A_FILE = ["missing", "folder", "empty", "picture"]  # where a file of ours belongs
+NOT_A_CHECKPOINT = [*NOT_A_FILE, "truncated"]
+NOT_A_STORE = ["missing", "folder", "empty", "picture", "other_group"]
+UNWRITABLE = ["under_a_file", "system"]
+
 CASES = [
-    # inspect CAPTIONS
-    case("inspect-missing", lambda w: ["inspect", w.missing], "missing"),
-    case("inspect-folder", lambda w: ["inspect", w.folder], "folder"),
-    case("inspect-empty", lambda w: ["inspect", w.empty], "empty"),
-    case("inspect-picture", lambda w: ["inspect", w.picture], "picture"),
-    # extract
-    case("extract-captions-missing", lambda w: extract(w, captions=w.missing), "missing"),
-    case("extract-captions-folder", lambda w: extract(w, captions=w.folder), "folder"),
-    case("extract-captions-empty", lambda w: extract(w, captions=w.empty), "empty"),
-    case("extract-captions-picture", lambda w: extract(w, captions=w.picture), "picture"),
-    case("extract-images-missing", lambda w: extract(w, images=w.missing), "missing"),
-    case("extract-images-file", lambda w: extract(w, images=w.picture), "picture"),
-    case("extract-out-under-file", lambda w: extract(w, out=w.under_a_file), "under_a_file"),
-    case("extract-out-system", lambda w: extract(w, out=w.system), "system"),
-    case("extract-out-file", lambda w: extract(w, out=w.empty), "empty"),
-    case("extract-out-other-group", lambda w: extract(w, out=w.other_group), "other_group"),
-    case("extract-out-other-store", lambda w: extract(w, out=w.store), "store"),
-    # features info / verify STORE
-    *(
-        case(
-            f"features-{action}-{kind}",
-            lambda w, a=action, k=kind: ["features", a, getattr(w, k)],
-            kind,
-        )
-        for action in ("info", "verify")
-        for kind in ("missing", "folder", "empty", "picture", "other_group")
-    ),
-    # train
-    case("train-features-missing", lambda w: train(w, features=w.missing), "missing"),
-    case("train-features-file", lambda w: train(w, features=w.picture), "picture"),
-    case("train-features-other-group", lambda w: train(w, features=w.other_group), "other_group"),
-    case("train-out-under-file", lambda w: train(w, out=w.under_a_file), "under_a_file"),
-    case("train-out-system", lambda w: train(w, out=w.system), "system"),
-    case("train-out-file", lambda w: train(w, out=w.empty), "empty"),
-    case("train-out-holds-a-run", lambda w: train(w, out=w.run), "run"),
-    case(
-        "train-resume-truncated",
-        lambda w: train(w, None, w.cut_run, "--resume"),
-        lambda w: w.cut_run / "last.pt",
-    ),
-    case(
-        "train-init-truncated",
-        lambda w: train(w, None, None, "--objective", "scst", "--init", w.truncated),
-        "truncated",
-    ),
-    case(
-        "train-init-other-store",
-        lambda w: train(
-            w, w.other_weights_store, None, "--objective", "scst", "--init", w.checkpoint
-        ),
-        "checkpoint",
-    ),
-    case("train-captions-empty", lambda w: train(w, None, None, "--captions", w.empty), "empty"),
-    # evaluate
-    case("evaluate-checkpoint-missing", lambda w: evaluate(w, checkpoint=w.missing), "missing"),
-    case("evaluate-checkpoint-folder", lambda w: evaluate(w, checkpoint=w.folder), "folder"),
-    case("evaluate-checkpoint-empty", lambda w: evaluate(w, checkpoint=w.empty), "empty"),
-    case("evaluate-checkpoint-picture", lambda w: evaluate(w, checkpoint=w.picture), "picture"),
-    case(
-        "evaluate-checkpoint-truncated", lambda w: evaluate(w, checkpoint=w.truncated), "truncated"
-    ),
-    case("evaluate-features-missing", lambda w: evaluate(w, features=w.missing), "missing"),
-    case(
-        "evaluate-features-other-group",
-        lambda w: evaluate(w, features=w.other_group),
-        "other_group",
-    ),
-    case(
-        "evaluate-features-other-weights",
-        lambda w: evaluate(w, features=w.other_weights_store),
-        "other_weights_store",
-    ),
-    case("evaluate-out-under-file", lambda w: evaluate(w, out=w.under_a_file), "under_a_file"),
-    case("evaluate-out-system", lambda w: evaluate(w, out=w.system), "system"),
-    case("evaluate-out-file", lambda w: evaluate(w, out=w.empty), "empty"),
-    # score
-    case("score-predictions-missing", lambda w: score(w, predictions=w.missing), "missing"),
-    case("score-predictions-folder", lambda w: score(w, predictions=w.folder), "folder"),
-    case("score-predictions-empty", lambda w: score(w, predictions=w.empty), "empty"),
-    case("score-predictions-picture", lambda w: score(w, predictions=w.picture), "picture"),
-    case("score-captions-missing", lambda w: score(w, captions=w.missing), "missing"),
-    case("score-captions-empty", lambda w: score(w, captions=w.empty), "empty"),
-    case("score-out-under-file", lambda w: score(w, out=w.under_a_file), "under_a_file"),
-    case("score-out-system", lambda w: score(w, out=w.system), "system"),
-    # caption
-    case("caption-inputs-missing", lambda w: caption(w, inputs=w.missing), "missing"),
-    case("caption-checkpoint-missing", lambda w: caption(w, checkpoint=w.missing), "missing"),
-    case("caption-checkpoint-folder", lambda w: caption(w, checkpoint=w.folder), "folder"),
-    case("caption-checkpoint-empty", lambda w: caption(w, checkpoint=w.empty), "empty"),
-    case("caption-checkpoint-picture", lambda w: caption(w, checkpoint=w.picture), "picture"),
-    case("caption-checkpoint-truncated", lambda w: caption(w, checkpoint=w.truncated), "truncated"),
-    case("caption-out-under-file", lambda w: caption(w, out=w.under_a_file), "under_a_file"),
-    case(
-        "caption-out-system",
-        lambda w: caption(w, out=w.system / "c.csv" if w.system else None),
-        "system",
-    ),
-    case("caption-out-folder", lambda w: caption(w, out=w.folder), "folder"),
-    case("caption-out-other-format", lambda w: caption(w, out=w.predictions), "predictions"),
-    case("caption-out-earlier-model", lambda w: caption(w), "captions_out"),
-    case(
-        "caption-html-under-file",
-        lambda w: caption(w, None, None, w.root / "c.csv", "--html", w.under_a_file),
-        "under_a_file",
-    ),
-    # runs
-    case("runs-missing", lambda w: runs(w, folder=w.missing), "missing"),
-    case("runs-empty-folder", lambda w: runs(w, folder=w.folder), "folder"),
-    case("runs-file", lambda w: runs(w, folder=w.picture), "picture"),
-    case(
-        "runs-truncated-checkpoint",
-        lambda w: runs(w, folder=w.damaged_run),
-        lambda w: w.damaged_run / "best.pt",
-    ),
-    case("runs-out-under-file", lambda w: runs(w, out=w.under_a_file), "under_a_file"),
-    case("runs-out-folder", lambda w: runs(w, out=w.folder), "folder"),
-]
+    *each("inspect", lambda w, bad: ["inspect", bad], NOT_A_FILE),
+    *each("extract-captions", lambda w, bad: extract(w, captions=bad), NOT_A_FILE),
+    *each("extract-images", lambda w, bad: extract(w, images=bad), ["missing", "picture"]),
+    *each("extract-out", lambda w, bad: extract(w, out=bad), [*UNWRITABLE, "empty"]),
+    # a store of another kind, or one made with other settings: refused, and left as it was
+    *each("extract-out", lambda w, bad: extract(w, out=bad), ["other_group", "store"]),
+    *each("features-info", lambda w, bad: ["features", "info", bad], NOT_A_STORE),
+    *each("features-verify", lambda w, bad: ["features", "verify", bad], NOT_A_STORE),
+    *each("train-features", lambda w, bad: train(w, features=bad), NOT_A_STORE),
+    *each("train-out", lambda w, bad: train(w, out=bad), [*UNWRITABLE, "empty", "run"]),
+    *each("train-init", lambda w, bad: scst(w, init=bad), NOT_A_CHECKPOINT),
+    *each("train-captions", lambda w, bad: train(w, None, None, "--captions", bad), NOT_A_FILE),
+    case("train-resume-truncated", lambda w: train(w, None, w.cut_run, "--resume"), "cut_last"),
+    # an --init trained on another store
+    case("train-init-other-store", lambda w: scst(w, w.checkpoint, w.other_store), "checkpoint"),
+    *each("evaluate-checkpoint", lambda w, bad: evaluate(w, checkpoint=bad), NOT_A_CHECKPOINT),
+    *each("evaluate-features", lambda w, bad: evaluate(w, features=bad), NOT_A_STORE),
+    # a store of other encoder weights than the checkpoint was trained on
+    *each("evaluate-features", lambda w, bad: evaluate(w, features=bad), ["other_store"]),
+    *each("evaluate-out", lambda w, bad: evaluate(w, out=bad), [*UNWRITABLE, "empty"]),
+    *each("score-predictions", lambda w, bad: score(w, predictions=bad), NOT_A_FILE),
+    *each("score-captions", lambda w, bad: score(w, captions=bad), NOT_A_FILE),
+    *each("score-out", lambda w, bad: score(w, out=bad), [*UNWRITABLE, "empty"]),
+    *each("caption-inputs", lambda w, bad: caption(w, inputs=bad), ["missing", "folder"]),
+    *each("caption-checkpoint", lambda w, bad: caption(w, checkpoint=bad), NOT_A_CHECKPOINT),
+    *each("caption-out", lambda w, bad: caption(w, out=bad), [*UNWRITABLE, "folder"]),
+    # another kind of CSV, and the captions of an earlier model (that does not say which)
+    *each("caption-out", lambda w, bad: caption(w, out=bad), ["predictions", "captions_out"]),
+    *each("caption-html", lambda w, bad: caption(w, out=w.new_csv, html=bad), UNWRITABLE),
+    *each("runs", lambda w, bad: runs(w, folder=bad), ["missing", "folder", "picture"]),
+    case("runs-damaged-run", lambda w: runs(w, folder=w.damaged_run), "damaged_best"),
+    *each("runs-out", lambda w, bad: runs(w, out=bad), ["under_a_file", "folder"]),
+]  # fmt: skip
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    """Every file under `root`: its path relative to `root` and its bytes."""
+    files = (path for path in sorted(root.rglob("*")) if path.is_file())
+    return {str(path.relative_to(root)): path.read_bytes() for path in files}
 
 
 def assert_refused(result: Result, named: Path, before: dict[str, bytes], root: Path) -> None:
@@ -326,7 +267,7 @@ def assert_refused(result: Result, named: Path, before: dict[str, bytes], root: 
 
 def run_case(workspace: Workspace, bad: Case, through_script: bool) -> None:
     arguments = [str(argument) for argument in bad.arguments(workspace)]
-    named = bad.path_named(workspace)
+    named = getattr(workspace, bad.named)
     if named is None:
         pytest.skip("this machine lets a file be made in /sys")
     before = snapshot(workspace.root)
