@@ -20,7 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from captioner.errors import CaptionerError
-from captioner.files import file_sha256, spreadsheet_safe, spreadsheet_value, write_json
+from captioner.files import (
+    file_sha256,
+    named_after,
+    spreadsheet_safe,
+    spreadsheet_value,
+    write_json,
+)
 from captioner.models.decode import DecodingConfig
 
 OUTPUT_FORMATS = ("csv", "jsonl")
@@ -174,20 +180,23 @@ class CaptionOutput:
                 ) from None
         return rows
 
+    # A write to a full disk names no file: the errors of the writes below name the output.
+
     def __enter__(self) -> CaptionOutput:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
-        self._file = open(self.path, "a", encoding="utf-8", newline="")
-        if new and self.format == "csv":
-            self._file.write(",".join(COLUMNS) + "\n")
+        with named_after(self.path, self.path):
+            self._file = open(self.path, "a", encoding="utf-8", newline="")
+            if new and self.format == "csv":
+                self._file.write(",".join(COLUMNS) + "\n")
         return self
 
     def __exit__(self, *exc_info) -> None:
         assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
+        file, self._file = self._file, None
+        with named_after(self.path, self.path), file:
+            file.flush()
+            os.fsync(file.fileno())
 
     def write(self, rows: list[CaptionRow]) -> None:
         """Append whole rows and flush, so a killed run loses at most the batch being written."""
@@ -202,8 +211,9 @@ class CaptionOutput:
             for path, caption, log_prob, error in rows:
                 entry = {"path": path, "caption": caption, "log_prob": log_prob, "error": error}
                 buffer.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._file.write(buffer.getvalue())
-        self._file.flush()
+        with named_after(self.path, self.path):
+            self._file.write(buffer.getvalue())
+            self._file.flush()
 
 
 def _cut_partial_last_line(path: Path) -> None:
