@@ -391,8 +391,10 @@ def test_score_refuses_a_predictions_file_without_the_columns(tmp_path):
 def test_a_denied_write_of_the_results_is_one_line_and_the_rerun_writes_them(
     tmp_path, store_path, checkpoint_path, monkeypatch
 ):
-    write_json = evaluate_module.write_json  # results.json, then metrics.json
-    monkeypatch.setattr(evaluate_module, "write_json", failing_on_call(2, errno.EACCES, write_json))
+    atomic_file = evaluate_module.atomic_file
+    monkeypatch.setattr(
+        evaluate_module, "atomic_file", failing_on_call(2, errno.EACCES, atomic_file)
+    )
     args = [
         "evaluate",
         "--checkpoint",
@@ -410,7 +412,7 @@ def test_a_denied_write_of_the_results_is_one_line_and_the_rerun_writes_them(
     last = output.strip().splitlines()[-1]  # (after the decoding progress bar, on stderr)
     assert code == 1 and last.startswith("Error: ") and "Traceback" not in output
     assert "Permission denied" in last and "run the same command again" in last
-    monkeypatch.setattr(evaluate_module, "write_json", write_json)
+    monkeypatch.setattr(evaluate_module, "atomic_file", atomic_file)
     code, output = run_cli(*args)
     assert code == 0, output
     written = {path.name for path in (tmp_path / "o").iterdir()}
