@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/caption.py
 	$(BIN)/python bench/scst.py
+	$(BIN)/python bench/faults.py  # the real full and read-only disks need root
 
 bench-gpu: $(STAMP)  # on a CUDA machine; writes bench/gpu-results.txt
 	bash bench/gpu.sh
