@@ -1,8 +1,6 @@
 """Evaluation: caption a feature store's split with a checkpoint and score it (see `--help`)."""
 
-import sys
-
-from captioner.cli import main
+from captioner.cli import script
 
 if __name__ == "__main__":
-    main(["evaluate", *sys.argv[1:]], prog_name="evaluate.py")
+    script("evaluate").main(prog_name="evaluate.py")

@@ -1,8 +1,6 @@
 """Phase 1: frozen-CNN features of a caption dataset into a feature store (see `--help`)."""
 
-import sys
-
-from captioner.cli import main
+from captioner.cli import script
 
 if __name__ == "__main__":
-    main(["extract", *sys.argv[1:]], prog_name="extract_features.py")
+    script("extract").main(prog_name="extract_features.py")

@@ -4,9 +4,7 @@ The same as `captioner train`; launch with `torchrun --nproc_per_node=K train_de
 train with DistributedDataParallel.
 """
 
-import sys
-
-from captioner.cli import main
+from captioner.cli import script
 
 if __name__ == "__main__":
-    main(["train", *sys.argv[1:]], prog_name="train_decoder.py")
+    script("train").main(prog_name="train_decoder.py")

@@ -9,6 +9,7 @@ killed while saving leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,12 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint, extra: dict | None = Non
     }
     _require_plain(payload, "checkpoint")
     with atomic_file(path, durable=True) as file:
-        torch.save(payload, file)
+        try:
+            torch.save(payload, file)
+        except RuntimeError as error:  # torch's writer wraps a failed write (a full disk)
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None
+            raise
 
 
 def load_checkpoint(path: Path) -> tuple[Checkpoint, dict]:
@@ -106,17 +112,18 @@ def load_checkpoint(path: Path) -> tuple[Checkpoint, dict]:
     or not a captioner checkpoint. Tensors are loaded onto the CPU."""
     path = Path(path)
     if not path.is_file():
-        raise CaptionerError(f"{path}: no such checkpoint file")
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "no such checkpoint file"
+        raise CaptionerError(f"{path}: {what}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if _file_kind(path) not in ("torch archive", "pickle"):
+            raise CaptionerError(_unreadable(path)) from None
         raise CaptionerError(
             f"{path}: not a captioner checkpoint, refused by safe loading ({_reason(error)})"
         ) from None
-    except EOFError:
-        raise CaptionerError(f"{path}: not a readable checkpoint (empty or truncated)") from None
-    except Exception as error:  # whatever a damaged or foreign file triggers means "unreadable"
-        raise CaptionerError(f"{path}: not a readable checkpoint ({_reason(error)})") from None
+    except Exception:  # whatever a damaged or foreign file triggers means "unreadable"
+        raise CaptionerError(_unreadable(path)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CaptionerError(f"{path}: not a captioner checkpoint (a torch file of another kind)")
     if payload.get("version") not in range(1, VERSION + 1):
@@ -145,6 +152,32 @@ def load_checkpoint(path: Path) -> tuple[Checkpoint, dict]:
     except (KeyError, TypeError, ValueError, IndexError, CaptionerError) as error:
         raise CaptionerError(f"{path}: damaged checkpoint ({_reason(error)})") from None
     return checkpoint, dict(payload.get("extra", {}))
+
+
+def _unreadable(path: Path) -> str:
+    """Why torch cannot read `path`, in our words rather than its reader's."""
+    kind = _file_kind(path)
+    if kind == "empty":
+        return f"{path}: an empty file, not a checkpoint"
+    if kind == "cut-short archive":
+        size = path.stat().st_size
+        return f"{path}: a truncated checkpoint (it ends early, at {size:,} bytes); copy it again"
+    if kind in ("torch archive", "pickle"):
+        return f"{path}: a damaged checkpoint (its contents do not read); copy it again"
+    return f"{path}: not a checkpoint (not a file that torch.save writes)"
+
+
+def _file_kind(path: Path) -> str:
+    """What `path` holds: a "torch archive" (the zip archive torch.save writes), a "cut-short
+    archive" (one that ends early: a copy cut short), a "pickle" (torch.save's older format),
+    nothing ("empty") or "other"."""
+    with open(path, "rb") as file:
+        start = file.read(4)
+    if not start:
+        return "empty"
+    if start == b"PK\x03\x04":
+        return "torch archive" if zipfile.is_zipfile(path) else "cut-short archive"
+    return "pickle" if start.startswith(b"\x80") else "other"
 
 
 def _check_weights_fit_config(checkpoint: Checkpoint) -> None:

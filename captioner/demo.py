@@ -32,10 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from captioner.devices import default_workers
 from captioner.encoder import EncoderConfig
 from captioner.errors import CaptionerError
 from captioner.extraction.extract import ExtractConfig, ExtractSummary, extract_features
 from captioner.inference.caption import CaptionConfig, CaptionSummary, caption_images
+from captioner.inference.caption_output import CaptionModel, CaptionOutput
 from captioner.inference.evaluate import EvaluateConfig, evaluate
 from captioner.inference.report import REPORT_NAME
 from captioner.metrics import METRICS, score_captions
@@ -102,7 +104,7 @@ class DemoConfig:
     beam_size: int = 3
     figures: int = 8  # attention overlays written for test images
     device: str = "auto"
-    workers: int = 2
+    workers: int = default_workers(2)
 
     @property
     def dataset(self) -> Path:
@@ -259,17 +261,16 @@ def run_demo(
     lap("evaluation")
 
     say(f"[5/5] captioning the fresh images in {config.fresh}")
-    captioning = caption_images(
-        CaptionConfig(
-            inputs=[config.fresh],
-            checkpoint=config.run(config.models[-1]) / "best.pt",
-            out=config.fresh_captions,
-            decoding=DecodingConfig(beam_size=config.beam_size),
-            device=config.device,
-            workers=config.workers,
-        ),
-        progress=progress,
+    fresh = CaptionConfig(
+        inputs=[config.fresh],
+        checkpoint=config.run(config.models[-1]) / "best.pt",
+        out=config.fresh_captions,
+        decoding=DecodingConfig(beam_size=config.beam_size),
+        device=config.device,
+        workers=config.workers,
     )
+    _forget_captions_of_another_model(fresh)
+    captioning = caption_images(fresh, progress=progress)
     _stop_if(captioning.stopped, "captioning")
     lap("captioning")
     return DemoResult(
@@ -383,6 +384,16 @@ def _scene_accuracy(captions: dict[str, str], scenes: dict) -> dict:
     return scene_accuracy(
         [tokenize(text) for text in captions.values()], [scenes[name] for name in names]
     )
+
+
+def _forget_captions_of_another_model(config: CaptionConfig) -> None:
+    """Remove the demo's captions of the fresh images where an earlier model made them (a re-run
+    that trained on), so that they are captioned again by the last model: an output holds one
+    model's captions, and this one is the demo's own."""
+    recorded = CaptionOutput(config.out, config.format).recorded_model()
+    last_model = CaptionModel.of(config.checkpoint, config.decoding)
+    if recorded is not None and recorded.differences(last_model):
+        config.out.unlink(missing_ok=True)
 
 
 def _stop_if(signal_name: str, phase: str) -> None:

@@ -1,6 +1,9 @@
-"""The device a command computes on: the `--device` choices and how "auto" picks one."""
+"""The device a command computes on: the `--device` choices and how "auto" picks one; and the
+CPUs it may use, which bound the default number of worker processes."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -25,3 +28,18 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity (a container's or a batch job's share),
+    not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (macOS and Windows have no affinity call)
+        return os.cpu_count() or 1
+
+
+def default_workers(most: int) -> int:
+    """A default number of DataLoader worker processes: `most`, but never more than the CPUs
+    available (more would only compete with the main process for them, and PyTorch warns)."""
+    return min(most, available_cpus())

@@ -274,7 +274,7 @@ def _tiny_cnn() -> nn.Module:
 def _output_shape(name: str, image_size: int) -> tuple[int, int, int]:
     """(C, H, W) of the trunk's output, found by a shape-only pass on the meta device."""
     with torch.device("meta"):
-        trunk = _backbone(name, _architecture(name))
+        trunk = _backbone(name, _architecture(name)).eval()  # (batch norm on a 1x1 map)
         shape = trunk(torch.empty(1, 3, image_size, image_size)).shape
     return int(shape[1]), int(shape[2]), int(shape[3])
 

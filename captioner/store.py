@@ -48,6 +48,7 @@ from captioner.corpus import (
 )
 from captioner.encoder import EncoderConfig
 from captioner.errors import CaptionerError
+from captioner.files import named_after
 from captioner.readers import read_corpus
 
 SCHEMA_VERSION = 1
@@ -135,18 +136,16 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: Path) -> FeatureStore:
-        """Open read-only; CaptionerError if `path` is not a complete feature store."""
+        """Open read-only; CaptionerError, in our words, if `path` is not a complete store."""
         path = Path(path)
+        _check_store_metadata(path)
         try:
-            group = zarr.open_group(str(path), mode="r")
-            if group.attrs.get("schema_version") != SCHEMA_VERSION:
-                raise KeyError("schema_version")
-            return cls(path, group)
+            return cls(path, zarr.open_group(str(path), mode="r"))
         except (OSError, KeyError, ValueError, TypeError) as error:
-            reason = (
-                "not found" if not path.exists() else f"not a captioner feature store ({error})"
-            )
-            raise CaptionerError(f"{path}: {reason}") from None
+            missing = f"no {error.args[0]!r}" if isinstance(error, KeyError) else "unreadable"
+            raise CaptionerError(
+                f"{path}: an incomplete or damaged feature store ({missing}); extract it again"
+            ) from None
 
     def __reduce__(self):
         # DataLoader workers may receive a store: send the path, not the open zarr handles.
@@ -349,10 +348,11 @@ class StoreWriter:
             reasons[offset] = reason
             status[offset] = STATUS_FAILED
         where = self._slice(shard)
-        self._spatial[where] = spatial
-        self._pooled[where] = pooled
-        self._failure[where] = reasons.astype(str)
-        self._status[where] = status  # last: marks the shard durable
+        with named_after(self.path, self.path):  # a full disk's error names the store
+            self._spatial[where] = spatial
+            self._pooled[where] = pooled
+            self._failure[where] = reasons.astype(str)
+            self._status[where] = status  # last: marks the shard durable
 
     def _slice(self, shard: int) -> slice:
         rows = self.shard_rows(shard)
@@ -379,7 +379,8 @@ def create_store(
     building = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_empty_store(building, corpus, settings, dict(provenance or {}))
+        with named_after(path, building):
+            _write_empty_store(building, corpus, settings, dict(provenance or {}))
         if path.exists():
             old = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex[:8]}")
             os.rename(path, old)
@@ -540,6 +541,32 @@ def describe_failures(failures: list[tuple[str, str]], shown: int) -> list[str]:
     if len(failures) > shown:
         lines.append(f"  ... and {len(failures) - shown} more")
     return lines
+
+
+def _check_store_metadata(path: Path) -> None:
+    """CaptionerError unless `path` holds a Zarr group that says it is a store of our schema."""
+    if not path.exists():
+        raise CaptionerError(f"{path}: no such feature store")
+    if not path.is_dir():
+        raise CaptionerError(f"{path}: is a file, not a feature store (a folder, STORE.zarr)")
+    made_by = "`captioner extract` makes feature stores"
+    try:
+        metadata = json.loads((path / "zarr.json").read_text("utf-8"))
+    except FileNotFoundError:
+        raise CaptionerError(f"{path}: not a feature store (no zarr.json); {made_by}") from None
+    except (OSError, ValueError):
+        raise CaptionerError(f"{path}: a damaged feature store (zarr.json does not read)") from None
+    if not isinstance(metadata, dict) or metadata.get("node_type") != "group":
+        raise CaptionerError(f"{path}: a Zarr array, not a feature store; {made_by}")
+    attributes = metadata.get("attributes")
+    version = attributes.get("schema_version") if isinstance(attributes, dict) else None
+    if version is None:
+        raise CaptionerError(f"{path}: a Zarr group but not a feature store; {made_by}")
+    if version != SCHEMA_VERSION:
+        raise CaptionerError(
+            f"{path}: feature store schema version {version!r}; this captioner reads version"
+            f" {SCHEMA_VERSION}"
+        )
 
 
 def remove_partial_files(path: Path) -> None:

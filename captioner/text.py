@@ -10,6 +10,8 @@ from pathlib import Path
 
 from nltk.tokenize import RegexpTokenizer
 
+from captioner.files import atomic_file
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = range(4)
@@ -68,5 +70,5 @@ class Vocabulary:
 
     def save(self, path: Path) -> None:
         """vocab.json, for people and other tools (checkpoints carry their own vocabulary)."""
-        text = json.dumps({"words": self.words}, ensure_ascii=False, indent=0)
-        Path(path).write_text(text, "utf-8")
+        with atomic_file(path, "w", encoding="utf-8") as file:
+            json.dump({"words": self.words}, file, ensure_ascii=False, indent=0)

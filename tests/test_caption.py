@@ -154,6 +154,61 @@ def test_html_shows_every_row_of_the_output_with_its_picture_or_its_error(tmp_pa
     assert "empty" in cards["empty.jpg"]["missing"] and not cards["empty.jpg"]["scores"]
 
 
+def test_an_output_holds_one_models_captions(tmp_path, checkpoint):
+    """A re-run into an output with another checkpoint or other decoding is refused and says what
+    differs; the same model (options it ignores may change, the checkpoint may move) resumes,
+    and the gallery names the model that made the captions."""
+    pictures = tmp_path / "pics"
+    pictures.mkdir()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(pictures / "red.jpg")
+    other = make_checkpoint(tmp_path / "other.pt", Path(checkpoint).parent / "s.zarr", seed=1)
+    out = tmp_path / "captions.csv"
+
+    def caption(model: Path, *options) -> tuple[int, str]:
+        return run_cli("caption", pictures, "--checkpoint", model, "--out", out, *options)
+
+    assert caption(checkpoint, "--beam-size", 2)[0] == 0
+    written = out.read_text()
+    recorded = json.loads((tmp_path / "captions.csv.model.json").read_text())
+    assert recorded["checkpoint"] == str(checkpoint) and recorded["decoding"]["beam_size"] == 2
+
+    code, output = caption(other, "--strategy", "greedy")
+    assert_one_line_error(code, output, f"{out}: its 1 captions were made otherwise")
+    assert f"checkpoint: {checkpoint} (sha256" in output and f"{other} (sha256" in output
+    assert "strategy: beam there, greedy now" in output and "another --out" in output
+    code, output = caption(checkpoint, "--beam-size", 3)
+    assert_one_line_error(code, output, "beam_size: 2 there, 3 now")
+    assert out.read_text() == written  # nothing added, nothing lost
+
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(Path(checkpoint).read_bytes())
+    Image.new("RGB", (40, 40), (0, 0, 200)).save(pictures / "blue.png")
+    page = tmp_path / "gallery.html"
+    code, output = caption(moved, "--beam-size", 2, "--seed", 5, "--html", page)  # (not sampled)
+    assert code == 0 and "1 already in" in output and "by this checkpoint and decoding" in output
+    assert len(read_csv(out)) == 2
+    same_model = f"{moved} (sha256 {recorded['checkpoint_sha256'][:12]})"
+    assert same_model in page.read_text()  # the model that made every caption on it
+
+
+def test_an_output_that_does_not_say_what_made_it_is_not_added_to(tmp_path, checkpoint):
+    """Outputs of earlier captioners (no record beside them) still read, but are not mixed with
+    new captions; an empty one is simply started."""
+    pictures = tmp_path / "pics"
+    pictures.mkdir()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(pictures / "red.jpg")
+    out = tmp_path / "old.csv"
+    earlier = "path,caption,log_prob,error\n/elsewhere/a.jpg,a red circle,-3.2000,\n"
+    out.write_text(earlier)
+    code, output = run_cli("caption", pictures, "--checkpoint", checkpoint, "--out", out)
+    assert_one_line_error(code, output, f"{out}: its 1 captions do not say which checkpoint")
+    assert out.read_text() == earlier and not (tmp_path / "old.csv.model.json").exists()
+    (tmp_path / "empty.csv").write_text("")
+    config = CaptionConfig([pictures], checkpoint, tmp_path / "empty.csv", decoding=FAST, workers=0)
+    assert caption_images(config).captioned == 1
+    assert (tmp_path / "empty.csv.model.json").is_file()
+
+
 def test_without_recursive_subfolders_are_left_out_and_globs_work(tmp_path):
     write_picture_zoo(tmp_path / "pics")
     top = find_images([tmp_path / "pics"])

@@ -103,9 +103,11 @@ class _Evil:
     ("content", "message"),
     [
         (None, "no such checkpoint file"),
-        (b"", "not a readable checkpoint"),
-        (b"\x00garbage" * 10, "not a captioner checkpoint"),
-        ("truncated", "not a readable checkpoint"),
+        ("folder", "is a folder, not a checkpoint file"),
+        (b"", "an empty file, not a checkpoint"),
+        (b"\x00garbage" * 10, r"not a checkpoint \(not a file that torch.save writes\)"),
+        ("truncated", r"a truncated checkpoint \(it ends early, at 300 bytes\); copy it again"),
+        ("cut at the end", "a truncated checkpoint"),
         ("evil", "refused by safe loading .*posix.system"),
         ("foreign", "not a captioner checkpoint"),
         ("future", "version 99 is not supported"),
@@ -117,9 +119,12 @@ def test_bad_files_give_one_clear_line(tmp_path, monkeypatch, content, message):
     path = tmp_path / "model.pt"
     if isinstance(content, bytes):
         path.write_bytes(content)
-    elif content == "truncated":
+    elif content == "folder":
+        path.mkdir()
+    elif content in ("truncated", "cut at the end"):
         save_checkpoint(path, make_checkpoint())
-        path.write_bytes(path.read_bytes()[:300])
+        data = path.read_bytes()
+        path.write_bytes(data[:300] if content == "truncated" else data[:-10])
     elif content == "evil":
         with open(path, "wb") as file:
             pickle.dump({"format": "captioner-checkpoint", "x": _Evil()}, file, protocol=2)

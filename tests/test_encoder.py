@@ -133,3 +133,11 @@ def test_imagenet_is_torchvisions_default_and_a_recorded_name_pins_those_weights
     assert pretrained_weights("resnet50", "weights/resnet50.pt") is None  # a local file
     with pytest.raises(CaptionerError, match="no ImageNet weights"):
         pretrained_weights("tiny", "imagenet")
+
+
+def test_the_smallest_image_size_gives_a_one_cell_grid():
+    """At 32 px a ResNet's last map is 1x1; finding its shape must not trip batch norm, which
+    refuses one value per channel in training mode."""
+    with pytest.warns(RandomWeightsWarning):
+        encoder = build_encoder(EncoderConfig("resnet18", "none", 32))
+    assert (encoder.grid, encoder.channels) == ((1, 1), 512)

@@ -19,16 +19,23 @@ from captioner.store import FeatureStore
 
 
 def verify(path: Path) -> tuple[int, list[str]]:
+    code, lines, _ = verify_with_progress(path)
+    return code, lines
+
+
+def verify_with_progress(path: Path) -> tuple[int, list[str], str]:
+    """The exit status, the lines on stdout, and stderr (where the progress bar goes)."""
     result = CliRunner().invoke(main, ["features", "verify", str(path)])
-    return result.exit_code, result.stdout.strip().splitlines()  # (the progress bar: stderr)
+    return result.exit_code, result.stdout.strip().splitlines(), result.stderr
 
 
 def test_a_sound_store_verifies_with_its_checksums(tmp_path):
     path = make_store(tmp_path / "s.zarr", images=10, images_per_shard=4)
     assert has_checksums(FeatureStore.open(path))
-    code, lines = verify(path)
+    code, lines, progress = verify_with_progress(path)
     assert code == 0 and len(lines) == 1
     assert "3 shards" in lines[0] and "crc32c checksum matches" in lines[0]
+    assert "0/3 [" in progress and "shard/s" in progress  # the bar counts what the line says
 
 
 @pytest.mark.parametrize("array", ["spatial", "pooled"])

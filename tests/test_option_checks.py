@@ -3,10 +3,12 @@ that names the option as the command line spells it and says what it accepts."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from captioner.devices import available_cpus, default_workers
 from captioner.errors import CaptionerError
 from captioner.extraction.extract import ExtractConfig, extract_features
 from captioner.inference.caption import CaptionConfig, caption_images
@@ -42,3 +44,14 @@ def test_rules():
     assert one_of(["a", "b"]).holds("b") and not one_of(["a", "b"]).holds("c")
     assert optional(at_least(0)).holds(None) and not optional(at_least(0)).holds(-1)
     check_options(TrainConfig(NOWHERE, NOWHERE), {"epochs": at_least(1)})  # accepted: no error
+
+
+def test_default_worker_processes_never_outnumber_the_cpus_available(monkeypatch):
+    """PyTorch warns when a DataLoader has more worker processes than the CPUs the process may
+    use (a container's or a job's share, not the machine's count)."""
+    assert ExtractConfig([], NOWHERE, NOWHERE).workers <= available_cpus()
+    assert CaptionConfig([], NOWHERE, NOWHERE).workers <= available_cpus()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert available_cpus() == 1 and default_workers(4) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_workers(4) == 4

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from factories import make_corpus, make_store
 
 from captioner.corpus import SkippedLine
@@ -114,12 +118,48 @@ def test_create_refuses_to_replace_without_overwrite(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]  # no temporary leftovers
 
 
-def test_open_rejects_what_is_not_a_store(tmp_path):
-    with pytest.raises(CaptionerError, match="not found"):
-        FeatureStore.open(tmp_path / "missing.zarr")
-    (tmp_path / "plain").mkdir()
-    with pytest.raises(CaptionerError, match="not a captioner feature store"):
-        FeatureStore.open(tmp_path / "plain")
+def make_not_a_store(kind: str, path: Path) -> None:
+    """Something at `path` that is not a complete feature store, of the given kind."""
+    if kind == "a plain folder":
+        path.mkdir()
+    elif kind == "a file":
+        path.write_text("not a store")
+    elif kind == "another zarr group":
+        zarr.open_group(str(path), mode="w").attrs["made_by"] = "someone else"
+    elif kind == "a zarr array":
+        zarr.create_array(str(path), shape=(3,), dtype="float32")
+    elif kind == "damaged metadata":
+        path.mkdir()
+        (path / "zarr.json").write_text("{not json")
+    elif kind in ("a newer schema", "an array lost"):
+        make_store(path, images=4)
+        metadata = json.loads((path / "zarr.json").read_text())
+        if kind == "a newer schema":
+            metadata["attributes"]["schema_version"] = 99
+            (path / "zarr.json").write_text(json.dumps(metadata))
+        else:
+            shutil.rmtree(path / "status")
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "no such feature store"),
+        ("a plain folder", r"not a feature store \(no zarr.json\); `captioner extract` makes"),
+        ("a file", "is a file, not a feature store"),
+        ("another zarr group", "a Zarr group but not a feature store"),
+        ("a zarr array", "a Zarr array, not a feature store"),
+        ("damaged metadata", "a damaged feature store"),
+        ("a newer schema", "schema version 99; this captioner reads version 1"),
+        ("an array lost", r"incomplete or damaged feature store \(no 'status'\); extract it again"),
+    ],
+)
+def test_open_says_in_its_own_words_what_is_not_a_store(tmp_path, kind, message):
+    path = tmp_path / "thing.zarr"
+    make_not_a_store(kind, path)
+    with pytest.raises(CaptionerError, match=message) as caught:
+        FeatureStore.open(path)
+    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
 
 
 def test_describe_summarizes_the_store(tmp_path):

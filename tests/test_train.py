@@ -32,6 +32,7 @@ from captioner.training import loop as train_module
 from captioner.training.batches import FeatureStream
 from captioner.training.data import feature_statistics
 from captioner.training.loop import seed_rank
+from captioner.training.metrics_log import EpochTiming, describe_epoch
 from captioner.training.validation import repeated_word
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,10 +174,11 @@ def test_a_run_that_dies_mid_epoch_resumes_at_that_batch(store, tmp_path, monkey
 
 @pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT])
 def test_a_preempted_run_saves_the_step_in_hand_and_resumes_like_a_whole_one(
-    store, tmp_path, monkeypatch, sent
+    store, tmp_path, monkeypatch, capsys, sent
 ):
     """SIGTERM (a scheduler's notice) or Ctrl-C: the step in hand ends, last.pt holds it, the
-    command exits 0 saying how to resume, and the resumed run ends as an uninterrupted one."""
+    command exits 0 saying how to resume, and the resumed run says where it goes on, times
+    epoch 2 over the 2 steps it runs, and ends as an uninterrupted one."""
     options = dict(features=store, model="show-attend-tell", epochs=2, seed=1, **SMALL)
     whole = train(TrainConfig(out=tmp_path / "whole", **options))
     original_epoch = FeatureStream.epoch
@@ -194,8 +196,26 @@ def test_a_preempted_run_saves_the_step_in_hand_and_resumes_like_a_whole_one(
     assert progress_of(tmp_path / "cut") == (1, 4)  # the step in hand was finished and saved
     assert signal.getsignal(sent) in (signal.SIG_DFL, signal.default_int_handler)
 
-    resumed = train(TrainConfig(out=tmp_path / "cut", resume=True, **options))
+    capsys.readouterr()
+    resumed = train(TrainConfig(out=tmp_path / "cut", resume=True, **options), progress=True)
     assert without_timing(resumed.history) == without_timing(whole.history)
+    last = tmp_path / "cut" / "last.pt"
+    assert f"resuming at epoch 2, step 4 of 6 from {last}" in capsys.readouterr().out
+    timed = resumed.history[1]
+    assert round(timed["captions_per_s"] * timed["seconds"]) == 2 * 6  # 2 batches of 6 captions
+    assert 0 <= timed["data_wait"] < 1
+
+
+def test_an_epoch_with_no_step_left_after_resuming_reports_no_speed():
+    """A run stopped after the last step of an epoch resumes into none: nothing is timed, so the
+    row has no speed columns (not 0 captions/s) and its line says why."""
+    row = {"epoch": 2, "objective": 2.0, "train_loss": 2.0, "train_ppl": 7.4, "val_loss": 2.1}
+    row |= {"val_ppl": 8.2, "val_bleu4": 0.1, "val_cider": 0.2, "sample": "a red circle"}
+    row |= EpochTiming(seconds=0.0, data_wait=0.0, captions=0).columns()
+    assert "captions_per_s" not in row and "data_wait" not in row
+    assert "no step left to time after resuming" in describe_epoch(row, False, 2)
+    timed = EpochTiming(seconds=2.0, data_wait=0.5, captions=100).columns()
+    assert timed == {"captions_per_s": 50.0, "data_wait": 0.25, "seconds": 2.0}
 
 
 @pytest.mark.parametrize(

@@ -180,15 +180,17 @@ def score_command(
 def caption_command(inputs: tuple[str, ...], format_: str, **options) -> None:
     """Caption image files, folders and globs into a CSV (path,caption,log_prob,error).
 
-    Re-running with the same --out skips the files it already holds.
+    Re-running with the same --out skips the files it already holds; an --out whose captions
+    another checkpoint or other decoding options made is refused (one output, one model).
     """
     decoding = _decoding(options)
     config = CaptionConfig(inputs=list(inputs), format=format_, decoding=decoding, **options)
     summary = caption_images(config, progress=True)
     rate = f"; {summary.images_per_second:.1f} images/s" if summary.captioned else ""
+    same = " (by this checkpoint and decoding)" if summary.skipped else ""
     click.echo(
         f"{summary.files} files: {summary.captioned} captioned, {summary.failed} unreadable, "
-        f"{summary.skipped} already in {summary.out}{rate}"
+        f"{summary.skipped} already in {summary.out}{same}{rate}"
     )
     if config.html is not None:
         click.echo(f"report: {config.html}")

@@ -26,11 +26,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.corpus import Corpus
-from captioner.devices import resolve_device
+from captioner.devices import default_workers, resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
 from captioner.extraction.integrity import damaged_shards
+from captioner.files import require_writable_folder
 from captioner.images import ImageDataset, collate_images
 from captioner.option_checks import at_least, check_options, optional
 from captioner.preemption import StopRequest
@@ -64,7 +65,7 @@ class ExtractConfig:
     keep_restval: bool = False
     device: str = "auto"
     batch_size: int = 64
-    workers: int = 4
+    workers: int = default_workers(4)
     dtype: str = "float16"
     images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
     compression: str = DEFAULT_COMPRESSION
@@ -132,6 +133,8 @@ def _extract(
     progress: bool,
     started: float,
 ) -> ExtractSummary:
+    if ranks.is_main:
+        require_writable_folder(config.out)
     corpus = _read_images_corpus(config)
     encoder = build_encoder(config.encoder).to_device(device)
     settings = StoreSettings(
@@ -190,7 +193,9 @@ def _extract(
 
 def _read_images_corpus(config: ExtractConfig) -> Corpus:
     if not Path(config.images).is_dir():
-        raise CaptionerError(f"{config.images}: image folder not found")
+        exists = Path(config.images).exists()
+        what = "is a file, not an image folder" if exists else "image folder not found"
+        raise CaptionerError(f"{config.images}: {what}")
     corpus = read_corpus(
         list(config.captions), config.format, config.splits_dir, config.keep_restval
     )

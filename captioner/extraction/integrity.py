@@ -64,14 +64,15 @@ def damaged_shards(store: FeatureStore, progress: bool = False) -> Iterator[Dama
     whose finished rows hold NaN or inf (those rows only)."""
     ids, done = store.image_ids(), store.status() == STATUS_DONE
     shards = range(-(-store.num_images // store.images_per_shard))
-    checks = [(name, shard) for name in ARRAYS for shard in shards]
-    for name, shard in tqdm(checks, "verifying", unit="shard", leave=False, disable=not progress):
+    # The bar counts shards (each read in every feature array), as the summaries do.
+    for shard in tqdm(shards, "verifying", unit="shard", leave=False, disable=not progress):
         start = shard * store.images_per_shard
         rows = np.arange(start, min(start + store.images_per_shard, store.num_images))
-        problem, concerned = _shard_problem(store, name, shard, done[rows])
-        if problem:
-            named = rows[concerned].tolist()
-            yield DamagedShard(name, shard, named, [ids[row] for row in named], problem)
+        for name in ARRAYS:
+            problem, concerned = _shard_problem(store, name, shard, done[rows])
+            if problem:
+                named = rows[concerned].tolist()
+                yield DamagedShard(name, shard, named, [ids[row] for row in named], problem)
 
 
 def _shard_problem(

@@ -4,20 +4,15 @@ Pictures are decoded in DataLoader workers; the main thread runs the encoder on 
 while a second thread runs the batched decoding of the batch before. Every input file gets
 exactly one row (``path, caption, log_prob, error``, the path absolute, so that it names the
 file whatever folder a re-run starts in); a file that cannot be read gets an empty caption and
-its reason. Rows are flushed batch by batch, and a re-run with the same output skips
-the files it already holds, so a killed run resumes without losing or repeating a row (a
-half-written last line is cut off and redone). With `html`, the whole output is also shown as a
-page of cards (captioner.inference.report): each picture with its caption, sortable by
-log-probability.
+its reason. The output (captioner.inference.caption_output) is written batch by batch and
+resumed by a re-run, and holds one model's captions. With `html`, the whole output is also shown
+as a page of cards (captioner.inference.report): each picture with its caption, sortable by
+log-probability, under the model that made them.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
-import json
-import os
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,22 +24,26 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioner.checkpoint import Checkpoint, load_checkpoint, require_finite_weights
-from captioner.devices import resolve_device
+from captioner.devices import default_workers, resolve_device
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform
 from captioner.errors import CaptionerError
-from captioner.files import spreadsheet_safe, spreadsheet_value
+from captioner.files import require_writable_file
 from captioner.images import ImageDataset, collate_images
-from captioner.inference.report import Card, ReportPage, describe_config, write_report
+from captioner.inference.caption_output import (
+    OUTPUT_FORMATS,
+    CaptionModel,
+    CaptionOutput,
+    CaptionRow,
+    path_key,
+)
+from captioner.inference.report import Card, ReportPage, write_report
 from captioner.models.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.option_checks import at_least, check_options, one_of
 from captioner.preemption import StopRequest
 from captioner.readers.builder import IMAGE_SUFFIXES
 
-OUTPUT_FORMATS = ("csv", "jsonl")
-COLUMNS = ("path", "caption", "log_prob", "error")
 # What a folder scan takes for a picture: the suffixes caption files name, and Netpbm's.
 FOLDER_IMAGE_SUFFIXES = frozenset((*IMAGE_SUFFIXES, ".ppm", ".pgm", ".pbm"))
-# A cell starting with one of these is a formula to a spreadsheet (OWASP "CSV injection").
 
 
 @dataclass
@@ -57,7 +56,7 @@ class CaptionConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     device: str = "auto"
     batch_size: int = 32
-    workers: int = 2
+    workers: int = default_workers(2)
     weights: str | None = None  # a local encoder weights file instead of the checkpoint's record
     allow_other_weights: bool = False  # caption with weights the decoder was not trained on
     html: Path | None = None  # also write a page of the output's pictures and captions here
@@ -91,11 +90,15 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
     files = find_images(config.inputs, config.recursive)
     if not files:
         raise CaptionerError(f"no image files in {', '.join(map(str, config.inputs))}")
+    require_writable_file(config.out)
+    if config.html is not None:
+        require_writable_file(config.html)
     checkpoint, _ = load_checkpoint(config.checkpoint)
     require_finite_weights(checkpoint, config.checkpoint)
+    model = CaptionModel.of(config.checkpoint, config.decoding, _other_weights(config))
     output = CaptionOutput(Path(config.out), config.format)
-    done = output.captioned_paths()
-    todo = [path for path in files if _key(path) not in done]
+    done = {path_key(Path(path)) for path, *_ in output.resume(model)}
+    todo = [path for path in files if path_key(path) not in done]
     summary = CaptionSummary(Path(config.out), len(files), len(files) - len(todo), 0, 0, 0.0)
     if todo:
         encoder_config = recorded_encoder(checkpoint)
@@ -120,10 +123,10 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
 
         def write(batch: tuple[Future, torch.Tensor, torch.Tensor, list]) -> None:
             captions, indices, good, failures = batch
-            rows = {index: (_key(todo[index]), "", None, reason) for index, reason in failures}
+            rows = {index: (path_key(todo[index]), "", None, reason) for index, reason in failures}
             for index, caption in zip(good.tolist(), captions.result(), strict=True):
                 text = " ".join(caption.words(checkpoint.vocabulary))
-                rows[index] = (_key(todo[index]), text, caption.log_prob, None)
+                rows[index] = (path_key(todo[index]), text, caption.log_prob, None)
             output.write([rows[index] for index in indices.tolist()])
             summary.captioned += len(good)
             summary.failed += len(failures)
@@ -153,13 +156,14 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
                 write(previous)
         summary.stopped = stop.name
     if config.html is not None:
-        write_report(config.html, _gallery(config, output.rows()), progress)
+        write_report(config.html, _gallery(config, output.rows(), model), progress)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _gallery(config: CaptionConfig, rows: list[CaptionRow]) -> ReportPage:
-    """Every row of the output (earlier runs' too) as a card, scored by its log-probability."""
+def _gallery(config: CaptionConfig, rows: list[CaptionRow], model: CaptionModel) -> ReportPage:
+    """Every row of the output (earlier runs' too, all made by `model`) as a card, scored by its
+    log-probability."""
     cards = [
         Card(
             path,
@@ -170,12 +174,16 @@ def _gallery(config: CaptionConfig, rows: list[CaptionRow]) -> ReportPage:
         )
         for path, caption, log_prob, error in rows
     ]
-    details = [
-        ("checkpoint", str(config.checkpoint)),
-        ("captions", str(config.out)),
-        ("decoding", describe_config(config.decoding)),
-    ]
+    details = [*model.details(), ("captions", str(config.out))]
     return ReportPage(f"Captions of {len(cards)} images", cards, details)
+
+
+def _other_weights(config: CaptionConfig) -> str | None:
+    """The encoder weights file that may differ from the checkpoint's: the one --weights names
+    with --allow-other-weights (without it, other weights are refused)."""
+    if config.weights is None or not config.allow_other_weights:
+        return None
+    return str(config.weights)
 
 
 def recorded_encoder(checkpoint: Checkpoint) -> EncoderConfig:
@@ -233,138 +241,10 @@ def find_images(inputs: Iterable[str | Path], recursive: bool = False) -> list[P
         else:
             raise CaptionerError(f"{item}: no such file or folder")
         for match in matches:
-            if _key(match) not in seen:
-                seen.add(_key(match))
+            if path_key(match) not in seen:
+                seen.add(path_key(match))
                 found.append(match)
     return found
-
-
-CaptionRow = tuple[str, str, float | None, str | None]  # path, caption, log_prob, error
-
-
-class CaptionOutput:
-    """The output file: what it already holds, and appending rows to it (flushed per batch)."""
-
-    def __init__(self, path: Path, format: str):
-        self.path = path
-        self.format = format
-        self._file: io.TextIOWrapper | None = None
-
-    def captioned_paths(self) -> set[str]:
-        """Keys of the files already in the output; a half-written last line is cut off first."""
-        if self.path.exists():
-            _cut_partial_last_line(self.path)
-        return {_key(Path(path)) for path, *_ in self.rows()}
-
-    def rows(self) -> list[CaptionRow]:
-        """The rows in the output, as `write` took them."""
-        if not self.path.exists():
-            return []
-        text = self.path.read_text("utf-8")
-        if not text:
-            return []
-        return self._csv_rows(text) if self.format == "csv" else self._jsonl_rows(text)
-
-    def _csv_rows(self, text: str) -> list[CaptionRow]:
-        rows = list(csv.reader(io.StringIO(text)))
-        if tuple(rows[0]) != COLUMNS:
-            raise CaptionerError(
-                f"{self.path}: exists and is not a captions CSV (columns {','.join(COLUMNS)}); "
-                "choose another --out"
-            )
-        parsed = []
-        for number, row in enumerate(rows[1:], start=2):
-            try:
-                path, caption, log_prob, error = (spreadsheet_value(cell) for cell in row)
-                parsed.append((path, caption, float(log_prob) if log_prob else None, error or None))
-            except ValueError:
-                raise CaptionerError(
-                    f"{self.path}: line {number} is not a captions CSV row; choose another --out"
-                ) from None
-        return parsed
-
-    def _jsonl_rows(self, text: str) -> list[CaptionRow]:
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            try:
-                entry = json.loads(line)
-                rows.append(
-                    (
-                        entry["path"],
-                        entry.get("caption", ""),
-                        entry.get("log_prob"),
-                        entry.get("error"),
-                    )
-                )
-            except (ValueError, KeyError, TypeError):
-                raise CaptionerError(
-                    f"{self.path}: line {number} is not a captions JSONL row; choose another --out"
-                ) from None
-        return rows
-
-    def __enter__(self) -> CaptionOutput:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self._file = open(self.path, "a", encoding="utf-8", newline="")
-        if new and self.format == "csv":
-            self._file.write(",".join(COLUMNS) + "\n")
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-
-    def write(self, rows: list[CaptionRow]) -> None:
-        """Append whole rows and flush, so a killed run loses at most the batch being written."""
-        assert self._file is not None
-        buffer = io.StringIO()
-        if self.format == "csv":
-            writer = csv.writer(buffer, lineterminator="\n")
-            for path, caption, log_prob, error in rows:
-                cells = [path, caption, "" if log_prob is None else f"{log_prob:.4f}", error or ""]
-                writer.writerow([spreadsheet_safe(_one_line(cell)) for cell in cells])
-        else:
-            for path, caption, log_prob, error in rows:
-                entry = {"path": path, "caption": caption, "log_prob": log_prob, "error": error}
-                buffer.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._file.write(buffer.getvalue())
-        self._file.flush()
-
-
-def _cut_partial_last_line(path: Path) -> None:
-    """Drop bytes after the last newline: the row a killed run was writing (it is redone)."""
-    with open(path, "rb+") as file:
-        file.seek(0, os.SEEK_END)
-        size = file.tell()
-        if size == 0:
-            return
-        file.seek(max(0, size - 1))
-        if file.read(1) == b"\n":
-            return
-        block = 1 << 16
-        end = size
-        while end > 0:
-            start = max(0, end - block)
-            file.seek(start)
-            newline = file.read(end - start).rfind(b"\n")
-            if newline >= 0:
-                file.truncate(start + newline + 1)
-                return
-            end = start
-        file.truncate(0)
-
-
-def _one_line(text: str) -> str:
-    """Rows are one line each, which is what makes cutting a half-written row exact."""
-    return " ".join(text.splitlines()) if ("\n" in text or "\r" in text) else text
-
-
-def _key(path: Path) -> str:
-    """The absolute path: what rows hold and how files already captioned are recognised."""
-    return os.path.abspath(path)
 
 
 def _is_image_file(path: Path, root: Path) -> bool:

@@ -23,7 +23,7 @@ from captioner.checkpoint import Checkpoint, load_checkpoint, require_finite_wei
 from captioner.corpus import Corpus
 from captioner.devices import resolve_device
 from captioner.errors import CaptionerError
-from captioner.files import atomic_file, spreadsheet_safe, write_json
+from captioner.files import atomic_file, require_writable_folder, spreadsheet_safe, write_json
 from captioner.images import ImageError, load_image
 from captioner.inference.report import (
     REPORT_NAME,
@@ -75,6 +75,7 @@ class EvaluationResult:
 def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult:
     """Decode the split from stored features, score it, write the outputs (see the module doc)."""
     check_options(config, {"batch_size": at_least(1), "visualize": at_least(0)})
+    require_writable_folder(config.out)  # before the decoding, not after it
     if config.metrics == COCO:
         check_java()  # before the decoding, not after it
     checkpoint, _ = load_checkpoint(config.checkpoint)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from captioner.corpus import Corpus
 from captioner.errors import CaptionerError
-from captioner.files import spreadsheet_value, write_json
+from captioner.files import require_writable_folder, spreadsheet_value, write_json
 from captioner.inference.report import REPORT_NAME, Card, ReportPage, image_root, write_report
 from captioner.metrics import COCO, MetricsReport, check_java, score_captions
 from captioner.readers import read_corpus
+from captioner.readers.source import Source
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ScoreResult:
 
 def score_predictions(config: ScoreConfig) -> ScoreResult:
     """Score another system's captions (CSV or COCO results JSON) against a caption dataset."""
+    require_writable_folder(config.out)
     if config.metrics == COCO:
         check_java()
     corpus = read_corpus(config.captions, config.format, config.splits_dir)
@@ -94,10 +96,7 @@ def score_predictions(config: ScoreConfig) -> ScoreResult:
 def read_predictions(path: Path) -> list[tuple[str, str, int]]:
     """(image key, caption, line or entry number) from a CSV or a COCO results JSON file."""
     path = Path(path)
-    try:
-        text = path.read_text("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CaptionerError(f"{path}: cannot read predictions ({error})") from None
+    text = Source.load(path).text  # (missing, a folder, empty or not UTF-8: one line)
     if text.lstrip().startswith("["):
         return _json_predictions(path, text)
     return _csv_predictions(path, text)

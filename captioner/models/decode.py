@@ -58,6 +58,16 @@ class DecodingConfig:
         if broken:
             raise ValueError(f"decoding options must satisfy {', '.join(broken)}")
 
+    def used_options(self) -> dict:
+        """The options that decide the captions under this strategy (a beam search ignores the
+        sampling options, say): what tells two decodings apart."""
+        names = ["strategy", "max_length", "min_length", "no_repeat_ngram_size"]
+        if self.strategy == "beam":
+            names += ["beam_size", "length_penalty"]
+        elif self.strategy == "sample":
+            names += ["temperature", "top_k", "seed"]
+        return {name: getattr(self, name) for name in names}
+
 
 @dataclass
 class GeneratedCaption:

@@ -36,6 +36,7 @@ concern a module.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from captioner.corpus import Corpus
 from captioner.devices import resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.errors import CaptionerError
+from captioner.files import require_writable_folder
 from captioner.models import DecoderConfig, build_decoder, load_native_attention
 from captioner.preemption import StopRequest
 from captioner.store import FeatureStore, corpus_digest, split_rows, training_corpus
@@ -68,7 +70,13 @@ from captioner.training.metrics_log import (
     write_metrics,
 )
 from captioner.training.objectives import CrossEntropy, SelfCritical, StepOutput
-from captioner.training.resume import RunState, initial_checkpoint, resume_run, save_run
+from captioner.training.resume import (
+    RunState,
+    initial_checkpoint,
+    resume_run,
+    save_run,
+    stopped_before_its_first_save,
+)
 from captioner.training.reward import CiderReward
 from captioner.training.run import Run
 from captioner.training.tensorboard import TensorBoardLog
@@ -94,12 +102,17 @@ def _train(
 ) -> TrainResult:
     say = tqdm.write if progress and ranks.is_main else _silent
     out, last_path = Path(config.out), Path(config.out) / "last.pt"
+    if ranks.is_main:
+        require_writable_folder(out)
     store = FeatureStore.open(config.features)
     corpus = training_corpus(store, config.captions)
     train_rows, val_rows = (split_rows(corpus, store, split) for split in ("train", "val"))
     for split, rows in (("train", train_rows), ("val", val_rows)):
         if len(rows) == 0:
             raise CaptionerError(f"{store.path}: no {split} images with features and captions")
+    if config.resume and stopped_before_its_first_save(out):
+        say(f"no {last_path} yet (the run stopped before its first save): it starts again")
+        config = replace(config, resume=False)
     run = _start_run(config, ranks, device, store, corpus, train_rows)
     config, vocabulary = run.config, run.vocabulary
     state = RunState()
@@ -126,6 +139,8 @@ def _train(
         f" {len(val_rows)} val images, vocabulary {len(vocabulary)}) on {device}"
         + (f" x {ranks.world_size} ranks" if ranks.world_size > 1 else "")
     )
+    if config.resume:
+        say(_where_resumed(state, train_stream.num_batches, config.epochs, last_path))
     if config.native_attention and (
         note := load_native_attention(run.decoder, store.grid[0] * store.grid[1], device)
     ):
@@ -274,17 +289,20 @@ def _train_epoch(
         disable=not (progress and ranks.is_main),
     )
     mid_epoch_saves = ranks.world_size == 1  # ranks would have to agree on when to stop and save
-    started = last_save = time.perf_counter()
-    data_wait, captions = 0.0, 0
+    last_save = time.perf_counter()
+    # Speed and data wait are measured over the steps this call runs: from the first wait for a
+    # batch to the end of the last step (a resumed epoch runs only its remaining steps).
+    first_wait, last_step_end, data_wait, captions = None, None, 0.0, 0
     batches = stream.epoch(state.epoch, start_batch=state.step)
     try:
         while True:
             waiting = time.perf_counter()
             batch = next(batches, None)
-            waited = time.perf_counter() - waiting
-            data_wait += waited
             if batch is None:
                 break
+            waited = time.perf_counter() - waiting
+            first_wait = waiting if first_wait is None else first_wait
+            data_wait += waited
             output, grad_norm, finite = _optimizer_step(run, batch.to(run.device))
             if not finite:  # (on every rank: _optimizer_step's verdict is theirs together)
                 what = "the loss or its gradient is NaN or inf"
@@ -292,6 +310,7 @@ def _train_epoch(
             totals += output.totals
             state.step += 1
             captions += output.captions
+            last_step_end = time.perf_counter()
             bar.update(output.captions)
             if progress and state.step % 25 == 0:
                 bar.set_postfix(loss=f"{output.loss.item():.3f}")
@@ -320,7 +339,8 @@ def _train_epoch(
     finally:  # (also when a fault ends the epoch: the error then starts its own line)
         bar.close()
     state.totals = ranks.sum(totals.tolist())
-    return EpochTiming(time.perf_counter() - started, data_wait, int(ranks.sum([captions])[0]))
+    seconds = last_step_end - first_wait if first_wait is not None else 0.0
+    return EpochTiming(seconds, data_wait, int(ranks.sum([captions])[0]))
 
 
 def _optimizer_step(run: Run, batch: Batch) -> tuple[StepOutput, torch.Tensor, bool]:
@@ -350,6 +370,13 @@ def _optimizer_step(run: Run, batch: Batch) -> tuple[StepOutput, torch.Tensor, b
     amp.scaler.step(optimizer)
     amp.scaler.update()
     return output, grad_norm, True
+
+
+def _where_resumed(state: RunState, steps: int, epochs: int, last_path: Path) -> str:
+    """The line a resumed run starts with: where in which epoch it goes on, from which file."""
+    if state.epoch >= epochs:
+        return f"{last_path}: the run has trained its {epochs} epochs (a larger --epochs goes on)"
+    return f"resuming at epoch {state.epoch + 1}, step {state.step} of {steps} from {last_path}"
 
 
 def _result(run: Run, state: RunState, stopped_early: bool, preempted: str = "") -> TrainResult:

@@ -17,9 +17,22 @@ from captioner.training.validation import Validation
 
 @dataclass
 class EpochTiming:
-    seconds: float
-    data_wait: float  # seconds spent waiting for the next batch
+    """The steps a training call ran of an epoch: all of them, or a resumed epoch's remaining
+    ones (none, where the run stopped after its last step)."""
+
+    seconds: float  # from the first wait for a batch to the end of the last step
+    data_wait: float  # of which waiting for the next batch
     captions: int
+
+    def columns(self) -> dict:
+        """The metrics.jsonl speed columns; none where no step ran (nothing was measured)."""
+        if self.seconds <= 0:
+            return {"seconds": 0.0}
+        return {
+            "captions_per_s": self.captions / self.seconds,
+            "data_wait": self.data_wait / self.seconds,  # of rank 0
+            "seconds": self.seconds,
+        }
 
 
 def epoch_row(
@@ -33,9 +46,7 @@ def epoch_row(
         # cross-entropy objective adds label smoothing and the attention penalty to the train one.
         **train,
         **_validation_columns(validation),
-        "captions_per_s": timing.captions / max(timing.seconds, 1e-9),
-        "data_wait": timing.data_wait / max(timing.seconds, 1e-9),  # of rank 0
-        "seconds": timing.seconds,
+        **timing.columns(),
         "ranks": world_size,
     }
 
@@ -73,10 +84,13 @@ def describe_epoch(row: dict, improved: bool, epochs: int) -> str:
         train = f"mean reward {row['mean_reward']:.3f}"
     else:
         train = f"train loss {row['train_loss']:.3f} ppl {row['train_ppl']:.1f}"
+    if "captions_per_s" in row:
+        speed = f"{row['captions_per_s']:.0f} captions/s  data wait {100 * row['data_wait']:.1f}%"
+    else:
+        speed = "no step left to time after resuming"
     return (
         f"epoch {row['epoch']}/{epochs}  objective {row['objective']:.3f}  {train}  {validation}"
-        f"  {row['captions_per_s']:.0f} captions/s  data wait {100 * row['data_wait']:.1f}%"
-        f"\n  sample: {row['sample']}"
+        f"  {speed}\n  sample: {row['sample']}"
     )
 
 

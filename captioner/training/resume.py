@@ -10,6 +10,7 @@ RESUMABLE_CHANGES must match the ones last.pt was written with.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -171,6 +172,23 @@ def resume_run(run: Run, path: Path) -> RunState:
         state.totals = state.rank_totals[ranks.rank]
         state.rank_totals = []
     return state
+
+
+def stopped_before_its_first_save(out: Path) -> bool:
+    """Whether the run folder `out` holds a run that stopped before it wrote last.pt (a full
+    disk at its first checkpoint, say): no last.pt, and no trained epoch in its metrics.jsonl (an
+    SCST run's row 0 is its starting weights). Resuming it means starting it again: the same run,
+    which writes the same best.pt."""
+    if not out.is_dir() or (out / "last.pt").exists():
+        return False
+    metrics = out / "metrics.jsonl"
+    if not metrics.is_file():  # (stopped at its very first write)
+        return not (out / "best.pt").exists()
+    try:
+        rows = [json.loads(line) for line in metrics.read_text("utf-8").splitlines() if line]
+    except (OSError, ValueError):
+        return False
+    return all(isinstance(row, dict) and row.get("epoch") == 0 for row in rows)
 
 
 def _run_state(saved: dict) -> RunState:

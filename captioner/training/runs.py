@@ -21,6 +21,7 @@ from pathlib import Path
 from captioner import visualize
 from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.errors import CaptionerError
+from captioner.files import require_writable_file
 from captioner.training.config import SELECTION_METRIC
 from captioner.training.divergence import FAILED
 
@@ -75,6 +76,7 @@ def compare_runs(config: RunsConfig) -> tuple[list[RunSummary], list[str]]:
     """The runs among `config.runs`, and a note for each folder left out because it holds no
     metrics yet (not a run, or one before its first epoch); writes the figure to `config.out`.
     CaptionerError when no folder is a run, or a run's files are damaged."""
+    require_writable_file(config.out)
     runs, skipped = [], []
     for path in map(Path, config.runs):
         if (path / METRICS_FILE).is_file():
