@@ -9,16 +9,31 @@ loss over the full (captions, steps, vocabulary) logits. It has the same weights
 `ShowAttendTell`, so a state dict moves between the two. tests/test_models.py compares losses,
 gradients and decoded captions with both references, and bench/attention_step.py and
 bench/train.py time them as the baselines of the fast steps.
+
+`PlainTransformer` is the transformer decoder built from `nn.MultiheadAttention` layers: every
+caption gets its own copy of its image's memory, the training loss is masked over the full
+(captions, steps, vocabulary) logits, and decoding runs the whole prefix through every layer at
+every step, with no cache. `plain_transformer_weights` maps a `TransformerDecoder`'s state dict
+onto it; tests/test_transformer.py compares losses, gradients and decoded captions with it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from captioner.models import DecoderConfig, ShowAttendTell, ShowTell
-from captioner.models.base import LossOutput, Memory, State, length_mask, select_rows
+from captioner.models.base import (
+    CaptionDecoder,
+    LossOutput,
+    Memory,
+    State,
+    length_mask,
+    select_rows,
+)
 from captioner.models.show_attend_tell import attention_penalty
 
 
@@ -135,3 +150,130 @@ class PlainShowAttendTell(ShowAttendTell):
     ) -> Tensor:
         logits, _, _ = self._plain_teacher_forced(features, image_index, captions, lengths)
         return logits.float().log_softmax(-1)
+
+
+class PlainTransformerLayer(nn.Module):
+    """A pre-LN layer of `nn.MultiheadAttention` blocks: self-attention, cross-attention to the
+    memory (decoder layers only), feed-forward."""
+
+    def __init__(self, width: int, heads: int, ff_size: int, cross: bool) -> None:
+        super().__init__()
+        self.self_attention_norm = nn.LayerNorm(width)
+        self.self_attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        if cross:
+            self.cross_attention_norm = nn.LayerNorm(width)
+            self.cross_attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.feed_forward_norm = nn.LayerNorm(width)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(width, ff_size), nn.ReLU(), nn.Linear(ff_size, width)
+        )
+
+    def forward(
+        self, x: Tensor, memory: Tensor | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, d), memory (B, L, d), mask (T, T) True where a position may not look:
+        the new x and the cross-attention weights averaged over heads (B, T, L)."""
+        normed = self.self_attention_norm(x)
+        x = x + self.self_attention(normed, normed, normed, attn_mask=mask, need_weights=False)[0]
+        weights = None
+        if memory is not None:
+            normed = self.cross_attention_norm(x)
+            attended, weights = self.cross_attention(normed, memory, memory)
+            x = x + attended
+        return x + self.feed_forward(self.feed_forward_norm(x)), weights
+
+
+class PlainTransformer(CaptionDecoder):
+    feature_kind = "spatial"
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__(config)
+        width, heads, ff_size = config.hidden_size, config.heads, config.ff_size
+        self.feature_projection = nn.Linear(config.feature_size, width)
+        self.row_positions = nn.Parameter(torch.zeros(config.max_grid_side, width))
+        self.column_positions = nn.Parameter(torch.zeros(config.max_grid_side, width))
+        self.encoder_layers = nn.ModuleList(
+            PlainTransformerLayer(width, heads, ff_size, cross=False)
+            for _ in range(config.encoder_layers)
+        )
+        self.memory_norm = nn.LayerNorm(width)
+        self.word_positions = nn.Parameter(torch.zeros(config.max_positions, width))
+        self.layers = nn.ModuleList(
+            PlainTransformerLayer(width, heads, ff_size, cross=True)
+            for _ in range(config.decoder_layers)
+        )
+        self.output_norm = nn.LayerNorm(width)
+
+    def encode(self, features: Tensor) -> Memory:
+        """(the memory M (G, L, d),)"""
+        side = math.isqrt(features.size(1))
+        positions = [
+            self.row_positions[row] + self.column_positions[column]
+            for row in range(side)
+            for column in range(side)
+        ]
+        memory = self.feature_projection(self.standardize(features)) + torch.stack(positions)
+        for layer in self.encoder_layers:
+            memory, _ = layer(memory)
+        return (self.memory_norm(memory),)
+
+    def init_state(self, memory: Memory) -> State:
+        """(the embedded words so far (G, 0, d),)"""
+        return (memory[0].new_zeros(len(memory[0]), 0, self.config.hidden_size),)
+
+    def advance(
+        self, embedded: Tensor, state: State, memory: Memory
+    ) -> tuple[Tensor, State, Tensor]:
+        (words,) = state
+        (regions,) = memory
+        words = torch.cat([words, embedded.unsqueeze(1)], 1)
+        if len(words) > len(regions):  # k rows per image (beams): copy the image's memory to each
+            regions = regions.repeat_interleave(len(words) // len(regions), 0)
+        hidden, alpha = self._decode(words, regions)
+        return self.head(hidden[:, -1]), (words,), alpha[:, -1]
+
+    def _decode(self, embedded: Tensor, regions: Tensor) -> tuple[Tensor, Tensor]:
+        """Embedded words (B, T, d) over the memory (B, L, d): the output-normed hidden states
+        (B, T, d) and the last layer's cross-attention weights (B, T, L)."""
+        steps = embedded.size(1)
+        x = embedded * math.sqrt(self.config.hidden_size) + self.word_positions[:steps]
+        future = torch.ones(steps, steps, dtype=torch.bool, device=x.device).triu(1)
+        for layer in self.layers:
+            x, alpha = layer(x, regions, future)
+        return self.output_norm(x), alpha
+
+    def training_loss(
+        self,
+        features: Tensor,
+        image_index: Tensor,
+        captions: Tensor,
+        lengths: Tensor,
+        label_smoothing: float = 0.0,
+        alpha_c: float = 0.0,
+    ) -> LossOutput:
+        (regions,) = select_rows(self.encode(features), image_index)
+        steps = int(lengths.max()) - 1
+        hidden, _ = self._decode(self.embedding(captions[:, :steps]), regions)
+        mask = length_mask(lengths - 1, steps)
+        targets = captions[:, 1 : steps + 1]
+        return masked_label_smoothed_loss(self.head(hidden), targets, label_smoothing, mask)
+
+
+def plain_transformer_weights(fast_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A `TransformerDecoder` state dict as `PlainTransformer`'s: the fused projections become
+    `nn.MultiheadAttention`'s stacked input projection ([W_q; W_k; W_v]) and its `out_proj`;
+    every other name is the same."""
+    plain = {}
+    for name, tensor in fast_state.items():
+        module, _, kind = name.rpartition(".")  # "layers.0.self_attention.output", "weight"
+        attention, _, projection = module.rpartition(".")
+        if projection == "query_key_value":
+            plain[f"{attention}.in_proj_{kind}"] = tensor
+        elif projection == "query":  # cross-attention: [W_q; W_k; W_v] from W_q and [W_k; W_v]
+            key_value = fast_state[f"{attention}.key_value.{kind}"]
+            plain[f"{attention}.in_proj_{kind}"] = torch.cat([tensor, key_value])
+        elif projection == "output":
+            plain[f"{attention}.out_proj.{kind}"] = tensor
+        elif projection != "key_value":
+            plain[name] = tensor
+    return plain

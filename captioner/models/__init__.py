@@ -1,4 +1,5 @@
-"""Caption decoders: Show-and-Tell (pooled features) and Show-Attend-and-Tell (spatial features).
+"""Caption decoders: Show-and-Tell (pooled features), Show-Attend-and-Tell and a Transformer
+(spatial features).
 
 Every decoder has `feature_kind`, `training_loss(...) -> LossOutput`, and the step API
 (`encode`, `init_state`, `step`) that greedy decoding, beam search and sampling all use.
@@ -12,10 +13,12 @@ from captioner.models.base import CaptionDecoder, DecoderConfig, LossOutput
 from captioner.models.native_attention import load_native_scores, worth_compiling
 from captioner.models.show_attend_tell import ShowAttendTell
 from captioner.models.show_tell import ShowTell
+from captioner.models.transformer import TransformerDecoder
 
 DECODERS: dict[str, type[CaptionDecoder]] = {
     "show-tell": ShowTell,
     "show-attend-tell": ShowAttendTell,
+    "transformer": TransformerDecoder,
 }
 
 
@@ -53,6 +56,7 @@ __all__ = [
     "LossOutput",
     "ShowAttendTell",
     "ShowTell",
+    "TransformerDecoder",
     "build_decoder",
     "load_native_attention",
 ]

@@ -25,15 +25,27 @@ State = tuple[Tensor, ...]
 
 @dataclass
 class DecoderConfig:
-    """Sizes of a decoder. `feature_size` is the encoder's channel count C."""
+    """Sizes of a decoder. `feature_size` is the encoder's channel count C.
 
-    model: str  # "show-tell" | "show-attend-tell"
+    The transformer's width d_model is `hidden_size`, and `embed_size` must equal it (its word
+    embeddings are the residual stream's first values); it has no use for `attention_size`. The
+    fields after `dropout` are the transformer's alone; their defaults let configs saved before
+    they existed load.
+    """
+
+    model: str  # "show-tell" | "show-attend-tell" | "transformer"
     vocab_size: int
     feature_size: int
     embed_size: int = 512
     hidden_size: int = 512
     attention_size: int = 512
     dropout: float = 0.5
+    decoder_layers: int = 3
+    heads: int = 8  # attention heads; hidden_size / heads per head
+    ff_size: int = 2048  # inner size of each layer's feed-forward block
+    encoder_layers: int = 0  # self-attention layers over the regions before the decoder reads them
+    max_positions: int = 64  # word positions with an embedding: <start> and up to 63 words
+    max_grid_side: int = 32  # grid rows (and columns) with an embedding: up to 32 x 32 regions
 
     def to_dict(self) -> dict:
         return asdict(self)
