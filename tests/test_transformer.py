@@ -11,9 +11,9 @@ import pytest
 import torch
 from plain_decoders import PlainTransformer, plain_transformer_weights
 
-from captioner.decode import DecodingConfig, beam_search, generate, greedy_decode, sample
 from captioner.models import DecoderConfig, TransformerDecoder, build_decoder
 from captioner.models.base import select_rows
+from captioner.models.decode import DecodingConfig, beam_search, generate, greedy_decode, sample
 from captioner.text import END_ID, PAD_ID, START_ID
 
 # Sizes this small compute fastest on one thread, and the same on a busy machine.
