@@ -17,6 +17,12 @@ from captioner.models import DecoderConfig, build_decoder
 from captioner.store import FeatureStore, corpus_digest
 from captioner.text import Vocabulary
 
+# Small decoders: the LSTMs' sizes, and the transformer's (its width is embed = hidden size).
+SIZES = {"embed_size": 16, "hidden_size": 24, "attention_size": 12}
+TRANSFORMER_SIZES = {
+    "embed_size": 24, "hidden_size": 24, "decoder_layers": 2, "heads": 4, "ff_size": 32,
+}  # fmt: skip
+
 
 def make_checkpoint(
     path: Path,
@@ -38,10 +44,8 @@ def make_checkpoint(
         model,
         len(vocabulary),
         feature_size or store.channels,
-        embed_size=16,
-        hidden_size=24,
-        attention_size=12,
         dropout=0.0,
+        **(TRANSFORMER_SIZES if model == "transformer" else SIZES),
     )
     torch.manual_seed(seed)
     decoder = build_decoder(config)

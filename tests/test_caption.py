@@ -38,14 +38,21 @@ FAST = DecodingConfig(beam_size=2, min_length=1, max_length=6)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A decoder over the tiny encoder's features (128 channels, 2x2 grid at 64 px)."""
-    folder = tmp_path_factory.mktemp("model")
+def store(tmp_path_factory) -> Path:
+    """A store of the tiny encoder's features (128 channels, 2x2 grid at 64 px)."""
     tiny = build_encoder(EncoderConfig("tiny", "none", 64))  # what `caption` will run
-    store = make_store(
-        folder / "s.zarr", images=8, channels=128, weights_checksum=tiny.weights_checksum
+    return make_store(
+        tmp_path_factory.mktemp("model") / "s.zarr",
+        images=8,
+        channels=128,
+        weights_checksum=tiny.weights_checksum,
     )
-    return make_checkpoint(folder / "best.pt", store)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(store) -> Path:
+    """An attention decoder over the store's features."""
+    return make_checkpoint(store.parent / "best.pt", store)
 
 
 def write_picture_zoo(folder: Path) -> dict[str, bool]:
@@ -227,7 +234,9 @@ def test_without_recursive_subfolders_are_left_out_and_globs_work(tmp_path):
     assert len(twice) == 8
 
 
-def test_every_image_in_a_batch_gets_the_caption_it_gets_alone(tmp_path, checkpoint):
+@pytest.mark.parametrize("model", ["show-attend-tell", "transformer"])
+def test_every_image_in_a_batch_gets_the_caption_it_gets_alone(tmp_path, store, model):
+    checkpoint = make_checkpoint(tmp_path / "best.pt", store, model)
     folder = tmp_path / "pics"
     folder.mkdir()
     for i in range(6):
@@ -236,7 +245,10 @@ def test_every_image_in_a_batch_gets_the_caption_it_gets_alone(tmp_path, checkpo
     caption_images(CaptionConfig([folder], checkpoint, batched, decoding=FAST, batch_size=6))
     caption_images(CaptionConfig([folder], checkpoint, alone, decoding=FAST, batch_size=1))
     assert [r["caption"] for r in read_csv(batched)] == [r["caption"] for r in read_csv(alone)]
-    assert len({r["caption"] for r in read_csv(batched)}) > 1
+    log_probs = [[float(r["log_prob"]) for r in read_csv(out)] for out in (batched, alone)]
+    assert log_probs[0] == pytest.approx(log_probs[1], abs=2e-4)
+    # the images are told apart (an untrained transformer may still give them the same words)
+    assert len({(r["caption"], r["log_prob"]) for r in read_csv(batched)}) > 1
 
 
 def test_jsonl_format_and_rerun_skips_what_is_done(tmp_path, checkpoint):

@@ -67,6 +67,31 @@ def test_every_evaluated_image_gets_a_card_with_its_picture_scores_and_attention
     assert "nltk-fallback" in page and "NLTK BLEU-4 of the image alone" in page
 
 
+def test_a_transformers_evaluation_draws_its_last_layers_attention_per_word(tmp_path, evaluation):
+    """Its alpha (the last layer's cross-attention, averaged over heads) in the report's strips
+    and the --visualize overlays, as the attention model's."""
+    folder = evaluation.parent
+    checkpoint = make_checkpoint(tmp_path / "transformer.pt", folder / "s.zarr", "transformer")
+    config = EvaluateConfig(
+        checkpoint,
+        folder / "s.zarr",
+        tmp_path / "out",
+        decoding=DECODING,
+        metrics=FALLBACK,
+        images=folder / "images",
+        visualize=2,
+    )
+    result = evaluate(config)
+    assert result.figures == 2 and len(list((tmp_path / "out" / "attention").glob("*.png"))) == 2
+    cards = report_data(tmp_path / "out" / "report.html")["cards"]
+    for card in cards:
+        strip = Image.open(tmp_path / "out" / unquote(card["strip"]))
+        assert strip.size == (card["panel"][0] * len(card["words"]), card["panel"][1])
+    assert [card["caption"] for card in cards] == [
+        row["caption"] for row in read_captions(tmp_path / "out")
+    ]
+
+
 def test_without_the_image_folder_each_card_says_so_and_attention_is_drawn_on_the_grid(
     tmp_path, evaluation
 ):

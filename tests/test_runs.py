@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -56,29 +57,49 @@ def test_the_table_says_what_each_run_is_and_reached(tmp_path, store):
     scst = make_run(
         tmp_path / "scst", store, "show-attend-tell", scst_rows, best=2, objective="scst"
     )
+    transformer = make_run(tmp_path / "tf", store, "transformer", [epoch(1, 0.4)], best=1)
     runs, skipped = compare_runs(
-        RunsConfig([xe, scst, tmp_path / "xe" / "best.pt"], tmp_path / "c.png")
+        RunsConfig([xe, scst, transformer, tmp_path / "xe" / "best.pt"], tmp_path / "c.png")
     )
-    assert [run.path for run in runs] == [xe, scst] and "best.pt: no metrics.jsonl" in skipped[0]
-    first, second = runs
+    assert [run.path for run in runs] == [xe, scst, transformer]
+    assert "best.pt: no metrics.jsonl" in skipped[0]
+    first, second, third = runs
     assert (first.model, first.objective, first.best_epoch, first.sizes) == (
         "show-tell",
         "xe",
         2,
-        "16/24/-",
+        "emb 16 hid 24",
     )
     assert (second.model, second.objective, second.best_epoch) == ("show-attend-tell", "scst", 2)
-    assert second.sizes == "16/24/12" and second.best_row["val_cider"] == 0.95
+    assert second.sizes == "emb 16 hid 24 att 12" and second.best_row["val_cider"] == 0.95
     assert first.captions_per_second == pytest.approx(150.0) and first.seconds == 20.0
+    assert (third.model, third.sizes) == ("transformer", "d 24 layers 2 heads 4 ff 32")
 
-    code, output = run_cli("runs", xe, scst, "--out", tmp_path / "curves.png")
+    code, output = run_cli("runs", xe, scst, transformer, "--out", tmp_path / "curves.png")
     assert code == 0, output
-    header, xe_line, scst_line = output.splitlines()[:3]
-    assert header.split()[:4] == ["run", "model", "emb/hid/att", "vocab"]
-    assert xe_line.split()[4:] == ["xe", "2", "2", "0.3000", "-", "150", "0m20s", "ok"]
-    assert scst_line.split()[4:] == ["scst", "3", "2", "0.2800", "0.9500", "200", "0m30s", "ok"]
+    header, xe_line, scst_line, transformer_line = map(cells, output.splitlines()[:4])
+    assert header[:4] == ["run", "model", "sizes", "vocab"]
+    assert xe_line[2:] == [
+        "emb 16 hid 24",
+        "23",
+        "xe",
+        "2",
+        "2",
+        "0.3000",
+        "-",
+        "150",
+        "0m20s",
+        "ok",
+    ]
+    assert scst_line[4:] == ["scst", "3", "2", "0.2800", "0.9500", "200", "0m30s", "ok"]
+    assert transformer_line[1:3] == ["transformer", "d 24 layers 2 heads 4 ff 32"]
     # validation loss, BLEU-4 and (rows carry it) CIDEr-D: three panels, on one figure
     assert Image.open(tmp_path / "curves.png").size == (1500, 450)
+
+
+def cells(line: str) -> list[str]:
+    """A table line's cells (separated by two spaces or more; a cell may hold one)."""
+    return re.split(r" {2,}", line.strip())
 
 
 def test_a_run_without_a_checkpoint_takes_its_best_bleu4_epoch(tmp_path, store):

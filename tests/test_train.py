@@ -1,5 +1,6 @@
 """Phase-2 training end to end: the CLI, outputs, checkpoints, exact resume after SIGKILL,
-refusals, early stopping, a caption-file override and 2-process DDP on gloo."""
+refusals, early stopping, a caption-file override, 2-process DDP on gloo, and the learning-rate
+schedule."""
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ from captioner.store import FeatureStore, corpus_digest, training_corpus
 from captioner.training import TrainConfig, resume, train
 from captioner.training import loop as train_module
 from captioner.training.batches import FeatureStream
+from captioner.training.config import checked_config
 from captioner.training.data import feature_statistics
 from captioner.training.loop import seed_rank
 from captioner.training.metrics_log import EpochTiming, describe_epoch
+from captioner.training.schedule import LearningRateSchedule
 from captioner.training.validation import repeated_word
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,11 +48,26 @@ TINY_OPTIONS = dict(
     embed_size=16, hidden_size=24, attention_size=8, dropout=0.2, min_count=1, batch_size=12,
     lr=0.01, workers=1,
 )  # fmt: skip
-TINY = [
-    argument
-    for name, value in TINY_OPTIONS.items()
-    for argument in (f"--{name.replace('_', '-')}", str(value))
-]
+# The transformer's tiny sizes, and a warm-up that ends within a few epochs of three steps.
+TRANSFORMER_OPTIONS = dict(d_model=16, layers=2, heads=2, ff_size=32, warmup_steps=5)
+MODELS = ["show-tell", "show-attend-tell", "transformer"]
+
+
+def arguments(options: dict) -> list[str]:
+    """`options` as command-line arguments."""
+    return [
+        argument
+        for name, value in options.items()
+        for argument in (f"--{name.replace('_', '-')}", str(value))
+    ]
+
+
+TINY = arguments(TINY_OPTIONS)
+
+
+def tiny_options(model: str) -> dict:
+    """TINY_OPTIONS, with the transformer's sizes and warm-up for the transformer."""
+    return {**TINY_OPTIONS, **(TRANSFORMER_OPTIONS if model == "transformer" else {})}
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +97,11 @@ def progress_of(run: Path) -> tuple[int, int]:
     return training["epoch"], training["step"]
 
 
-@pytest.mark.parametrize("model", ["show-tell", "show-attend-tell"])
-def test_both_models_train_end_to_end_via_the_cli(store, tmp_path, model):
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_trains_end_to_end_via_the_cli(store, tmp_path, model):
     run = tmp_path / "run"
     result = run_cli(
-        "--features", str(store), "--out", str(run), "--model", model, "--epochs", "4", *TINY
+        *where(store, run), "--model", model, "--epochs", "4", *arguments(tiny_options(model))
     )
     assert result.exit_code == 0, result.output
     assert "best val BLEU-4" in result.output
@@ -96,7 +114,7 @@ def test_both_models_train_end_to_end_via_the_cli(store, tmp_path, model):
     assert (run / "curves.png").stat().st_size > 0 and (run / "vocab.json").is_file()
     attention_figures = sorted(p.name for p in (run / "attention").glob("*.png"))
     expected_figures = [f"epoch_00{e}.png" for e in range(1, 5)]
-    assert attention_figures == (expected_figures if model == "show-attend-tell" else [])
+    assert attention_figures == (expected_figures if model != "show-tell" else [])
 
     for name in ("best.pt", "last.pt"):
         payload = torch.load(run / name, map_location="cpu", weights_only=True)
@@ -116,10 +134,11 @@ def test_both_models_train_end_to_end_via_the_cli(store, tmp_path, model):
     assert len(captions) == 2
 
 
-def test_resume_after_sigkill_ends_like_an_uninterrupted_run(store, tmp_path, one_thread):
-    options = dict(
-        model="show-attend-tell", epochs=4, seed=3, checkpoint_minutes=0.0, **TINY_OPTIONS
-    )
+@pytest.mark.parametrize("model", ["show-attend-tell", "transformer"])
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(store, tmp_path, one_thread, model):
+    """Killed in epoch 2 (the transformer: in its warm-up), resumed: the same weights and
+    metrics rows, learning rates included, as a run never killed."""
+    options = dict(model=model, epochs=4, seed=3, checkpoint_minutes=0.0, **tiny_options(model))
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     train(TrainConfig(features=store, out=whole, **options))
 
@@ -172,14 +191,22 @@ def test_a_run_that_dies_mid_epoch_resumes_at_that_batch(store, tmp_path, monkey
     assert without_timing(resumed.history) == without_timing(whole.history)
 
 
-@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(
+    "sent, model",
+    [
+        (signal.SIGTERM, "show-attend-tell"),
+        (signal.SIGINT, "show-attend-tell"),
+        (signal.SIGTERM, "transformer"),
+    ],
+)
 def test_a_preempted_run_saves_the_step_in_hand_and_resumes_like_a_whole_one(
-    store, tmp_path, monkeypatch, capsys, sent
+    store, tmp_path, monkeypatch, capsys, sent, model
 ):
     """SIGTERM (a scheduler's notice) or Ctrl-C: the step in hand ends, last.pt holds it, the
     command exits 0 saying how to resume, and the resumed run says where it goes on, times
     epoch 2 over the 2 steps it runs, and ends as an uninterrupted one."""
-    options = dict(features=store, model="show-attend-tell", epochs=2, seed=1, **SMALL)
+    sizes = {**TRANSFORMER_OPTIONS, "d_model": 8} if model == "transformer" else {}
+    options = dict(features=store, model=model, epochs=2, seed=1, **SMALL, **sizes)
     whole = train(TrainConfig(out=tmp_path / "whole", **options))
     original_epoch = FeatureStream.epoch
 
@@ -278,6 +305,8 @@ def test_bucketed_attention_run_and_a_run_from_before_an_option_existed_resume(s
     # as written before --bucket-by-length and the objectives existed
     for option in ("bucket_by_length", "objective", "init", "scst_samples", "scst_baseline"):
         del payload["training"]["options"][option]
+    for option in ("d_model", "layers", "heads", "ff_size", "encoder_layers", "warmup_steps"):
+        del payload["training"]["options"][option]
     state = payload["extra"]["state"]
     (state["loss_sum"], state["nll_sum"], state["tokens"]) = state.pop("totals")
     state["best_bleu4"] = state.pop("best_score")
@@ -368,11 +397,15 @@ def test_resuming_with_other_splits_is_refused(store, tmp_path):
     assert run_cli(*options, "--epochs", "2", "--resume", "--captions", str(first)).exit_code == 0
 
 
-def test_tensorboard_gets_every_step_and_every_epoch(store, tmp_path):
+@pytest.mark.parametrize("model", ["show-attend-tell", "transformer"])
+def test_tensorboard_gets_every_step_and_every_epoch(store, tmp_path, model):
+    """Also each step's learning rate, as metrics.jsonl has each epoch's last: constant for the
+    LSTM, warmed up over 5 steps for the transformer."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    result = run_cli("--features", str(store), "--out", str(run), "--epochs", "2", *TINY)
+    options = tiny_options(model)
+    result = run_cli(*where(store, run), "--model", model, "--epochs", "3", *arguments(options))
     assert result.exit_code == 0, result.output
     events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
@@ -382,10 +415,55 @@ def test_tensorboard_gets_every_step_and_every_epoch(store, tmp_path):
     }
     assert per_step | {"val/loss", "val/bleu4", "epoch/train_loss"} <= scalars
     steps = [event.step for event in events.Scalars("train/loss")]
-    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4  # two epochs, each step
+    assert steps == list(range(1, 10))  # three epochs of three steps, each step
     val_loss = [event.value for event in events.Scalars("val/loss")]
     assert val_loss == pytest.approx([row["val_loss"] for row in metrics(run)])
-    assert [image.step for image in events.Images("val/attention")] == [1, 2]
+    assert [image.step for image in events.Images("val/attention")] == [1, 2, 3]
+
+    schedule = LearningRateSchedule(options["lr"], options.get("warmup_steps", 0))
+    rates = [event.value for event in events.Scalars("train/lr")]
+    assert rates == pytest.approx([schedule.rate(step) for step in steps])
+    assert [row["lr"] for row in metrics(run)] == [schedule.rate(step) for step in (3, 6, 9)]
+    if model == "transformer":  # up to --lr at step 5
+        assert rates[0] < rates[1] < rates[4] == rates[8]
+
+
+def test_the_learning_rate_rises_over_the_warm_up_then_stays():
+    schedule = LearningRateSchedule(lr=1e-3, warmup_steps=4)
+    assert [schedule.rate(step) for step in (1, 2, 3, 4, 5, 10**6)] == pytest.approx(
+        [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
+    )
+    constant = LearningRateSchedule(lr=1e-3, warmup_steps=0)
+    assert constant.rate(1) == constant.rate(10**6) == 1e-3
+
+
+def test_the_transformer_options_are_checked_and_their_defaults_are_the_models(store, tmp_path):
+    refusals = {
+        "--d-model 20 is not divisible by --heads 8": ["--d-model", "20", "--heads", "8"],
+        "--max-length 64: the transformer has positions for at most 63 words": [
+            "--max-length",
+            "64",
+        ],
+    }
+    for expected, options in refusals.items():
+        result = run_cli(*where(store, tmp_path / "run"), "--model", "transformer", *options)
+        lines = result.output.splitlines()
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert lines[0].startswith(f"Error: {expected}"), result.output
+    assert not (tmp_path / "run").exists()
+
+    help_text = " ".join(run_cli("--help").output.split())
+    assert "--dropout FLOAT RANGE Dropout" in help_text
+    for option, defaults in (
+        ("dropout", "0.5 (LSTMs), 0.1 (transformer)"),
+        ("lr", "xe 0.0004 (LSTMs), 0.0003 (transformer); scst 5e-05 (LSTMs), 1e-05"),
+        ("warmup_steps", "xe 0 (LSTMs), 2000 (transformer); scst 0"),
+    ):
+        assert defaults in help_text, option
+    filled = checked_config(TrainConfig(store, tmp_path / "run", model="transformer"))
+    assert (filled.dropout, filled.lr, filled.warmup_steps) == (0.1, 3e-4, 2000)
+    lstm = checked_config(TrainConfig(store, tmp_path / "run", model="show-tell", dropout=0.2))
+    assert (lstm.dropout, lstm.lr, lstm.warmup_steps) == (0.2, 4e-4, 0)
 
 
 def test_without_tensorboard_training_says_so_once_and_goes_on(store, tmp_path, monkeypatch):
@@ -445,7 +523,8 @@ def test_repeated_word_flags_a_collapsing_decoder():
     shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
     reason="torchrun is not installed",
 )
-def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path):
+@pytest.mark.parametrize("model", ["show-attend-tell", "transformer"])
+def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path, model):
     run = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
 
@@ -453,14 +532,14 @@ def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path)
         command = [str(torchrun), "--standalone", "--nproc_per_node=2"]
         command += [str(REPO / "train_decoder.py"), "--features", str(store), "--device", "cpu"]
         return subprocess.run(
-            [*command, *options, *TINY],
+            [*command, *options, *arguments(tiny_options(model))],
             env={**os.environ, "OMP_NUM_THREADS": "1"},
             capture_output=True,
             text=True,
             timeout=120,
         )
 
-    completed = two_processes("--out", str(run), "--model", "show-attend-tell", "--epochs", "2")
+    completed = two_processes("--out", str(run), "--model", model, "--epochs", "2")
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = metrics(run)
     assert [row["ranks"] for row in rows] == [2, 2]
@@ -468,7 +547,7 @@ def test_two_process_ddp_on_gloo_trains_and_writes_a_checkpoint(store, tmp_path)
     assert checkpoint.training["epoch"] == 2 and len(extra["rng"]) == 2
 
     # self-critical fine-tuning of that run, on the same two processes
-    scst = ["--objective", "scst", "--init", str(run / "best.pt")]
+    scst = ["--objective", "scst", "--init", str(run / "best.pt"), "--model", model]
     completed = two_processes("--out", str(tmp_path / "scst"), "--epochs", "1", *scst)
     assert completed.returncode == 0, completed.stderr[-3000:]
     start, row = metrics(tmp_path / "scst")  # epoch 0 (the start) and epoch 1

@@ -11,6 +11,7 @@ import pytest
 import torch
 from plain_decoders import PlainTransformer, plain_transformer_weights
 
+from captioner.errors import CaptionerError
 from captioner.models import DecoderConfig, TransformerDecoder, build_decoder
 from captioner.models.base import select_rows
 from captioner.models.decode import DecodingConfig, beam_search, generate, greedy_decode, sample
@@ -340,3 +341,7 @@ def test_grids_and_lengths_it_has_no_positions_for_are_refused():
         greedy_decode(decoder, make_features(1), max_length=25, min_length=25)
     (longest,) = greedy_decode(decoder, make_features(1), max_length=24, min_length=24)
     assert len(longest.tokens) == 24
+    # evaluate and caption ask for at most the words a reference caption could have
+    with pytest.raises(CaptionerError, match="^--max-length 24: this transformer decoder has"):
+        generate(decoder, make_features(1), DecodingConfig(max_length=24))
+    assert len(generate(decoder, make_features(1), DecodingConfig(max_length=23))) == 1

@@ -8,12 +8,28 @@ from captioner.cli.options import field_option, path_option
 from captioner.devices import DEVICES
 from captioner.models import DECODERS
 from captioner.training import TrainConfig, train
-from captioner.training.config import DEFAULT_LR, METRIC_NAMES, OBJECTIVES, SCST_BASELINES
+from captioner.training.config import (
+    METRIC_NAMES,
+    MODEL_DEFAULTS,
+    OBJECTIVES,
+    SCST_BASELINES,
+    TRANSFORMER,
+)
 
 
 def _option(name: str, kind: type | click.ParamType, help: str):
     """An option whose default is TrainConfig's, so the two can never disagree."""
     return field_option(TrainConfig, name, kind, help)
+
+
+def _model_default(name: str, objective: str = "xe") -> str:
+    """The LSTMs' and the transformer's defaults of the option `name` for --help, e.g.
+    "0.5 (LSTMs), 0.1 (transformer)" (MODEL_DEFAULTS: both LSTMs have the same)."""
+    lstm, transformer = (
+        MODEL_DEFAULTS[model].for_objective(objective)[name]
+        for model in ("show-attend-tell", TRANSFORMER)
+    )
+    return f"{lstm:g} (LSTMs), {transformer:g} ({TRANSFORMER})"
 
 
 @click.command("train")
@@ -27,7 +43,12 @@ def _option(name: str, kind: type | click.ParamType, help: str):
     required=True,
     help="Run directory (runs/NAME): best.pt, last.pt, metrics.jsonl, curves.png, attention/.",
 )
-@_option("model", click.Choice(list(DECODERS)), "Decoder: no attention, or soft attention.")
+@_option(
+    "model",
+    click.Choice(list(DECODERS)),
+    "Decoder: an LSTM without attention, an LSTM with soft attention, or a Transformer over the"
+    " grid (README: which to pick).",
+)
 @_option(
     "objective",
     click.Choice(OBJECTIVES),
@@ -56,14 +77,41 @@ def _option(name: str, kind: type | click.ParamType, help: str):
     click.IntRange(min=0),
     "Captions drawn per image each epoch (0: all, sharing one feature read).",
 )
-@_option("embed_size", click.IntRange(min=1), "Word embedding size.")
-@_option("hidden_size", click.IntRange(min=1), "LSTM hidden size.")
-@_option("attention_size", click.IntRange(min=1), "Attention projection size.")
-@_option("dropout", click.FloatRange(0, 1, max_open=True), "Dropout before the output layer.")
+@_option("embed_size", click.IntRange(min=1), "LSTMs: word embedding size.")
+@_option("hidden_size", click.IntRange(min=1), "LSTMs: hidden size.")
+@_option("attention_size", click.IntRange(min=1), "Show-attend-tell: attention projection size.")
+@_option(
+    "d_model",
+    click.IntRange(min=1),
+    "Transformer: width of the word embeddings and of every layer (--embed-size and"
+    " --hidden-size are the LSTMs').",
+)
+@_option("layers", click.IntRange(min=1), "Transformer: decoder layers.")
+@_option("heads", click.IntRange(min=1), "Transformer: attention heads (must divide --d-model).")
+@_option("ff_size", click.IntRange(min=1), "Transformer: inner size of the feed-forward blocks.")
+@_option(
+    "encoder_layers",
+    click.IntRange(min=0),
+    "Transformer: self-attention layers over the regions before the decoder reads them.",
+)
+@click.option(
+    "--dropout",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Dropout (LSTMs: before the output layer; transformer: also on every sublayer and the"
+    f" inputs). Default: {_model_default('dropout')}; scst: none.",
+)
 @click.option(
     "--lr",
     type=click.FloatRange(0, min_open=True),
-    help=f"Adam learning rate. Default: {DEFAULT_LR['xe']:g} (xe), {DEFAULT_LR['scst']:g} (scst).",
+    help="Adam learning rate (reached after the warm-up). Default: xe"
+    f" {_model_default('lr')}; scst {_model_default('lr', 'scst')}.",
+)
+@click.option(
+    "--warmup-steps",
+    type=click.IntRange(min=0),
+    help="Raise the learning rate linearly to --lr over this many steps (0: --lr from the"
+    " first). Default: xe"
+    f" {_model_default('warmup_steps')}; scst 0.",
 )
 @_option("label_smoothing", click.FloatRange(0, 1, max_open=True), "Label smoothing (xe).")
 @_option("grad_clip", click.FloatRange(0), "Clip the gradient norm to this (0: no clipping).")

@@ -164,6 +164,7 @@ class CaptionDecoder(nn.Module):
     """
 
     feature_kind: str
+    max_words: int | None = None  # the most words a caption can have, where there is a limit
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()

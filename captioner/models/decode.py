@@ -82,6 +82,11 @@ class GeneratedCaption:
 
 def generate(decoder, features: Tensor, config: DecodingConfig) -> list[GeneratedCaption]:
     """Captions for a batch of images with the strategy `config` names."""
+    if decoder.max_words is not None and config.max_length > decoder.max_words:
+        raise CaptionerError(
+            f"--max-length {config.max_length}: this {decoder.config.model} decoder has positions"
+            f" for at most {decoder.max_words} words"
+        )
     if config.strategy == "greedy":
         return greedy_decode(
             decoder,

@@ -231,6 +231,11 @@ class TransformerDecoder(CaptionDecoder):
 
     feature_kind = "spatial"
 
+    @property
+    def max_words(self) -> int:
+        """The positions after <start>: one per word (the last one's output is <end>)."""
+        return self.config.max_positions - 1
+
     def __init__(self, config: DecoderConfig) -> None:
         check_config(config)
         super().__init__(config)

@@ -1,5 +1,6 @@
-"""What a training run is told (`TrainConfig`), what it returns (`TrainResult`), and the one place
-where option values are checked and objective-dependent defaults are filled in."""
+"""What a training run is told (`TrainConfig`), what it returns (`TrainResult`), the one place
+where option values are checked and the model- and objective-dependent defaults are filled in,
+and the decoder sizes a config stands for (`decoder_config`, `size_options`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,44 @@ from pathlib import Path
 
 from captioner.devices import DEVICES
 from captioner.errors import CaptionerError
-from captioner.models import DECODERS
+from captioner.models import DECODERS, DecoderConfig
 from captioner.option_checks import above, at_least, check_options, fraction, one_of, optional
 
 OBJECTIVES = ("xe", "scst")
 SCST_BASELINES = ("mean", "greedy")
-# Adam's learning rate when --lr is not given: the common cross-entropy rate, and the rate
-# self-critical fine-tuning uses in practice (ruotianluo/self-critical.pytorch configs).
-DEFAULT_LR = {"xe": 4e-4, "scst": 5e-5}
+TRANSFORMER = "transformer"
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What --dropout, --lr and --warmup-steps become for a kind of decoder when not given."""
+
+    dropout: float  # cross entropy (self-critical runs use none)
+    lr: dict[str, float]  # Adam's rate (after the warm-up) for each objective
+    # Cross entropy only: a self-critical run starts from trained weights and needs none.
+    warmup_steps: int
+
+    def for_objective(self, objective: str) -> dict:
+        """The filled-in values of the three options for a run of `objective`."""
+        return {
+            "dropout": self.dropout,
+            "lr": self.lr[objective],
+            "warmup_steps": self.warmup_steps if objective == "xe" else 0,
+        }
+
+
+# The LSTMs: the common cross-entropy rate, and the rate self-critical fine-tuning uses in
+# practice (ruotianluo/self-critical.pytorch configs), at a constant rate as they always trained.
+# The transformer: dropout 0.1 as in Vaswani et al. and every captioning transformer since; a
+# warm-up of 2000 steps (about 5 Flickr8k epochs at the default batch, a third of a COCO epoch;
+# the pre-LN layers need far less than the post-LN 20000 of ruotianluo's config) to a peak of
+# 3e-4, about the peak of that config's schedule (512^-0.5 * 20000^-0.5); self-critical at 1e-5,
+# that config's rate. README "Which decoder" says how these were chosen.
+MODEL_DEFAULTS = {
+    "show-tell": ModelDefaults(dropout=0.5, lr={"xe": 4e-4, "scst": 5e-5}, warmup_steps=0),
+    "show-attend-tell": ModelDefaults(dropout=0.5, lr={"xe": 4e-4, "scst": 5e-5}, warmup_steps=0),
+    TRANSFORMER: ModelDefaults(dropout=0.1, lr={"xe": 3e-4, "scst": 1e-5}, warmup_steps=2000),
+}
 # The metrics.jsonl column that picks best.pt (and early stopping) for each objective: what it
 # optimizes, validation BLEU-4 for cross entropy and CIDEr-D for SCST; and the columns' names.
 SELECTION_METRIC = {"xe": "val_bleu4", "scst": "val_cider"}
@@ -26,7 +57,7 @@ METRIC_NAMES = {"val_bleu4": "BLEU-4", "val_cider": "CIDEr-D"}
 class TrainConfig:
     features: Path  # the feature store (.zarr)
     out: Path  # run directory, e.g. runs/NAME
-    model: str = "show-attend-tell"  # "show-tell" | "show-attend-tell"
+    model: str = "show-attend-tell"  # "show-tell" | "show-attend-tell" | "transformer"
     # "xe": cross entropy on the reference captions; "scst": self-critical sequence training,
     # which maximizes the CIDEr-D of sampled captions, starting from the `init` checkpoint.
     objective: str = "xe"
@@ -38,11 +69,25 @@ class TrainConfig:
     # as neuraltalk2; 2.5x the 32 of the common tutorial keeps a CPU's matrix units busier.
     batch_size: int = 80
     captions_per_image: int = 0  # captions drawn per image each epoch; 0 = all of them
-    embed_size: int = 512  # the sizes, dropout and min_count of an scst run are its init's
+    # The sizes, dropout and min_count of an scst run are its init's. The LSTMs' sizes:
+    embed_size: int = 512
     hidden_size: int = 512
     attention_size: int = 512
-    dropout: float = 0.5
-    lr: float | None = None  # None: DEFAULT_LR of the objective
+    # The transformer's: its width (word embeddings and every layer; embed_size and hidden_size
+    # are the LSTMs' alone), decoder layers, attention heads (d_model / heads wide each), the
+    # feed-forward blocks' inner size, and self-attention layers over the regions (0: the decoder
+    # reads the projected regions directly).
+    d_model: int = 512
+    layers: int = 3
+    heads: int = 8
+    ff_size: int = 2048
+    encoder_layers: int = 0
+    # None, for these three: the model's default for the objective (MODEL_DEFAULTS).
+    dropout: float | None = None
+    lr: float | None = None  # Adam's rate (after the warm-up)
+    # The rate rises linearly to `lr` over this many optimizer steps, then stays
+    # (captioner.training.schedule); 0: `lr` from the first step.
+    warmup_steps: int | None = None
     label_smoothing: float = 0.1  # xe only
     grad_clip: float = 5.0  # max gradient norm; 0 = no clipping
     alpha_c: float = 1.0  # doubly stochastic attention regularization (xe, attention model)
@@ -94,14 +139,16 @@ _RULES = {
     "lr": optional(above(0)),
     **dict.fromkeys(
         ["epochs", "batch_size", "embed_size", "hidden_size", "attention_size", "min_count"]
-        + ["max_length"],
+        + ["max_length", "d_model", "layers", "heads", "ff_size"],
         at_least(1),
     ),
     **dict.fromkeys(
-        ["captions_per_image", "grad_clip", "alpha_c", "early_stop", "checkpoint_minutes"],
+        ["captions_per_image", "grad_clip", "alpha_c", "early_stop", "checkpoint_minutes"]
+        + ["encoder_layers"],
         at_least(0),
     ),
-    "dropout": fraction(),
+    "warmup_steps": optional(at_least(0)),
+    "dropout": optional(fraction()),
     "label_smoothing": fraction(),
     "workers": optional(at_least(0)),
     # The mean baseline compares each sample with the image's others: it needs two.
@@ -110,8 +157,9 @@ _RULES = {
 
 
 def checked_config(config: TrainConfig) -> TrainConfig:
-    """`config` with its defaults filled in (the objective's learning rate, an absolute caption
-    path for evaluate to find), or a one-line error for a bad value before any work starts."""
+    """`config` with its defaults filled in (the model's dropout, learning rate and warm-up for
+    the objective, an absolute caption path for evaluate to find), or a one-line error for a bad
+    value before any work starts."""
     check_options(config, _RULES)
     if (config.objective == "scst") != (config.init is not None):
         raise CaptionerError(
@@ -119,7 +167,74 @@ def checked_config(config: TrainConfig) -> TrainConfig:
             if config.init is None
             else "--init: only --objective scst starts from a checkpoint (resume with --resume)"
         )
-    lr = DEFAULT_LR[config.objective] if config.lr is None else config.lr
+    if config.model == TRANSFORMER:
+        _check_transformer_options(config)
+    defaults = MODEL_DEFAULTS[config.model].for_objective(config.objective)
+    unset = {name: value for name, value in defaults.items() if getattr(config, name) is None}
     captions = None if config.captions is None else Path(config.captions).resolve()
     init = None if config.init is None else Path(config.init).resolve()
-    return replace(config, lr=lr, captions=captions, init=init)
+    return replace(config, **unset, captions=captions, init=init)
+
+
+def _check_transformer_options(config: TrainConfig) -> None:
+    """The rules between the transformer's options, each broken one said in one line (its sizes
+    only for cross entropy: a self-critical run takes its init's)."""
+    if config.objective == "xe" and config.d_model % config.heads:
+        raise CaptionerError(
+            f"--d-model {config.d_model} is not divisible by --heads {config.heads}: each head"
+            " is d_model / heads wide"
+        )
+    most_words = DecoderConfig.max_positions - 1  # the positions after <start>
+    if config.max_length > most_words:
+        raise CaptionerError(
+            f"--max-length {config.max_length}: the transformer has positions for at most"
+            f" {most_words} words"
+        )
+
+
+def decoder_config(
+    config: TrainConfig, vocab_size: int, feature_size: int, grid: tuple[int, int]
+) -> DecoderConfig:
+    """The decoder a (checked) `config` trains, for `vocab_size` words and features of
+    `feature_size` channels on a `grid` of regions: the LSTMs' sizes, or the transformer's, whose
+    width d_model is its embedding and hidden size and whose grid positions cover `grid`."""
+    if config.model == TRANSFORMER:
+        return DecoderConfig(
+            config.model,
+            vocab_size,
+            feature_size,
+            embed_size=config.d_model,
+            hidden_size=config.d_model,
+            dropout=config.dropout,
+            decoder_layers=config.layers,
+            heads=config.heads,
+            ff_size=config.ff_size,
+            encoder_layers=config.encoder_layers,
+            max_grid_side=max(DecoderConfig.max_grid_side, *grid),
+        )
+    return DecoderConfig(
+        config.model,
+        vocab_size,
+        feature_size,
+        config.embed_size,
+        config.hidden_size,
+        config.attention_size,
+        config.dropout,
+    )
+
+
+def size_options(decoder: DecoderConfig) -> dict:
+    """The TrainConfig size options `decoder_config` turns into `decoder` (its inverse)."""
+    if decoder.model == TRANSFORMER:
+        return {
+            "d_model": decoder.hidden_size,
+            "layers": decoder.decoder_layers,
+            "heads": decoder.heads,
+            "ff_size": decoder.ff_size,
+            "encoder_layers": decoder.encoder_layers,
+        }
+    return {
+        "embed_size": decoder.embed_size,
+        "hidden_size": decoder.hidden_size,
+        "attention_size": decoder.attention_size,
+    }

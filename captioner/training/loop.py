@@ -13,12 +13,13 @@ validation loss, BLEU-4 and CIDEr-D on greedy decodes of the val split. Everythi
     curves.png     loss, BLEU-4, CIDEr-D (and SCST's mean sample reward) per epoch
     vocab.json     the vocabulary;     attention/  per-word attention maps of a sample caption
 
-Resume is exact. The batch order is a pure function of (seed, epoch, rank), and last.pt holds the
-RNG state of the step at which it was written, so a run killed at any point (SIGKILL included)
-and resumed with the same options ends with the same weights and metrics as an uninterrupted run
-on the same device. last.pt is written at every epoch end and, in a single process, also mid-epoch
-every `checkpoint_minutes`; every write is atomic. SIGTERM (a scheduler's notice) or Ctrl-C ends
-the step in hand (on every rank: they agree on the step), writes last.pt there with each rank's
+Resume is exact. The batch order is a pure function of (seed, epoch, rank), so is each step's
+learning rate of its number (training.schedule), and last.pt holds the RNG state of the step at
+which it was written, so a run killed at any point (SIGKILL included) and resumed with the same
+options ends with the same weights and metrics as an uninterrupted run on the same device.
+last.pt is written at every epoch end and, in a single process, also mid-epoch every
+`checkpoint_minutes`; every write is atomic. SIGTERM (a scheduler's notice) or Ctrl-C ends the
+step in hand (on every rank: they agree on the step), writes last.pt there with each rank's
 sums, and returns `preempted`.
 
 A NaN or an infinity in a step's loss or gradient, in an epoch's metrics or in the weights about
@@ -50,12 +51,18 @@ from captioner.devices import resolve_device
 from captioner.distributed import Ranks, process_group
 from captioner.errors import CaptionerError
 from captioner.files import require_writable_folder
-from captioner.models import DecoderConfig, build_decoder, load_native_attention
+from captioner.models import build_decoder, load_native_attention
 from captioner.preemption import StopRequest
 from captioner.store import FeatureStore, corpus_digest, split_rows, training_corpus
 from captioner.text import Vocabulary
 from captioner.training.batches import Batch, FeatureStream
-from captioner.training.config import METRIC_NAMES, TrainConfig, TrainResult, checked_config
+from captioner.training.config import (
+    METRIC_NAMES,
+    TrainConfig,
+    TrainResult,
+    checked_config,
+    decoder_config,
+)
 from captioner.training.data import (
     feature_statistics,
     training_stream,
@@ -173,7 +180,8 @@ def _train(
                 row, figure = start_row(validation), None
             else:
                 means = run.objective.epoch_means(state.totals)
-                row = epoch_row(state, timing, validation, ranks.world_size, means)
+                lr = run.schedule.rate((state.epoch + 1) * train_stream.num_batches)
+                row = epoch_row(state, timing, validation, ranks.world_size, means, lr)
                 figure = save_sample_attention(out, store, corpus, validation, state.epoch + 1)
             log.epoch(row, figure)
         row = ranks.broadcast(row)
@@ -240,17 +248,7 @@ def _start_run(
         vocabulary = start.vocabulary
     else:
         vocabulary = Vocabulary.build(corpus.tokens_of_split("train"), config.min_count)
-    decoder = build_decoder(
-        DecoderConfig(
-            config.model,
-            len(vocabulary),
-            store.channels,
-            config.embed_size,
-            config.hidden_size,
-            config.attention_size,
-            config.dropout,
-        )
-    )
+    decoder = build_decoder(decoder_config(config, len(vocabulary), store.channels, store.grid))
     if config.objective == "scst":
         decoder.load_state_dict(start.state_dict)
         reward = CiderReward(corpus, train_rows.tolist(), vocabulary)
@@ -303,6 +301,7 @@ def _train_epoch(
             waited = time.perf_counter() - waiting
             first_wait = waiting if first_wait is None else first_wait
             data_wait += waited
+            run.schedule.set(run.optimizer, state.epoch * stream.num_batches + state.step + 1)
             output, grad_norm, finite = _optimizer_step(run, batch.to(run.device))
             if not finite:  # (on every rank: _optimizer_step's verdict is theirs together)
                 what = "the loss or its gradient is NaN or inf"

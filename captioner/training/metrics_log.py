@@ -36,15 +36,21 @@ class EpochTiming:
 
 
 def epoch_row(
-    state: RunState, timing: EpochTiming, validation: Validation, world_size: int, train: dict
+    state: RunState,
+    timing: EpochTiming,
+    validation: Validation,
+    world_size: int,
+    train: dict,
+    lr: float,
 ) -> dict:
     """The metrics.jsonl row of the epoch `state` has just trained (`train`: the objective's
-    `epoch_means`) and `validation` measured."""
+    `epoch_means`; `lr`: the learning rate of its last step) and `validation` measured."""
     return {
         "epoch": state.epoch + 1,
         # Losses are mean negative log-likelihood per target token, train and val alike; the
         # cross-entropy objective adds label smoothing and the attention penalty to the train one.
         **train,
+        "lr": lr,
         **_validation_columns(validation),
         **timing.columns(),
         "ranks": world_size,

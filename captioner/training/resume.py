@@ -25,7 +25,7 @@ from captioner.checkpoint import (
 )
 from captioner.errors import CaptionerError
 from captioner.store import FeatureStore
-from captioner.training.config import TrainConfig
+from captioner.training.config import MODEL_DEFAULTS, TrainConfig, size_options
 from captioner.training.divergence import TrainingDiverged
 from captioner.training.run import Run
 
@@ -134,8 +134,9 @@ def resume_run(run: Run, path: Path) -> RunState:
         )
     if "state" not in extra:
         raise CaptionerError(f"{path}: holds no resume state (was it copied from a best.pt?)")
-    # An option added after the run started ran with its default.
+    # An option added after the run started ran with its default (for the model and objective).
     saved = {option.name: option.default for option in fields(config)}
+    saved.update(MODEL_DEFAULTS[config.model].for_objective(config.objective))
     saved.update(checkpoint.training["options"])
     current = _options(config)
     changed = [
@@ -231,9 +232,7 @@ def initial_checkpoint(
     options = checkpoint.training.get("options", {})
     config = replace(
         config,
-        embed_size=trained.embed_size,
-        hidden_size=trained.hidden_size,
-        attention_size=trained.attention_size,
+        **size_options(trained),
         dropout=0.0,
         min_count=options.get("min_count", config.min_count),
     )

@@ -14,12 +14,13 @@ from captioner.models import CaptionDecoder
 from captioner.store import FeatureStore
 from captioner.text import Vocabulary
 from captioner.training.config import TrainConfig
+from captioner.training.schedule import LearningRateSchedule
 
 
 class Run:
     """What every step of a run uses: its config and process, the decoder, the objective that
-    trains it and its optimizer, and the store, vocabulary and corpus digest that every
-    checkpoint records."""
+    trains it, its optimizer and learning-rate schedule, and the store, vocabulary and corpus
+    digest that every checkpoint records."""
 
     def __init__(
         self,
@@ -39,6 +40,7 @@ class Run:
         # One fused kernel for the whole update where PyTorch has it, instead of a dozen passes.
         fused = device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr, fused=fused)
+        self.schedule = LearningRateSchedule(config.lr, config.warmup_steps)  # each step's rate
         self.amp = Amp(device)
         self.model: nn.Module = objective
         if ranks.world_size > 1:

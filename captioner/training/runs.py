@@ -22,6 +22,7 @@ from captioner import visualize
 from captioner.checkpoint import Checkpoint, load_checkpoint
 from captioner.errors import CaptionerError
 from captioner.files import require_writable_file
+from captioner.models import DecoderConfig
 from captioner.training.config import SELECTION_METRIC
 from captioner.training.divergence import FAILED
 
@@ -40,7 +41,7 @@ class RunSummary:
     path: Path
     history: list[dict]  # the epochs' metrics.jsonl rows
     model: str  # "?" where the run has no checkpoint yet
-    sizes: str  # embed/hidden/attention, e.g. "512/512/512" ("512/512/-" without attention)
+    sizes: str  # e.g. "emb 512 hid 512 att 512", "d 512 layers 3 heads 8 ff 2048"
     vocabulary: int | None
     objective: str
     best_epoch: int | None  # None when no epoch was finished
@@ -103,12 +104,11 @@ def read_run(path: Path) -> RunSummary:
         return RunSummary(path, history, "?", "?", None, DEFAULT_OBJECTIVE, best_epoch, failure)
     objective = checkpoint.training.get("options", {}).get("objective", DEFAULT_OBJECTIVE)
     decoder = checkpoint.decoder_config
-    attention = decoder.attention_size if decoder.model == "show-attend-tell" else "-"
     return RunSummary(
         path,
         history,
         decoder.model,
-        f"{decoder.embed_size}/{decoder.hidden_size}/{attention}",
+        describe_sizes(decoder),
         decoder.vocab_size,
         objective,
         _best_epoch(best, history, objective),
@@ -116,12 +116,24 @@ def read_run(path: Path) -> RunSummary:
     )
 
 
+def describe_sizes(decoder: DecoderConfig) -> str:
+    """The sizes that make the decoder what it is, each named."""
+    if decoder.model == "transformer":
+        encoder = f" enc {decoder.encoder_layers}" if decoder.encoder_layers else ""
+        return (
+            f"d {decoder.hidden_size} layers {decoder.decoder_layers} heads {decoder.heads}"
+            f" ff {decoder.ff_size}{encoder}"
+        )
+    attention = f" att {decoder.attention_size}" if decoder.model == "show-attend-tell" else ""
+    return f"emb {decoder.embed_size} hid {decoder.hidden_size}{attention}"
+
+
 def format_runs(runs: list[RunSummary]) -> str:
     """The runs as a plain-text table, one line each."""
     header = (
         "run",
         "model",
-        "emb/hid/att",
+        "sizes",
         "vocab",
         "objective",
         "epochs",
