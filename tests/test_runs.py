@@ -142,8 +142,8 @@ def test_a_failed_run_says_where_and_values_that_were_not_finite_show_as_dashes(
     code, output = run_cli("runs", failed, older, at_once, "--out", tmp_path / "c.png")
     assert code == 0, output
     lines = output.splitlines()
-    assert lines[1].split()[5:8] == ["2", "1", "0.2000"] and lines[1].endswith("failed")
-    assert lines[2].split()[5:9] == ["2", "1", "0.2000", "-"] and lines[2].endswith("ok")
-    assert lines[3].split()[5:7] == ["0", "-"] and lines[3].endswith("failed")
+    assert cells(lines[1])[5:8] == ["2", "1", "0.2000"] and lines[1].endswith("failed")
+    assert cells(lines[2])[5:9] == ["2", "1", "0.2000", "-"] and lines[2].endswith("ok")
+    assert cells(lines[3])[5:7] == ["0", "-"] and lines[3].endswith("failed")
     assert lines[4] == f"{failed}: failed at epoch 3 step 4: the loss or its gradient is NaN or inf"
     assert lines[5].startswith(f"{at_once}: failed at epoch 1 step 4")
