@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,6 @@ from captioner.training.reward import CiderReward
 
 SIZES = {"embed_size": 16, "hidden_size": 24, "attention_size": 8, "min_count": 1}
 OPTIONS = {**SIZES, "batch_size": 20, "workers": 0, "device": "cpu", "dropout": 0.1}
-# The transformer's: tiny sizes, and a warm-up over its first epoch and a half.
-TRANSFORMER_OPTIONS = {"d_model": 16, "layers": 2, "heads": 2, "ff_size": 32, "warmup_steps": 6}
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +46,8 @@ def cross_entropy_runs(store, tmp_path_factory) -> dict[str, Path]:
     """best.pt of a short cross-entropy run of each decoder: SCST's starting points."""
     root = tmp_path_factory.mktemp("xe")
     runs = {}
-    for model in ("show-tell", "show-attend-tell", "transformer"):
-        sizes = TRANSFORMER_OPTIONS if model == "transformer" else {}
-        config = TrainConfig(
-            store, root / model, model=model, epochs=3, lr=0.01, **OPTIONS, **sizes
-        )
+    for model in ("show-tell", "show-attend-tell"):
+        config = TrainConfig(store, root / model, model=model, epochs=3, lr=0.01, **OPTIONS)
         runs[model] = train(config).best_checkpoint
     return runs
 
@@ -215,25 +209,6 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(
     ours, theirs = (load_checkpoint(r.last_checkpoint)[0].state_dict for r in (resumed, whole))
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0)
-
-
-def test_a_transformer_is_fine_tuned_with_its_own_sizes_and_vocabulary(
-    store, cross_entropy_runs, tmp_path
-):
-    init = cross_entropy_runs["transformer"]
-    result = run_cli(
-        "--features", store, "--out", tmp_path / "run", "--model", "transformer",
-        "--objective", "scst", "--init", init, "--epochs", "1", "--batch-size", "40",
-        "--workers", "0", "--device", "cpu", "--d-model", "64",  # (the init's sizes win)
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    start, row = map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-    assert (start["epoch"], row["epoch"]) == (0, 1) and row["mean_reward"] > 0
-    assert row["lr"] == 1e-5  # the transformer's self-critical rate, constant
-    tuned, trained = (load_checkpoint(path)[0] for path in (tmp_path / "run" / "last.pt", init))
-    assert tuned.decoder_config == replace(trained.decoder_config, dropout=0.0)
-    assert tuned.vocabulary.words == trained.vocabulary.words
-    assert tuned.training["options"]["d_model"] == 16
 
 
 def test_the_mean_baseline_is_the_mean_of_the_other_samples():
