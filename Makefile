@@ -27,6 +27,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/attention_step.py
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/decode.py --model transformer
+	$(BIN)/python bench/mfu.py
 	$(BIN)/python bench/caption.py
 	$(BIN)/python bench/scst.py
 	$(BIN)/python bench/finite_check.py

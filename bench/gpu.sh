@@ -23,6 +23,8 @@ run() {  # one benchmark, at most $1 seconds
     run 60 "$python" bench/attention_step.py --device cuda --images 16 --repeats 10
     run 45 "$python" bench/decode.py --device cuda --images 256 --model show-attend-tell
     run 45 "$python" bench/decode.py --device cuda --images 256 --model show-tell
+    run 45 "$python" bench/decode.py --device cuda --images 256 --model transformer
+    run 45 "$python" bench/mfu.py --device cuda --repeats 10
     run 60 "$python" bench/caption.py --device cuda --encoder resnet152 --image-size 448 \
         --images 512 --batch-size 64 --workers 8
     run 20 "$python" bench/scst.py --device cuda --repeats 5
