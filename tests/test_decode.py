@@ -22,6 +22,7 @@ class FakeAttentionDecoder(nn.Module):
     """
 
     feature_kind = "spatial"
+    max_words = None  # no limit on a caption's length
 
     def __init__(self, vocab_size=30, feature_size=8, hidden=16, end_bias=0.0, seed=0):
         super().__init__()
