@@ -8,8 +8,9 @@ interruption, redoes only what is missing:
 1. render the dataset (captioner.synthetic) and a folder of fresh, unlabelled scenes;
 2. extract features with a small CNN whose weights are a seeded random init (nothing can be
    downloaded here: see RANDOM_WEIGHTS_NOTE);
-3. train Show-and-Tell and Show-Attend-and-Tell from the store, then fine-tune the attention
-   model with self-critical sequence training on CIDEr-D (`scst_epochs`; 0 skips it);
+3. train Show-and-Tell, Show-Attend-and-Tell and the Transformer from the store, then fine-tune
+   the best of them (by the validation CIDEr-D of its best.pt) with self-critical sequence
+   training on CIDEr-D (`scst_epochs`; 0 skips it);
 4. evaluate them on the test split (beam search, coco-caption metrics) and check their captions
    against the true scenes (objects named right; relation right where two groups are shown),
    next to the best a constant caption can do;
@@ -17,7 +18,8 @@ interruption, redoes only what is missing:
 6. list every artifact, and last the page to open: that model's report.html.
 
 Everything goes under `root`: data/NAME, data/NAME_fresh, features/NAME_<encoder>.zarr,
-runs/NAME-<model>, results/NAME-<model>, results/NAME_fresh_captions.csv. A run with settings
+runs/NAME-<model> and results/NAME-<model> (the SCST run's <model> is the one it fine-tunes,
+suffixed "+scst"), results/NAME_fresh_captions.csv. A run with settings
 that do not match the earlier work under the same NAME is refused by the phase that notices;
 choose another `name` for it.
 """
@@ -53,9 +55,29 @@ from captioner.synthetic.layout_probe import layout_preference
 from captioner.text import tokenize
 from captioner.training import TrainConfig, TrainResult, train
 
-MODELS = ("show-tell", "show-attend-tell")
-SCST = "show-attend-tell+scst"  # the attention model after self-critical fine-tuning
+MODELS = ("show-tell", "show-attend-tell", "transformer")
+ATTENTION_MODELS = ("show-attend-tell", "transformer")  # what has attention maps to draw
 CONSTANT = "constant caption"
+
+# Each decoder's settings on these scenes, over train_decoder.py's defaults.
+# The LSTMs: these small decoders take 7.5x train_decoder.py's rate. alpha_c is 0 because the
+# paper's doubly stochastic penalty pushes every region towards a full share of attention over a
+# caption: right for 196 regions of a photo, but on a 3x3 grid with two objects it drags
+# attention onto the empty cells and the model stops seeing which side things are on.
+# The transformer: chosen on these scenes (bench/RESULTS.md [demo]): an encoder layer raised
+# validation CIDEr-D but lowered the layout probe, 2e-3 did worse than 1e-3, and a warm-up of
+# two epochs made no consistent difference.
+_LSTM_SETTINGS = dict(
+    embed_size=128, hidden_size=256, attention_size=128, dropout=0.3, lr=3e-3, alpha_c=0.0
+)
+DECODER_SETTINGS: dict[str, dict[str, float]] = {
+    "show-tell": _LSTM_SETTINGS,
+    "show-attend-tell": _LSTM_SETTINGS,
+    "transformer": dict(
+        d_model=128, layers=2, heads=4, ff_size=512, encoder_layers=0, dropout=0.1, lr=1e-3,
+        warmup_steps=0,
+    ),
+}  # fmt: skip
 
 RANDOM_WEIGHTS_NOTE = """\
 Why these captions come from a random-init CNN: pretrained ImageNet weights cannot be downloaded
@@ -87,18 +109,10 @@ class DemoConfig:
     epochs: int = 20
     batch_size: int = 50  # captions per batch
     captions_per_image: int = 1  # drawn per image each epoch; 0 = all
-    embed_size: int = 128
-    hidden_size: int = 256
-    attention_size: int = 128
-    dropout: float = 0.3
-    lr: float = 3e-3
-    # The paper's doubly stochastic penalty pushes every region towards a full share of attention
-    # over a caption: right for 196 regions of a photo, but on a 3x3 grid with two objects it
-    # drags attention onto the empty cells and the model stops seeing which side things are on.
-    alpha_c: float = 0.0
-    # Self-critical fine-tuning of the attention model. The rate is 6x the 5e-5 of practice, as
-    # the cross-entropy rate is 7.5x train_decoder.py's for these small decoders; 4e-4 reached
-    # the best validation CIDEr-D in 2 epochs and came apart by the 5th (bench/RESULTS.md).
+    # Self-critical fine-tuning of the best cross-entropy decoder. The rate is 6x the 5e-5 of
+    # practice, as the cross-entropy rate is 7.5x train_decoder.py's for these small decoders;
+    # 4e-4 reached the attention model's best validation CIDEr-D in 2 epochs and came apart by
+    # the 5th (bench/RESULTS.md).
     scst_epochs: int = 3
     scst_lr: float = 3e-4
     beam_size: int = 3
@@ -129,16 +143,6 @@ class DemoConfig:
     def fresh_captions(self) -> Path:
         return self.root / "results" / f"{self.name}_fresh_captions.csv"
 
-    @property
-    def models(self) -> tuple[str, ...]:
-        """What the demo trains, in order: MODELS, then SCST unless `scst_epochs` is 0."""
-        return (*MODELS, SCST) if self.scst_epochs else MODELS
-
-    @property
-    def report(self) -> Path:
-        """The page to look at: the last model's test evaluation, image by image."""
-        return self.results(self.models[-1]) / REPORT_NAME
-
 
 @dataclass
 class ModelOutcome:
@@ -149,17 +153,28 @@ class ModelOutcome:
     training: TrainResult | None = None  # None for the constant caption
 
 
+def scst_name(model: str) -> str:
+    """The name of the self-critical fine-tuning of `model` (its run and results folders)."""
+    return f"{model}+scst"
+
+
 @dataclass
 class DemoResult:
     config: DemoConfig
     caption_file: Path
     extraction: ExtractSummary
-    outcomes: dict[str, ModelOutcome]  # config.models and CONSTANT
+    models: list[str]  # what it trained, in order: MODELS, then the SCST run unless none
+    outcomes: dict[str, ModelOutcome]  # `models` and CONSTANT
     metrics_implementation: str
     constant_caption: str
     captioning: CaptionSummary
     samples: list[tuple[str, str]]  # (fresh image, its caption)
     seconds: dict[str, float]  # per phase
+
+    @property
+    def report(self) -> Path:
+        """The page to look at: the last model's test evaluation, image by image."""
+        return self.config.results(self.models[-1]) / REPORT_NAME
 
 
 def run_demo(
@@ -222,22 +237,25 @@ def run_demo(
             f"at epoch {trained[model].best_epoch}"
         )
     if config.scst_epochs:
+        base = best_cross_entropy_model(trained)
+        scst = scst_name(base)
         say(
-            f"[3/5] self-critical fine-tuning of show-attend-tell on CIDEr-D for"
-            f" {config.scst_epochs} epochs: {config.run(SCST)}"
+            f"[3/5] self-critical fine-tuning of {base} (the best validation CIDEr-D) on CIDEr-D"
+            f" for {config.scst_epochs} epochs: {config.run(scst)}"
         )
-        trained[SCST] = train(_scst_config(config), progress=progress)
-        _stop_if(trained[SCST].preempted, "self-critical training")
+        trained[scst] = train(_scst_config(config, base), progress=progress)
+        _stop_if(trained[scst].preempted, "self-critical training")
         say(
-            f"best validation CIDEr-D {trained[SCST].best_score:.4f} "
-            f"at epoch {trained[SCST].best_epoch}"
+            f"best validation CIDEr-D {trained[scst].best_score:.4f} "
+            f"at epoch {trained[scst].best_epoch}"
         )
+    models = list(trained)
     lap("training")
 
     say("[4/5] evaluation on the test split")
     scenes = read_scenes(caption_file)
     outcomes, implementation = {}, ""
-    for model in config.models:
+    for model in models:
         metrics = _evaluated(config, model, progress)
         implementation = metrics["implementation"]
         captions = _test_captions(config.results(model) / "captions.csv")
@@ -263,7 +281,7 @@ def run_demo(
     say(f"[5/5] captioning the fresh images in {config.fresh}")
     fresh = CaptionConfig(
         inputs=[config.fresh],
-        checkpoint=config.run(config.models[-1]) / "best.pt",
+        checkpoint=config.run(models[-1]) / "best.pt",
         out=config.fresh_captions,
         decoding=DecodingConfig(beam_size=config.beam_size),
         device=config.device,
@@ -277,6 +295,7 @@ def run_demo(
         config,
         caption_file,
         extraction,
+        models,
         outcomes,
         implementation,
         constant,
@@ -288,7 +307,6 @@ def run_demo(
 
 # The demo's options that are train_decoder.py's of the same name.
 _SHARED_WITH_TRAINING = ("batch_size", "captions_per_image", "device", "seed")
-_DECODER_OPTIONS = ("embed_size", "hidden_size", "attention_size", "dropout", "lr", "alpha_c")
 
 
 def _train_config(config: DemoConfig, model: str) -> TrainConfig:
@@ -301,21 +319,34 @@ def _train_config(config: DemoConfig, model: str) -> TrainConfig:
         min_count=1,
         preload=True,
         resume=(out / "last.pt").exists(),
-        **{name: getattr(config, name) for name in _SHARED_WITH_TRAINING + _DECODER_OPTIONS},
+        **{name: getattr(config, name) for name in _SHARED_WITH_TRAINING},
+        **DECODER_SETTINGS[model],
     )
 
 
-def _scst_config(config: DemoConfig) -> TrainConfig:
-    """Self-critical fine-tuning of the attention model from its best cross-entropy epoch (the
-    sizes are the checkpoint's; label smoothing and the attention penalty do not apply)."""
-    out = config.run(SCST)
+def best_cross_entropy_model(trained: dict[str, TrainResult]) -> str:
+    """The model whose best.pt has the highest validation CIDEr-D, the metric SCST optimizes
+    (best.pt itself is each run's best validation BLEU-4 epoch; the first model wins a tie)."""
+    return max(trained, key=lambda model: _best_row(trained[model])["val_cider"])
+
+
+def _best_row(result: TrainResult) -> dict:
+    return next(row for row in result.history if row["epoch"] == result.best_epoch)
+
+
+def _scst_config(config: DemoConfig, model: str) -> TrainConfig:
+    """Self-critical fine-tuning of `model` from its best cross-entropy epoch, at a constant
+    rate (the sizes are the checkpoint's; label smoothing and the attention penalty do not
+    apply)."""
+    out = config.run(scst_name(model))
     return replace(
-        _train_config(config, "show-attend-tell"),
+        _train_config(config, model),
         out=out,
         objective="scst",
-        init=config.run("show-attend-tell") / "best.pt",
+        init=config.run(model) / "best.pt",
         epochs=config.scst_epochs,
         lr=config.scst_lr,
+        warmup_steps=0,
         resume=(out / "last.pt").exists(),
     )
 
@@ -331,7 +362,7 @@ def _evaluated(config: DemoConfig, model: str, progress: bool) -> dict:
         or not (out / REPORT_NAME).exists()
         or metrics_file.stat().st_mtime < checkpoint.stat().st_mtime
     ):
-        figures = config.figures if model != "show-tell" else 0
+        figures = config.figures if model.removesuffix("+scst") in ATTENTION_MODELS else 0
         evaluate(
             EvaluateConfig(
                 checkpoint=checkpoint,
@@ -414,7 +445,7 @@ def _read_samples(path: Path, count: int) -> list[tuple[str, str]]:
 
 def format_comparison(result: DemoResult) -> str:
     """The decoders and the constant caption side by side (scores x 100)."""
-    columns = [*result.config.models, CONSTANT]
+    columns = [*result.models, CONSTANT]
     widths = [len(c) + 2 for c in columns]
 
     def row(label: str, cells: list[float | None]) -> str:
@@ -446,14 +477,14 @@ def _cell(value: float | None, width: int) -> str:
 def format_artifacts(result: DemoResult) -> str:
     """Where everything the demo made lies."""
     config = result.config
-    attention = config.results("show-attend-tell") / "attention"
+    attended = [model for model in result.models if model in ATTENTION_MODELS]
     entries = [
         ("dataset (Karpathy JSON + images/)", result.caption_file),
         ("fresh unlabelled images", config.fresh),
         ("feature store", config.store),
         *[
             entry
-            for model in config.models
+            for model in result.models
             for entry in (
                 (f"{model} checkpoint", config.run(model) / "best.pt"),
                 (f"{model} training curves", config.run(model) / "curves.png"),
@@ -461,10 +492,16 @@ def format_artifacts(result: DemoResult) -> str:
                 (f"{model} test captions", config.results(model) / "captions.csv"),
             )
         ],
-        ("attention overlays (test images)", attention),
-        ("attention during training", config.run("show-attend-tell") / "attention"),
+        *[
+            entry
+            for model in attended
+            for entry in (
+                (f"{model} attention overlays (test images)", config.results(model) / "attention"),
+                (f"{model} attention during training", config.run(model) / "attention"),
+            )
+        ],
         ("captions of the fresh images", config.fresh_captions),
-        *[(f"{model} test report", config.results(model) / REPORT_NAME) for model in config.models],
+        *[(f"{model} test report", config.results(model) / REPORT_NAME) for model in result.models],
     ]
     width = max(len(label) for label, _ in entries)
     return "\n".join(f"  {label:<{width}}  {path}" for label, path in entries)

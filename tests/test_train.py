@@ -453,11 +453,11 @@ def test_the_transformer_options_are_checked_and_their_defaults_are_the_models(s
     for option, defaults in (
         ("dropout", "0.5 (LSTMs), 0.1 (transformer)"),
         ("lr", "xe 0.0004 (LSTMs), 0.0003 (transformer); scst 5e-05 (LSTMs), 1e-05"),
-        ("warmup_steps", "xe 0 (LSTMs), 2000 (transformer); scst 0"),
+        ("warmup_steps", "xe 0 (LSTMs), 1000 (transformer); scst 0"),
     ):
         assert defaults in help_text, option
     filled = checked_config(TrainConfig(store, tmp_path / "run", model="transformer"))
-    assert (filled.dropout, filled.lr, filled.warmup_steps) == (0.1, 3e-4, 2000)
+    assert (filled.dropout, filled.lr, filled.warmup_steps) == (0.1, 3e-4, 1000)
     lstm = checked_config(TrainConfig(store, tmp_path / "run", model="show-tell", dropout=0.2))
     assert (lstm.dropout, lstm.lr, lstm.warmup_steps) == (0.2, 4e-4, 0)
 

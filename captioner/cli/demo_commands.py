@@ -82,7 +82,7 @@ def synth(
     DemoConfig,
     "scst_epochs",
     click.IntRange(min=0),
-    "Epochs of self-critical fine-tuning of the attention model (0: none).",
+    "Epochs of self-critical fine-tuning of the best decoder by validation CIDEr-D (0: none).",
 )
 @click.option(
     "--encoder",
@@ -106,8 +106,8 @@ def synth(
 )
 @field_option(DemoConfig, "device", click.Choice(DEVICES), "Where the CNN and decoders run.")
 def demo(encoder_name: str, weights: str, image_size: int, **options) -> None:
-    """Everything end to end on rendered shapes, offline: dataset, features, both decoders
-    trained (and the attention one fine-tuned on CIDEr-D) and evaluated side by side, a folder
+    """Everything end to end on rendered shapes, offline: dataset, features, the three decoders
+    trained (and the best one fine-tuned on CIDEr-D) and evaluated side by side, a folder
     captioned to CSV, attention maps, curves.
 
     A re-run reuses every finished phase.
@@ -116,11 +116,11 @@ def demo(encoder_name: str, weights: str, image_size: int, **options) -> None:
     result = run_demo(config, say=click.echo, progress=True)
     click.echo("\nThe decoders on the held-out test images:")
     click.echo(format_comparison(result))
-    click.echo(f"\n{config.models[-1]} on fresh images (all rows in the CSV below):")
+    click.echo(f"\n{result.models[-1]} on fresh images (all rows in the CSV below):")
     for path, caption in result.samples:  # the CSV holds absolute paths; shown from here
         click.echo(f"  {os.path.relpath(path)}: {caption}")
     phases = ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in result.seconds.items())
     click.echo(f"\nTime: {phases}.")
     click.echo("Artifacts:")
     click.echo(format_artifacts(result))
-    click.echo(f"\nOpen in a browser, image by image: {result.config.report}")
+    click.echo(f"\nOpen in a browser, image by image: {result.report}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
 
-from captioner.cli.options import field_option, path_option
+from captioner.cli.options import apply_options, field_option, path_option
 from captioner.devices import DEVICES
 from captioner.models import DECODERS
 from captioner.training import TrainConfig, train
@@ -30,6 +32,35 @@ def _model_default(name: str, objective: str = "xe") -> str:
         for model in ("show-attend-tell", TRANSFORMER)
     )
     return f"{lstm:g} (LSTMs), {transformer:g} ({TRANSFORMER})"
+
+
+# The decoders' sizes: (option, least value, help).
+_SIZES = (
+    ("embed_size", 1, "LSTMs: word embedding size."),
+    ("hidden_size", 1, "LSTMs: hidden size."),
+    ("attention_size", 1, "Show-attend-tell: attention projection size."),
+    (
+        "d_model",
+        1,
+        "Transformer: width of the word embeddings and of every layer (--embed-size and"
+        " --hidden-size are the LSTMs').",
+    ),
+    ("layers", 1, "Transformer: decoder layers."),
+    ("heads", 1, "Transformer: attention heads (must divide --d-model)."),
+    ("ff_size", 1, "Transformer: inner size of the feed-forward blocks."),
+    (
+        "encoder_layers",
+        0,
+        "Transformer: self-attention layers over the regions before the decoder reads them.",
+    ),
+)
+
+
+def _size_options(command: Callable) -> Callable:
+    """The decoders' size options, in _SIZES's order."""
+    return apply_options(
+        command, [_option(name, click.IntRange(min=least), help) for name, least, help in _SIZES]
+    )
 
 
 @click.command("train")
@@ -77,23 +108,7 @@ def _model_default(name: str, objective: str = "xe") -> str:
     click.IntRange(min=0),
     "Captions drawn per image each epoch (0: all, sharing one feature read).",
 )
-@_option("embed_size", click.IntRange(min=1), "LSTMs: word embedding size.")
-@_option("hidden_size", click.IntRange(min=1), "LSTMs: hidden size.")
-@_option("attention_size", click.IntRange(min=1), "Show-attend-tell: attention projection size.")
-@_option(
-    "d_model",
-    click.IntRange(min=1),
-    "Transformer: width of the word embeddings and of every layer (--embed-size and"
-    " --hidden-size are the LSTMs').",
-)
-@_option("layers", click.IntRange(min=1), "Transformer: decoder layers.")
-@_option("heads", click.IntRange(min=1), "Transformer: attention heads (must divide --d-model).")
-@_option("ff_size", click.IntRange(min=1), "Transformer: inner size of the feed-forward blocks.")
-@_option(
-    "encoder_layers",
-    click.IntRange(min=0),
-    "Transformer: self-attention layers over the regions before the decoder reads them.",
-)
+@_size_options
 @click.option(
     "--dropout",
     type=click.FloatRange(0, 1, max_open=True),

@@ -10,9 +10,10 @@ stays there; with W = 0 it is `lr` throughout, as the LSTMs train by default:
 
 Why constant after the warm-up, and not Vaswani et al.'s decay as the inverse square root of the
 step (lr = d^-0.5 min(n^-0.5, n W^-1.5)): on the demo's scenes that decay cost the transformer
-both validation CIDEr-D and layout (bench/RESULTS.md [demo]), the LSTMs train at a constant rate
-too, and a constant rate needs no total number of steps, so --epochs may still change when a run
-is resumed, and early stopping may end it anywhere, without changing the rate of any step.
+some of its sense of layout for no gain in validation CIDEr-D (bench/RESULTS.md [demo]), the
+LSTMs train at a constant rate too, and a constant rate needs no total number of steps, so
+--epochs may still change when a run is resumed, and early stopping may end it anywhere, without
+changing the rate of any step.
 """
 
 from __future__ import annotations
