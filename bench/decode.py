@@ -4,7 +4,8 @@ Both paths call `beam_search` with the same decoder, features and beam size (an 
 decoder with the compiled attention scores where evaluate.py would load them); the baseline feeds
 it one image per call, as a Python loop over images would. The captions must be identical
 (asserted). Repetitions alternate between the two so load drift on a shared machine hits both;
-prints the median images/s of each and the ratio (the target is >= 10x).
+prints the median images/s of each and the ratio (the target is >= 10x), and the batched
+search's matrix FLOPs an image and per second, which compare decoders of different cost.
 
     OMP_NUM_THREADS=1 python bench/decode.py --device cpu
 """
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -74,6 +76,9 @@ def main() -> None:
         ]
 
     batched(), one_at_a_time()  # warm-up
+    with FlopCounterMode(display=False) as counter:  # matrix FLOPs, as bench/mfu.py counts
+        batched()
+    flops_per_image = counter.get_total_flops() / args.images
     rates: dict[str, list[float]] = {"batched": [], "one at a time": []}
     for _ in range(args.repeats):
         for name, run in (("batched", batched), ("one at a time", one_at_a_time)):
@@ -99,6 +104,10 @@ def main() -> None:
     for name, value in medians.items():
         print(f"{name:>14}: {value:8.1f} images/s (median of {args.repeats})")
     print(f"ratio: {medians['batched'] / medians['one at a time']:.1f}x (target >= 10x)")
+    print(
+        f"batched: {flops_per_image / 1e9:.2f} GFLOP an image (torch.utils.flop_counter), "
+        f"{flops_per_image * medians['batched'] / 1e9:.1f} GFLOP/s"
+    )
 
 
 def _synchronize(device: torch.device) -> None:
