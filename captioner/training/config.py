@@ -192,49 +192,40 @@ def _check_transformer_options(config: TrainConfig) -> None:
         )
 
 
+# Each model's size options and the DecoderConfig field each one sets: the transformer's width
+# d_model is its hidden size (and its embedding size, which must equal it).
+_SIZE_FIELDS = {
+    "lstm": {
+        "embed_size": "embed_size", "hidden_size": "hidden_size",
+        "attention_size": "attention_size",
+    },
+    TRANSFORMER: {
+        "d_model": "hidden_size", "layers": "decoder_layers", "heads": "heads",
+        "ff_size": "ff_size", "encoder_layers": "encoder_layers",
+    },
+}  # fmt: skip
+
+
+def _size_fields(model: str) -> dict[str, str]:
+    return _SIZE_FIELDS[TRANSFORMER if model == TRANSFORMER else "lstm"]
+
+
 def decoder_config(
     config: TrainConfig, vocab_size: int, feature_size: int, grid: tuple[int, int]
 ) -> DecoderConfig:
     """The decoder a (checked) `config` trains, for `vocab_size` words and features of
     `feature_size` channels on a `grid` of regions: the LSTMs' sizes, or the transformer's, whose
     width d_model is its embedding and hidden size and whose grid positions cover `grid`."""
+    sizes = {field: getattr(config, option) for option, field in _size_fields(config.model).items()}
     if config.model == TRANSFORMER:
-        return DecoderConfig(
-            config.model,
-            vocab_size,
-            feature_size,
-            embed_size=config.d_model,
-            hidden_size=config.d_model,
-            dropout=config.dropout,
-            decoder_layers=config.layers,
-            heads=config.heads,
-            ff_size=config.ff_size,
-            encoder_layers=config.encoder_layers,
-            max_grid_side=max(DecoderConfig.max_grid_side, *grid),
+        sizes.update(
+            embed_size=config.d_model, max_grid_side=max(DecoderConfig.max_grid_side, *grid)
         )
-    return DecoderConfig(
-        config.model,
-        vocab_size,
-        feature_size,
-        config.embed_size,
-        config.hidden_size,
-        config.attention_size,
-        config.dropout,
-    )
+    return DecoderConfig(config.model, vocab_size, feature_size, dropout=config.dropout, **sizes)
 
 
 def size_options(decoder: DecoderConfig) -> dict:
     """The TrainConfig size options `decoder_config` turns into `decoder` (its inverse)."""
-    if decoder.model == TRANSFORMER:
-        return {
-            "d_model": decoder.hidden_size,
-            "layers": decoder.decoder_layers,
-            "heads": decoder.heads,
-            "ff_size": decoder.ff_size,
-            "encoder_layers": decoder.encoder_layers,
-        }
     return {
-        "embed_size": decoder.embed_size,
-        "hidden_size": decoder.hidden_size,
-        "attention_size": decoder.attention_size,
+        option: getattr(decoder, field) for option, field in _size_fields(decoder.model).items()
     }
