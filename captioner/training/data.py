@@ -101,9 +101,10 @@ def reader_threads(workers: int | None, device: torch.device) -> tuple[int, str]
     --workers option, when given), and why that many.
 
     On a CPU one thread reads ahead wherever a second CPU is available: the reader's work (zstd,
-    numpy copies) mostly runs outside Python's lock, and measured on 2 shared cores it took the
-    demo's attention decoder from a quarter of its epoch waiting for data to under 5 %
-    (bench/RESULTS.md [reader]). With one CPU the step would only lose it to the reader."""
+    numpy copies) mostly runs outside Python's lock. The demo's attention decoder, which waits
+    for data a quarter of its epoch reading in the loop on 2 quiet cores, waited 4.5 % with it
+    on 2 loaded ones, at 10x the captions/s (bench/RESULTS.md [reader]). With one CPU the step
+    could only lose it to the reader."""
     if workers is not None:
         return workers, "--workers"
     if device.type != "cpu":
