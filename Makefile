@@ -25,6 +25,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/reader.py
 	$(BIN)/python bench/attention_step.py
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/decode.py --model transformer

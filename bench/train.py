@@ -53,7 +53,13 @@ from captioner.encoder import EncoderConfig, build_encoder, image_transform  # n
 from captioner.images import load_image  # noqa: E402
 from captioner.models import DecoderConfig, build_decoder, load_native_attention  # noqa: E402
 from captioner.readers import read_corpus  # noqa: E402
-from captioner.store import FeatureStore, StoreSettings, create_store, directory_size  # noqa: E402
+from captioner.store import (  # noqa: E402
+    FeatureStore,
+    StoreSettings,
+    StoreWriter,
+    create_store,
+    directory_size,
+)
 from captioner.text import Vocabulary  # noqa: E402
 from captioner.training import TrainConfig  # noqa: E402
 from captioner.training.batches import Batch, FeatureStream, StreamConfig, encode_captions  # noqa: E402
@@ -102,14 +108,19 @@ def build_store(path: Path, compression: str = "zstd") -> tuple[FeatureStore, Vo
         channels=CHANNELS,
         compression=compression,
     )
-    writer = create_store(path, corpus, settings)
+    write_post_relu_maps(create_store(path, corpus, settings))
+    return FeatureStore.open(path), vocabulary
+
+
+def write_post_relu_maps(writer: StoreWriter) -> None:
+    """Fill every shard with synthetic post-ReLU float16 maps (about half zeros, as a ResNet's
+    last block), seeded: the same numbers whatever the store's compression."""
     rng = np.random.default_rng(0)
+    regions, channels = writer.settings.grid[0] * writer.settings.grid[1], writer.settings.channels
     for shard in range(writer.num_shards):
         rows = writer.shard_rows(shard)
-        maps = np.maximum(rng.normal(size=(len(rows), GRID[0] * GRID[1], CHANNELS)), 0)
-        maps = maps.astype(np.float16)
+        maps = np.maximum(rng.normal(size=(len(rows), regions, channels)), 0).astype(np.float16)
         writer.write_shard(shard, maps, maps.astype(np.float32).mean(1), {})
-    return FeatureStore.open(path), vocabulary
 
 
 def stream_of(

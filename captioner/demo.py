@@ -317,7 +317,7 @@ def _train_config(config: DemoConfig, model: str) -> TrainConfig:
         model=model,
         epochs=config.epochs,
         min_count=1,
-        preload=True,
+        preload="ram",
         resume=(out / "last.pt").exists(),
         **{name: getattr(config, name) for name in _SHARED_WITH_TRAINING},
         **DECODER_SETTINGS[model],

@@ -43,3 +43,10 @@ def default_workers(most: int) -> int:
     """A default number of DataLoader worker processes: `most`, but never more than the CPUs
     available (more would only compete with the main process for them, and PyTorch warns)."""
     return min(most, available_cpus())
+
+
+def device_memory(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes of a GPU's memory; None for a device that does not report it."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)

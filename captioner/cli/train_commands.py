@@ -14,6 +14,7 @@ from captioner.training.config import (
     METRIC_NAMES,
     MODEL_DEFAULTS,
     OBJECTIVES,
+    PRELOAD,
     SCST_BASELINES,
     TRANSFORMER,
 )
@@ -137,10 +138,19 @@ def _size_options(command: Callable) -> Callable:
 @_option(
     "workers",
     click.IntRange(min=0),
-    "Feature-reading threads (0: read in the loop). Default: 0 on a CPU, whose cores the step"
-    " needs, 2 elsewhere.",
+    "Threads that read and assemble batches ahead of the step (0: read in the loop). Default:"
+    " 1 on a CPU (0 with a single CPU), 4 on a GPU.",
 )
-@click.option("--preload", is_flag=True, help="Hold the spatial maps in RAM (when they fit).")
+@click.option(
+    "--preload",
+    type=click.Choice(PRELOAD),
+    is_flag=False,
+    flag_value="ram",
+    default=TrainConfig.preload,
+    show_default=True,
+    help="Hold the spatial maps in RAM (--preload, --preload ram) or in the GPU's memory"
+    " (--preload gpu, refused when they do not fit) instead of streaming shards.",
+)
 @click.option(
     "--bucket-by-length",
     is_flag=True,

@@ -4,7 +4,9 @@ A batch is a group of IMAGES with some or all of their captions: each image's fe
 once and shared by its captions through `image_index`. The features are held one of three ways:
 
 - pooled vectors (show-tell): read into RAM at start (all of COCO is 1 GB);
-- spatial maps with `preload`: this rank's part of the split read into RAM at start;
+- spatial maps with `preload`: this rank's part of the split read at start, shard by shard, into
+  RAM, or into a tensor on `preload_device` (a GPU: batches are then cut there, with no copy
+  across the bus);
 - spatial maps streamed: whole shards (the store's efficient unit) are read a window of
   `window_shards` at a time; the shard order and the images within a window are shuffled, so the
   memory held is a few shards however large the store is.
@@ -12,7 +14,10 @@ once and shared by its captions through `image_index`. The features are held one
 The order of an epoch is a pure function of (seed, epoch, rank), fixed before any feature is read.
 That is what lets a killed run resume at batch k of an epoch and see exactly the batches an
 uninterrupted run would have seen. Shards are read by `workers` threads and batches are assembled
-`prefetch` steps ahead in a background thread, so the training step does not wait for data.
+`prefetch` steps ahead in a background thread, so the training step does not wait for data; the
+threads change when the work is done, never what a batch holds. What reading ahead holds at most
+is `workers` shards being read, the `window_shards` shards of a window, and `prefetch` + 1
+assembled batches (in pinned memory when they go to a GPU: `pin_memory`).
 Every read goes through FeatureStore.read, which refuses rows holding NaN or inf in one line: each
 image is checked once per epoch as its shard is streamed in, or once at the start when in RAM.
 Under DistributedDataParallel each rank reads its own disjoint part of the store (images for the
@@ -34,7 +39,9 @@ import numpy as np
 import torch
 
 from captioner.corpus import Corpus
-from captioner.store import FeatureStore
+from captioner.devices import device_memory
+from captioner.errors import CaptionerError
+from captioner.store import FeatureStore, format_bytes
 from captioner.text import PAD_ID, Vocabulary
 
 T = TypeVar("T")
@@ -107,7 +114,8 @@ class StreamConfig:
     batch_size: int = 32  # captions per batch: a batch holds batch_size // k whole images
     captions_per_image: int = 0  # k captions drawn per image each epoch; 0 = all of them
     shuffle: bool = True
-    preload: bool = False  # hold spatial maps in RAM instead of streaming shards
+    preload: bool = False  # hold spatial maps in memory instead of streaming shards
+    preload_device: torch.device | None = None  # preload into a tensor there; None: into RAM
     window_shards: int = 4  # shards shuffled together when streaming
     # Group images of similar longest caption into batches (shuffled within a window or pool),
     # for decoders that run every caption of a batch to its longest.
@@ -119,7 +127,7 @@ class StreamConfig:
     rank: int = 0
     world_size: int = 1
     dtype: torch.dtype = torch.float32  # of Batch.features
-    pin_memory: bool = False
+    pin_memory: bool = False  # batches in page-locked RAM, for asynchronous copies to a GPU
 
 
 @dataclass(frozen=True)
@@ -144,7 +152,7 @@ class FeatureStream:
         self.rows = np.asarray(rows, dtype=np.int64)
         self.captions = captions
         self.config = config
-        self.in_ram = config.kind == "pooled" or config.preload
+        self.held_in_memory = config.kind == "pooled" or config.preload
         self.peak_streamed_rows = 0  # most rows read from shards and not yet handed out
         self._streamed_rows = 0
         self._lock = threading.Lock()
@@ -158,7 +166,7 @@ class FeatureStream:
         per_image = config.captions_per_image or max(1, round(mean_count))
         self.images_per_batch = max(1, config.batch_size // per_image)
         rank, world = config.rank, config.world_size
-        if self.in_ram:
+        if self.held_in_memory:
             parts = [usable[r::world] for r in range(world)]
             self._positions = parts[rank]
             self._shards: list[np.ndarray] = []
@@ -173,15 +181,17 @@ class FeatureStream:
         # Every rank runs the same number of steps (DDP would hang otherwise); the few images a
         # larger part has beyond that are the last of its epoch order, which changes every epoch.
         self.num_batches = min(math.ceil(len(part) / self.images_per_batch) for part in parts)
-        self._ram_slot = np.full(len(self.rows), -1, dtype=np.int64)  # position -> RAM row
-        self._ram_features = self._load_into_ram() if self.in_ram else None
+        self._held_slot = np.full(len(self.rows), -1, dtype=np.int64)  # position -> held row
+        self._held_features = self._load_held_features() if self.held_in_memory else None
+        # Bytes of features held for the whole run (0 when streaming).
+        self.held_bytes = 0 if self._held_features is None else _nbytes(self._held_features)
 
     # ---- the epoch order (no feature is read here) ----
 
     def plan(self, epoch: int) -> EpochPlan:
         rng = np.random.default_rng([self.config.seed, epoch, self.config.rank])
         shuffle, size = self.config.shuffle, self.images_per_batch
-        if self.in_ram:
+        if self.held_in_memory:
             order = rng.permutation(self._positions) if shuffle else self._positions
             pool = size * self.config.bucket_batches
             windows = [order[i : i + pool] for i in range(0, len(order), pool)]
@@ -237,23 +247,25 @@ class FeatureStream:
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of `epoch` from batch `start_batch` on (what a resumed run still needs)."""
         plan = self.plan(epoch)
-        if self.in_ram:
-            produced = self._batches_from_ram(plan, epoch, start_batch)
+        if self.held_in_memory:
+            produced = self._batches_from_held(plan, epoch, start_batch)
         else:
             produced = self._batches_from_shards(plan, epoch, start_batch)
         if self.config.workers > 0:
             produced = _in_background(produced, self.config.prefetch)
         for batch in produced:
-            if not self.in_ram:
+            if not self.held_in_memory:
                 self._count_streamed(-len(batch.rows))
             yield batch
 
-    def _batches_from_ram(self, plan: EpochPlan, epoch: int, start: int) -> Iterator[Batch]:
+    def _batches_from_held(self, plan: EpochPlan, epoch: int, start: int) -> Iterator[Batch]:
+        held = self._held_features
         for index in range(start, len(plan.batches)):
             positions = plan.batches[index]
-            yield self._assemble(
-                positions, self._ram_features[self._ram_slot[positions]], epoch, index
-            )
+            slots = self._held_slot[positions]
+            if isinstance(held, torch.Tensor):  # (on preload_device)
+                slots = torch.from_numpy(slots).to(held.device)
+            yield self._assemble(positions, held[slots], epoch, index)
 
     def _batches_from_shards(self, plan: EpochPlan, epoch: int, start: int) -> Iterator[Batch]:
         needed = np.zeros(len(self.rows), dtype=bool)
@@ -285,9 +297,10 @@ class FeatureStream:
             self.peak_streamed_rows = max(self.peak_streamed_rows, self._streamed_rows)
 
     def _assemble(
-        self, positions: np.ndarray, features: np.ndarray, epoch: int, index: int
+        self, positions: np.ndarray, features: np.ndarray | torch.Tensor, epoch: int, index: int
     ) -> Batch:
-        """One batch: the images' features and their chosen captions, padded to the longest."""
+        """One batch: the images' features (as read, or already on `preload_device`) and their
+        chosen captions, padded to the longest; in pinned memory where the config asks."""
         k = self.config.captions_per_image
         rng = np.random.default_rng([self.config.seed, epoch, self.config.rank, index])
         chosen = []
@@ -300,33 +313,67 @@ class FeatureStream:
         chosen = np.concatenate(chosen)
         lengths = self.captions.lengths[chosen]
         tokens = self.captions.tokens[chosen, : lengths.max()]
-        features = torch.from_numpy(np.ascontiguousarray(features)).to(self.config.dtype)
+        tensors = [
+            torch.as_tensor(features).to(self.config.dtype),
+            torch.from_numpy(image_index),
+            torch.from_numpy(tokens),
+            torch.from_numpy(lengths),
+        ]
         if self.config.pin_memory:
-            features = features.pin_memory()
-        return Batch(
-            rows=self.rows[positions],
-            features=features,
-            image_index=torch.from_numpy(image_index),
-            captions=torch.from_numpy(tokens),
-            lengths=torch.from_numpy(lengths),
-        )
+            tensors = [t.pin_memory() if t.device.type == "cpu" else t for t in tensors]
+        return Batch(self.rows[positions], *tensors)
 
-    def _load_into_ram(self) -> np.ndarray:
-        """This rank's features: pooled vectors, or (preload) spatial maps read shard by shard."""
+    def _load_held_features(self) -> np.ndarray | torch.Tensor:
+        """This rank's features: pooled vectors in RAM, or (preload) spatial maps read shard by
+        shard into RAM or a tensor on `preload_device`, never more than one shard beside them."""
         positions = np.sort(self._positions)
-        self._ram_slot[positions] = np.arange(len(positions))
+        self._held_slot[positions] = np.arange(len(positions))
         rows = self.rows[positions]
         if self.config.kind == "pooled":
             return self.store.read("pooled", rows)
-        features = np.empty(
-            (len(rows), self.store.grid[0] * self.store.grid[1], self.store.channels),
-            dtype=self.store.dtype,
-        )
+        shape = (len(rows), self.store.grid[0] * self.store.grid[1], self.store.channels)
+        device = self.config.preload_device
+        if device is None:
+            features = np.empty(shape, dtype=self.store.dtype)
+        else:
+            dtype = getattr(torch, self.store.dtype)
+            needed = math.prod(shape) * dtype.itemsize
+            check_fits(needed, device_memory(device), f"{self.store.path}: --preload gpu")
+            features = torch.empty(shape, dtype=dtype, device=device)
         shard_of = rows // self.store.images_per_shard
         for shard in np.unique(shard_of):
-            in_shard = np.flatnonzero(shard_of == shard)
-            features[in_shard] = self.store.read("spatial", rows[in_shard])
+            in_shard = np.flatnonzero(shard_of == shard)  # consecutive: the rows are sorted
+            maps = self.store.read("spatial", rows[in_shard])
+            where = slice(int(in_shard[0]), int(in_shard[-1]) + 1)
+            features[where] = maps if device is None else torch.from_numpy(maps).to(device)
         return features
+
+
+# What a GPU keeps free beside preloaded maps, for the decoder's weights, activations and
+# optimizer: the larger of 2 GiB and a tenth of its memory.
+PRELOAD_RESERVE_BYTES, PRELOAD_RESERVE_SHARE = 2 << 30, 0.1
+
+
+def check_fits(needed: int, memory: tuple[int, int] | None, what: str) -> None:
+    """Refuse in one line to preload `needed` bytes into a device whose (free, total) bytes are
+    `memory` unless the reserve stays free beside them (None: the device does not say)."""
+    if memory is None:
+        return
+    free, total = memory
+    reserve = max(PRELOAD_RESERVE_BYTES, int(PRELOAD_RESERVE_SHARE * total))
+    if needed + reserve > free:
+        raise CaptionerError(
+            f"{what}: the maps take {format_bytes(needed)}, more than the"
+            f" {format_bytes(max(free - reserve, 0))} the GPU has free beside"
+            f" {format_bytes(reserve)} kept for training; hold them in RAM (--preload ram) or"
+            " stream them (no --preload)"
+        )
+
+
+def _nbytes(features: np.ndarray | torch.Tensor) -> int:
+    if isinstance(features, torch.Tensor):
+        return features.numel() * features.element_size()
+    return int(features.nbytes)
 
 
 def _ordered_map(function: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:

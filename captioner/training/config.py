@@ -13,6 +13,7 @@ from captioner.models import DECODERS, DecoderConfig
 from captioner.option_checks import above, at_least, check_options, fraction, one_of, optional
 
 OBJECTIVES = ("xe", "scst")
+PRELOAD = ("none", "ram", "gpu")
 SCST_BASELINES = ("mean", "greedy")
 TRANSFORMER = "transformer"
 
@@ -94,10 +95,12 @@ class TrainConfig:
     min_count: int = 5  # words seen fewer times in the train split become <unk>
     max_length: int = 20  # words kept per caption, and the longest greedy decode or sample
     device: str = "auto"  # auto | cpu | cuda | mps
-    # Feature-reading threads; 0 reads in the training thread. None: 0 on a CPU, where reader
-    # threads take cores from the step (it ran 30 % slower with 2), else 2.
+    # Threads that read and assemble batches ahead of the step; 0 reads in the training loop.
+    # None: training.data.reader_threads decides by the device and the CPUs available.
     workers: int | None = None
-    preload: bool = False  # hold the spatial maps in RAM instead of streaming shards
+    # Where the spatial maps are held instead of streaming shards: "none" (stream), "ram", or
+    # "gpu" (the CUDA device trained on, when they fit beside what training needs).
+    preload: str = "none"
     early_stop: int = 0  # stop after this many epochs without a better selection score; 0 = never
     resume: bool = False  # continue the run in `out` from last.pt
     seed: int = 0
@@ -151,6 +154,7 @@ _RULES = {
     "dropout": optional(fraction()),
     "label_smoothing": fraction(),
     "workers": optional(at_least(0)),
+    "preload": one_of(PRELOAD),
     # The mean baseline compares each sample with the image's others: it needs two.
     "scst_samples": at_least(2),
 }

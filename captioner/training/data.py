@@ -1,5 +1,5 @@
 """What a run trains and validates on: the corpus, the store rows of each split, and the
-feature streams over them."""
+feature streams over them, with the reading ahead that suits the device."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import numpy as np
 import torch
 
 from captioner.corpus import Corpus
+from captioner.devices import available_cpus, default_workers
 from captioner.distributed import Ranks
-from captioner.store import FeatureStore
+from captioner.errors import CaptionerError
+from captioner.store import FeatureStore, format_bytes
 from captioner.text import Vocabulary
 from captioner.training.batches import FeatureStream, StreamConfig, encode_captions
 from captioner.training.config import TrainConfig
@@ -89,14 +91,64 @@ def validation_stream(
     return FeatureStream(store, rows, captions, _stream_config(config, kind, device))
 
 
+# Reader threads by default where a step runs on an accelerator: reading 14x14x2048 maps scales
+# with threads (bench/reader.py), and a GPU step needs over 1,000 maps/s.
+ACCELERATOR_READERS = 4
+
+
+def reader_threads(workers: int | None, device: torch.device) -> tuple[int, str]:
+    """The threads that read and assemble batches ahead of a step on `device` (`workers`, the
+    --workers option, when given), and why that many.
+
+    On a CPU one thread reads ahead wherever a second CPU is available: the reader's work (zstd,
+    numpy copies) mostly runs outside Python's lock. The demo's attention decoder, which waits
+    for data a quarter of its epoch reading in the loop on 2 quiet cores, waited 4.5 % with it
+    on 2 loaded ones, at 10x the captions/s (bench/RESULTS.md [reader]). With one CPU the step
+    could only lose it to the reader."""
+    if workers is not None:
+        return workers, "--workers"
+    if device.type != "cpu":
+        return default_workers(ACCELERATOR_READERS), f"the default on {device.type}"
+    if available_cpus() < 2:
+        return 0, "one CPU: reading ahead would take it from the step"
+    return 1, f"the default on a CPU with {available_cpus()} CPUs"
+
+
+def check_preload_device(preload: str, device: torch.device) -> None:
+    """Refuse in one line to hold the maps in GPU memory when training runs elsewhere."""
+    if preload == "gpu" and device.type != "cuda":
+        raise CaptionerError(
+            f"--preload gpu: training runs on {device.type}, not on a CUDA GPU; hold the maps in"
+            " RAM with --preload ram"
+        )
+
+
+def describe_reading(stream: FeatureStream, why: str) -> str:
+    """The line a run starts with about how the training features reach the step."""
+    config = stream.config
+    if stream.held_bytes:
+        where = "GPU memory" if config.preload_device is not None else "RAM"
+        held = f"{config.kind} features held in {where} ({format_bytes(stream.held_bytes)})"
+    else:
+        held = f"{config.kind} maps streamed by whole shards"
+    if config.workers == 0:
+        ahead = "read in the training loop"
+    else:
+        threads = "thread" if config.workers == 1 else "threads"
+        ahead = f"{config.workers} reader {threads}, {config.prefetch} batches ahead"
+    pinned = ", pinned for non-blocking copies" if config.pin_memory else ""
+    return f"data: {held}; {ahead}{pinned} ({why})"
+
+
 def _stream_config(config: TrainConfig, kind: str, device: torch.device) -> StreamConfig:
     """What both streams share: batch size, feature reading and where batches go."""
     return StreamConfig(
         kind=kind,
         batch_size=config.batch_size,
         shuffle=False,
-        preload=config.preload,
-        workers=(0 if device.type == "cpu" else 2) if config.workers is None else config.workers,
+        preload=config.preload != "none",
+        preload_device=device if config.preload == "gpu" else None,
+        workers=reader_threads(config.workers, device)[0],
         seed=config.seed,
         # Half-precision maps cross to a GPU at half the bytes; the decoders upcast them there.
         dtype=torch.float16 if device.type == "cuda" and kind == "spatial" else torch.float32,

@@ -64,7 +64,10 @@ from captioner.training.config import (
     decoder_config,
 )
 from captioner.training.data import (
+    check_preload_device,
+    describe_reading,
     feature_statistics,
+    reader_threads,
     training_stream,
     validation_stream,
 )
@@ -100,6 +103,7 @@ def train(config: TrainConfig, progress: bool = False) -> TrainResult:
     config = checked_config(config)
     ranks = Ranks.from_environment()
     device = resolve_device(config.device, ranks.local_rank)
+    check_preload_device(config.preload, device)
     with process_group(ranks, device), StopRequest() as stop:
         return _train(config, ranks, device, stop, progress)
 
@@ -146,6 +150,7 @@ def _train(
         f" {len(val_rows)} val images, vocabulary {len(vocabulary)}) on {device}"
         + (f" x {ranks.world_size} ranks" if ranks.world_size > 1 else "")
     )
+    say(describe_reading(train_stream, reader_threads(config.workers, device)[1]))
     if config.resume:
         say(_where_resumed(state, train_stream.num_batches, config.epochs, last_path))
     if config.native_attention and (
