@@ -47,7 +47,12 @@ from captioner.text import Vocabulary  # noqa: E402
 from captioner.training import TrainConfig  # noqa: E402
 from captioner.training.batches import FeatureStream, StreamConfig, encode_captions  # noqa: E402
 from captioner.training.config import checked_config, decoder_config  # noqa: E402
-from captioner.training.data import feature_statistics, reader_threads, training_stream  # noqa: E402
+from captioner.training.data import (  # noqa: E402
+    feature_statistics,
+    feature_stream,
+    reader_threads,
+    training_reading,
+)
 from captioner.training.objectives import CrossEntropy  # noqa: E402
 
 GRID, CHANNELS = (14, 14), 2048
@@ -165,16 +170,14 @@ def measure_data_wait(path: Path, steps: int, repeats: int) -> None:
     default, why = reader_threads(None, cpu)
     settings = {"reading in the loop (--workers 0)": 0, f"default ({why}): {default}": None}
     streams = {
-        name: training_stream(
+        name: feature_stream(
             store,
             corpus,
             vocabulary,
             rows,
-            replace(config, workers=workers),
-            "spatial",
-            cpu,
-            Ranks(),
-        )  # fmt: skip
+            config.max_length,
+            training_reading(replace(config, workers=workers), "spatial", cpu, Ranks()),
+        )
         for name, workers in settings.items()
     }
     step = Step(config, store, vocabulary, rows)

@@ -132,7 +132,7 @@ def stream_of(
     device: torch.device | None = None,
     batch_size: int = BATCH_SIZE,
 ) -> FeatureStream:
-    """The stream captioner.training.data.training_stream builds for `device` (None: the CPU)."""
+    """The stream captioner.training.data.training_reading makes for `device` (None: the CPU)."""
     cuda = device is not None and device.type == "cuda"
     corpus = store.corpus()
     rows = np.arange(store.num_images)

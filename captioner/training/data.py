@@ -53,42 +53,38 @@ def feature_statistics(
     return torch.from_numpy(mean).float(), torch.from_numpy(np.maximum(std, 0.1 * typical)).float()
 
 
-def training_stream(
+def feature_stream(
     store: FeatureStore,
     corpus: Corpus,
     vocabulary: Vocabulary,
     rows: np.ndarray,
-    config: TrainConfig,
-    kind: str,
-    device: torch.device,
-    ranks: Ranks,
+    max_length: int,
+    reading: StreamConfig,
 ) -> FeatureStream:
-    """This rank's part of the training images `rows`, shuffled anew every epoch."""
-    stream_config = replace(
+    """The images `rows` of `store` with their captions (at most `max_length` words), read as
+    `reading` says: `training_reading` or `validation_reading`."""
+    captions = encode_captions(corpus, vocabulary, rows.tolist(), max_length)
+    return FeatureStream(store, rows, captions, reading)
+
+
+def training_reading(
+    config: TrainConfig, kind: str, device: torch.device, ranks: Ranks
+) -> StreamConfig:
+    """This rank's part of the training images, shuffled anew every epoch."""
+    return replace(
         _stream_config(config, kind, device),
         captions_per_image=config.captions_per_image,
         shuffle=True,
-        # Only the attention model runs every caption of a batch to its longest.
+        # Only the attention models run every caption of a batch to its longest.
         bucket_by_length=config.bucket_by_length and kind == "spatial",
         rank=ranks.rank,
         world_size=ranks.world_size,
     )
-    captions = encode_captions(corpus, vocabulary, rows.tolist(), config.max_length)
-    return FeatureStream(store, rows, captions, stream_config)
 
 
-def validation_stream(
-    store: FeatureStore,
-    corpus: Corpus,
-    vocabulary: Vocabulary,
-    rows: np.ndarray,
-    config: TrainConfig,
-    kind: str,
-    device: torch.device,
-) -> FeatureStream:
-    """Every validation image of `rows` with all its captions, in row order."""
-    captions = encode_captions(corpus, vocabulary, rows.tolist(), config.max_length)
-    return FeatureStream(store, rows, captions, _stream_config(config, kind, device))
+def validation_reading(config: TrainConfig, kind: str, device: torch.device) -> StreamConfig:
+    """Every validation image with all its captions, in row order."""
+    return _stream_config(config, kind, device)
 
 
 # Reader threads by default where a step runs on an accelerator: reading 14x14x2048 maps scales

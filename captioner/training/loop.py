@@ -67,9 +67,10 @@ from captioner.training.data import (
     check_preload_device,
     describe_reading,
     feature_statistics,
+    feature_stream,
     reader_threads,
-    training_stream,
-    validation_stream,
+    training_reading,
+    validation_reading,
 )
 from captioner.training.divergence import TrainingDiverged, non_finite_columns
 from captioner.training.metrics_log import (
@@ -135,11 +136,23 @@ def _train(
         )
 
     kind = run.decoder.feature_kind
-    train_stream = training_stream(
-        store, corpus, vocabulary, train_rows, config, kind, device, ranks
+    train_stream = feature_stream(
+        store,
+        corpus,
+        vocabulary,
+        train_rows,
+        config.max_length,
+        training_reading(config, kind, device, ranks),
     )
     if ranks.is_main:  # only rank 0 validates and writes
-        val_stream = validation_stream(store, corpus, vocabulary, val_rows, config, kind, device)
+        val_stream = feature_stream(
+            store,
+            corpus,
+            vocabulary,
+            val_rows,
+            config.max_length,
+            validation_reading(config, kind, device),
+        )
         references = reference_words(corpus, val_rows)
         val_cider = CiderD(references)  # (coco-caption's CIDEr-D of the val split)
         out.mkdir(parents=True, exist_ok=True)
