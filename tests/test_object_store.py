@@ -24,9 +24,9 @@ from factories import make_store
 from test_extract import (
     ARRAYS,
     ENCODER,
-    REPO,
     SLOW_EXTRACT,
     cli_options,
+    extract_with_two_ranks,
     make_dataset,
     read_arrays,
     subprocess_env,
@@ -111,19 +111,7 @@ def test_extraction_killed_by_sigkill_resumes_to_equal_a_local_run(
 )
 def test_two_torchrun_ranks_write_one_s3_store(dataset, reference, s3_bucket):
     location = RemoteStore(f"{s3_bucket}/s.zarr")
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "torchrun"),
-            "--standalone",
-            "--nproc_per_node=2",
-            str(REPO / "extract_features.py"),
-            *cli_options(config_for(dataset, location)),
-        ],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = extract_with_two_ranks(config_for(dataset, location))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("14 images (11 done, 3 failed)") == 1
     assert_same_as(location, reference)
