@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/scst.py
 	$(BIN)/python bench/finite_check.py
 	$(BIN)/python bench/random_features.py
+	$(BIN)/python bench/s3.py  # a local S3 server (moto) against a local store
 	$(BIN)/python bench/faults.py  # the real full and read-only disks need root
 
 bench-gpu: $(STAMP)  # on a CUDA machine; writes bench/gpu-results.txt

@@ -16,16 +16,20 @@ Safety rules: a writer owns whole shards (zarr rewrites a shard as a whole, so t
 one shard would lose data); a shard's `status` chunk is written only after its features, so a
 killed run leaves every shard either fully done or pending; zarr writes each chunk file to a
 temporary name and renames it, so no file is ever half-written. Rows that are not done hold NaN,
-never zeros that could pass for features.
+never zeros that could pass for features. A store may also live in object storage (a
+RemoteStore, ``s3://bucket/name.zarr``), where atomic PUTs in a fixed order take the place of
+the renames: captioner.object_store says how.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import shutil
+import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -49,6 +53,7 @@ from captioner.corpus import (
 from captioner.encoder import EncoderConfig
 from captioner.errors import CaptionerError
 from captioner.files import named_after
+from captioner.object_store import RemoteStore, remote_errors
 from captioner.readers import read_corpus
 
 SCHEMA_VERSION = 1
@@ -59,6 +64,8 @@ DTYPES = ("float16", "float32")
 # Chosen by measurement (bench/extract.py, bench/RESULTS.md "extract" section).
 DEFAULT_IMAGES_PER_SHARD = 64
 DEFAULT_COMPRESSION = "zstd"
+# Where a store lives: a folder on a disk, or a prefix in object storage.
+StoreLocation = Path | RemoteStore
 COMPRESSIONS = ("none", "zstd", "blosc-lz4")
 
 
@@ -121,8 +128,8 @@ def store_fingerprint(settings: StoreSettings, image_ids: list[str]) -> str:
 class FeatureStore:
     """Read access to a feature store (see the module docstring for the schema)."""
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path = Path(path)
+    def __init__(self, path: StoreLocation, group: zarr.Group):
+        self.path = _location(path)
         self._group = group
         self.attrs: dict = dict(group.attrs)
         self.settings = StoreSettings.from_dict(self.attrs["settings"])
@@ -135,12 +142,12 @@ class FeatureStore:
         self.fingerprint: str = self.attrs["fingerprint"]
 
     @classmethod
-    def open(cls, path: Path) -> FeatureStore:
+    def open(cls, path: StoreLocation) -> FeatureStore:
         """Open read-only; CaptionerError, in our words, if `path` is not a complete store."""
-        path = Path(path)
+        path = _location(path)
         _check_store_metadata(path)
         try:
-            return cls(path, zarr.open_group(str(path), mode="r"))
+            return cls(path, open_group(path, mode="r"))
         except (OSError, KeyError, ValueError, TypeError) as error:
             missing = f"no {error.args[0]!r}" if isinstance(error, KeyError) else "unreadable"
             raise CaptionerError(
@@ -208,11 +215,13 @@ class FeatureStore:
         """All rows of one shard of the array `name` ("spatial" or "pooled"), as stored; raises
         what the codecs raise for a damaged chunk (ValueError, RuntimeError)."""
         start = shard * self.images_per_shard
-        return np.asarray(self._group[name][start : start + self.images_per_shard])
+        with _faults_named(self.path):
+            return np.asarray(self._group[name][start : start + self.images_per_shard])
 
     def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
         try:
-            return read_array_rows(self._group[name], rows)
+            with _faults_named(self.path):
+                return read_array_rows(self._group[name], rows)
         except CHUNK_ERRORS as error:
             failure = error
         for shard in np.unique(np.asarray(rows) // self.images_per_shard).tolist():
@@ -264,6 +273,8 @@ class FeatureStore:
         return [(str(ids[row]), str(reason)) for row, reason in zip(rows, reasons, strict=True)]
 
     def size_on_disk(self) -> int:
+        if isinstance(self.path, RemoteStore):
+            return self.path.size()
         return directory_size(self.path)
 
     def describe(self, max_failures: int = 20) -> str:
@@ -304,9 +315,9 @@ class FeatureStore:
 class StoreWriter:
     """Writes features shard by shard into a store made by `create_store`."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        group = zarr.open_group(str(self.path), mode="r+")
+    def __init__(self, path: StoreLocation):
+        self.path = _location(path)
+        group = open_group(self.path, mode="r+")
         self.settings = StoreSettings.from_dict(group.attrs["settings"])
         self._spatial = group["spatial"]
         self._pooled = group["pooled"]
@@ -348,7 +359,7 @@ class StoreWriter:
             reasons[offset] = reason
             status[offset] = STATUS_FAILED
         where = self._slice(shard)
-        with named_after(self.path, self.path):  # a full disk's error names the store
+        with _faults_named(self.path):  # a full disk's or the network's error names the store
             self._spatial[where] = spatial
             self._pooled[where] = pooled
             self._failure[where] = reasons.astype(str)
@@ -360,7 +371,7 @@ class StoreWriter:
 
 
 def create_store(
-    path: Path,
+    path: StoreLocation,
     corpus: Corpus,
     settings: StoreSettings,
     provenance: Mapping | None = None,
@@ -368,14 +379,18 @@ def create_store(
 ) -> StoreWriter:
     """Create an empty store (every row pending) holding `corpus`, and return its writer.
 
-    The store is built under a temporary name and renamed into place, so a crash never leaves a
-    half-made store at `path`. An existing `path` is replaced only with `overwrite`.
+    The store is built under a temporary name and renamed into place (in object storage:
+    uploaded with its marker last), so a crash never leaves a half-made store at `path`. An
+    existing `path` is replaced only with `overwrite`.
     """
-    path = Path(path)
+    path = _location(path)
     if not corpus.images:
         raise CaptionerError(f"{path}: the corpus has no images to store")
     if path.exists() and not overwrite:
         raise CaptionerError(f"{path}: already exists (pass --overwrite to replace it)")
+    if isinstance(path, RemoteStore):
+        _create_remote_store(path, corpus, settings, dict(provenance or {}), overwrite)
+        return StoreWriter(path)
     building = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -391,6 +406,47 @@ def create_store(
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return StoreWriter(path)
+
+
+def _create_remote_store(
+    location: RemoteStore,
+    corpus: Corpus,
+    settings: StoreSettings,
+    provenance: dict,
+    overwrite: bool,
+) -> None:
+    """Build the empty store on the local disk, then upload it marker last: a prefix left by a
+    making that stopped is made again, anything else there is refused unless `overwrite`."""
+    location.require_bucket()
+    if not overwrite and not location.leftovers_are_a_store():
+        raise CaptionerError(
+            f"{location}: holds objects that are not a feature store (no zarr.json there);"
+            " choose another --out, or pass --overwrite to delete them"
+        )
+    with tempfile.TemporaryDirectory(prefix="captioner-store-") as folder:
+        building = Path(folder) / location.name
+        _write_empty_store(building, corpus, settings, provenance)
+        location.replace_with(building)
+
+
+def open_group(location: StoreLocation, mode: str) -> zarr.Group:
+    """The store's Zarr group, on a disk or in object storage."""
+    if isinstance(location, RemoteStore):
+        with remote_errors(location):
+            return zarr.open_group(store=location.zarr_store(read_only=mode == "r"), mode=mode)
+    return zarr.open_group(str(location), mode=mode)
+
+
+def _location(path: StoreLocation | str) -> StoreLocation:
+    return path if isinstance(path, RemoteStore) else Path(path)
+
+
+def _faults_named(location: StoreLocation) -> contextlib.AbstractContextManager:
+    """Errors of the block in one line naming the store: a disk's OSErrors, or object
+    storage's denied access, missing bucket and unreachable endpoint."""
+    if isinstance(location, RemoteStore):
+        return remote_errors(location)
+    return named_after(location, location)
 
 
 def _write_empty_store(
@@ -543,18 +599,29 @@ def describe_failures(failures: list[tuple[str, str]], shown: int) -> list[str]:
     return lines
 
 
-def _check_store_metadata(path: Path) -> None:
+def _check_store_metadata(path: StoreLocation) -> None:
     """CaptionerError unless `path` holds a Zarr group that says it is a store of our schema."""
-    if not path.exists():
-        raise CaptionerError(f"{path}: no such feature store")
-    if not path.is_dir():
-        raise CaptionerError(f"{path}: is a file, not a feature store (a folder, STORE.zarr)")
     made_by = "`captioner extract` makes feature stores"
+    if isinstance(path, RemoteStore):
+        text = path.read_marker()
+        if text is None:
+            raise CaptionerError(f"{path}: no such feature store (no zarr.json); {made_by}")
+    else:
+        if not path.exists():
+            raise CaptionerError(f"{path}: no such feature store")
+        if not path.is_dir():
+            raise CaptionerError(f"{path}: is a file, not a feature store (a folder, STORE.zarr)")
+        try:
+            text = (path / "zarr.json").read_bytes()
+        except FileNotFoundError:
+            raise CaptionerError(f"{path}: not a feature store (no zarr.json); {made_by}") from None
+        except OSError:
+            raise CaptionerError(
+                f"{path}: a damaged feature store (zarr.json does not read)"
+            ) from None
     try:
-        metadata = json.loads((path / "zarr.json").read_text("utf-8"))
-    except FileNotFoundError:
-        raise CaptionerError(f"{path}: not a feature store (no zarr.json); {made_by}") from None
-    except (OSError, ValueError):
+        metadata = json.loads(text.decode("utf-8"))
+    except ValueError:
         raise CaptionerError(f"{path}: a damaged feature store (zarr.json does not read)") from None
     if not isinstance(metadata, dict) or metadata.get("node_type") != "group":
         raise CaptionerError(f"{path}: a Zarr array, not a feature store; {made_by}")
@@ -569,8 +636,11 @@ def _check_store_metadata(path: Path) -> None:
         )
 
 
-def remove_partial_files(path: Path) -> None:
-    """Delete the temporary files of a killed writer (zarr writes ``*.partial``, then renames)."""
+def remove_partial_files(path: StoreLocation) -> None:
+    """Delete the temporary files of a killed writer (zarr writes ``*.partial``, then renames);
+    object storage has none (a PUT is whole or nothing)."""
+    if isinstance(path, RemoteStore):
+        return
     for leftover in Path(path).rglob("*.partial"):
         leftover.unlink(missing_ok=True)
 

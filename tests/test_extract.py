@@ -254,6 +254,23 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
+def extract_with_two_ranks(config: ExtractConfig) -> subprocess.CompletedProcess:
+    """extract_features.py run by torchrun with two processes."""
+    return subprocess.run(
+        [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "extract_features.py"),
+            *cli_options(config),
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_resume_after_sigkill_equals_an_uninterrupted_run(dataset, reference, tmp_path, one_thread):
     config = config_for(dataset, out=str(tmp_path / "s.zarr"))
     run = subprocess.Popen(
@@ -347,20 +364,7 @@ def test_repair_re_extracts_only_the_damaged_shards(dataset, reference, tmp_path
 )
 def test_torchrun_with_two_processes_equals_one(dataset, reference, tmp_path):
     config = config_for(dataset, out=str(tmp_path / "s.zarr"))
-    torchrun = Path(sys.executable).parent / "torchrun"
-    result = subprocess.run(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc_per_node=2",
-            str(REPO / "extract_features.py"),
-            *cli_options(config),
-        ],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = extract_with_two_ranks(config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("14 images (11 done, 3 failed)") == 1  # rank 0 reports, once
     assert_same_arrays(config.out, reference)

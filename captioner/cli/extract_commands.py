@@ -8,12 +8,18 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from captioner.cli.options import PATH, field_option, path_option
+from captioner.cli.options import (
+    field_option,
+    path_option,
+    storage_options_option,
+    store_option,
+)
 from captioner.devices import DEVICES
 from captioner.encoder import ENCODER_NAMES, EncoderConfig, RandomWeightsWarning
 from captioner.errors import CaptionerError
 from captioner.extraction.extract import ExtractConfig, extract_features
 from captioner.extraction.integrity import damaged_shards, has_checksums
+from captioner.object_store import store_location
 from captioner.readers import FORMATS
 from captioner.store import (
     COMPRESSIONS,
@@ -35,7 +41,8 @@ def _option(name: str, kind: click.ParamType | type, help: str):
     help="Caption file (repeat for datasets split over several files).",
 )
 @path_option("--images", required=True, help="Image folder.")
-@path_option("--out", required=True, help="Store (STORE.zarr).")
+@store_option("--out", required=True, help="Store: a folder STORE.zarr, or s3://BUCKET/STORE.zarr.")
+@storage_options_option
 @click.option("--format", type=click.Choice(FORMATS), help="Skip format detection.")
 @path_option(
     "--splits",
@@ -101,6 +108,7 @@ def extract(
             raise CaptionerError(f"--gpu contradicts --device {device}")
         device = "cuda"
     encoder_config = EncoderConfig(encoder, weights, image_size)
+    options["out"] = store_location(options["out"], options.pop("storage_options"))
     config = ExtractConfig(list(captions), encoder=encoder_config, device=device, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("always", RandomWeightsWarning)
@@ -115,22 +123,26 @@ def features() -> None:
 
 
 @features.command("info")
-@click.argument("store", type=PATH)
+@click.argument("store")
+@storage_options_option
 @click.option("--failures", default=20, show_default=True, help="How many failed images to list.")
-def info(store: Path, failures: int) -> None:
-    """Summarize STORE: shape, dtype, counts by status and split, size on disk, provenance."""
-    click.echo(FeatureStore.open(store).describe(max_failures=failures))
+def info(store: str, storage_options: str | None, failures: int) -> None:
+    """Summarize STORE (a folder or s3://...): shape, dtype, counts by status and split, size,
+    provenance."""
+    opened = FeatureStore.open(store_location(store, storage_options))
+    click.echo(opened.describe(max_failures=failures))
 
 
 @features.command("verify")
-@click.argument("store", type=PATH)
-def verify(store: Path) -> None:
+@click.argument("store")
+@storage_options_option
+def verify(store: str, storage_options: str | None) -> None:
     """Read every chunk of STORE: one line per damaged shard, or per shard whose finished rows
     hold NaN or inf (naming those rows), then an error and exit status 1; or a summary.
 
     Repair what it finds with the extraction command that made the store plus --repair.
     """
-    opened = FeatureStore.open(store)
+    opened = FeatureStore.open(store_location(store, storage_options))
     shards = -(-opened.num_images // opened.images_per_shard)
     found = 0
     for shard in damaged_shards(opened, progress=True):

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import click
 
-from captioner.cli.options import apply_options, field_option, path_option
+from captioner.cli.options import (
+    apply_options,
+    cache_option,
+    field_option,
+    path_option,
+    storage_options_option,
+    store_option,
+)
 from captioner.devices import DEVICES
 from captioner.inference.caption import OUTPUT_FORMATS, CaptionConfig, caption_images
 from captioner.inference.evaluate import EvaluateConfig, evaluate
@@ -16,6 +23,7 @@ from captioner.inference.report import REPORT_NAME
 from captioner.inference.score import ScoreConfig, score_predictions
 from captioner.metrics import IMPLEMENTATIONS
 from captioner.models.decode import STRATEGIES, DecodingConfig
+from captioner.object_store import store_location
 from captioner.readers import FORMATS as CAPTION_FORMATS
 
 
@@ -72,7 +80,9 @@ _metrics_option = click.option(
 
 @click.command("evaluate")
 @path_option("--checkpoint", required=True)
-@path_option("--features", required=True, help="STORE.zarr")
+@store_option("--features", required=True, help="STORE.zarr, or s3://BUCKET/STORE.zarr")
+@storage_options_option
+@cache_option
 @field_option(EvaluateConfig, "split", str, "The split to caption and score.")
 @path_option("--out", required=True, help="Results folder.")
 @decoding_options
@@ -98,6 +108,9 @@ _metrics_option = click.option(
 def evaluate_command(**options) -> None:
     """Caption a split of a feature store and report BLEU-1..4, METEOR, ROUGE-L, CIDEr-D."""
     decoding = _decoding(options)
+    options["features"] = store_location(
+        options["features"], options.pop("storage_options"), options.pop("cache")
+    )
     result = evaluate(EvaluateConfig(decoding=decoding, **options), progress=True)
     click.echo(result.report.format_table())
     for note in result.notes:

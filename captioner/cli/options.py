@@ -11,6 +11,28 @@ import click
 PATH = click.Path(path_type=Path)  # a file or folder given on the command line, as a Path
 
 
+def store_option(*names: str, **settings) -> Callable:
+    """An option naming a feature store: a folder, or a URL in object storage (s3://...), kept
+    as text for `store_location`."""
+    return click.option(*names, type=str, **settings)
+
+
+storage_options_option = click.option(
+    "--storage-options",
+    metavar="JSON",
+    help="For a store in object storage: fsspec options as a JSON object, e.g."
+    ' \'{"endpoint_url": "http://minio:9000", "profile": "lab"}\'. Credentials and endpoints'
+    " otherwise come from the usual places (AWS_* variables, ~/.aws).",
+)
+cache_option = click.option(
+    "--cache",
+    type=PATH,
+    metavar="DIR",
+    help="For a store in object storage: keep every feature shard fetched in DIR (checked"
+    " against its checksum), so later epochs and runs read it from the local disk.",
+)
+
+
 def path_option(*names: str, **settings) -> Callable:
     """An option that takes a file or folder (`click.option` with type PATH)."""
     return click.option(*names, type=PATH, **settings)

@@ -6,9 +6,17 @@ from collections.abc import Callable
 
 import click
 
-from captioner.cli.options import apply_options, field_option, path_option
+from captioner.cli.options import (
+    apply_options,
+    cache_option,
+    field_option,
+    path_option,
+    storage_options_option,
+    store_option,
+)
 from captioner.devices import DEVICES
 from captioner.models import DECODERS
+from captioner.object_store import store_location
 from captioner.training import TrainConfig, train
 from captioner.training.config import (
     METRIC_NAMES,
@@ -65,11 +73,14 @@ def _size_options(command: Callable) -> Callable:
 
 
 @click.command("train")
-@path_option(
+@store_option(
     "--features",
     required=True,
-    help="Feature store (.zarr) made by `captioner extract`; all that training needs.",
+    help="Feature store (.zarr, or s3://BUCKET/STORE.zarr) made by `captioner extract`; all"
+    " that training needs.",
 )
+@storage_options_option
+@cache_option
 @path_option(
     "--out",
     required=True,
@@ -181,6 +192,9 @@ def _size_options(command: Callable) -> Callable:
 )
 def train_command(**options) -> None:
     """Train a caption decoder from a feature store (launch with torchrun for several processes)."""
+    options["features"] = store_location(
+        options["features"], options.pop("storage_options"), options.pop("cache")
+    )
     result = train(TrainConfig(**options), progress=True)
     if result.rank != 0 or result.preempted or not result.history:
         return  # (a preempted run has said how to resume)

@@ -33,6 +33,7 @@ from captioner.errors import CaptionerError
 from captioner.extraction.integrity import damaged_shards
 from captioner.files import require_writable_folder
 from captioner.images import ImageDataset, collate_images
+from captioner.object_store import RemoteStore
 from captioner.option_checks import at_least, check_options, optional
 from captioner.preemption import StopRequest
 from captioner.readers import read_corpus
@@ -43,6 +44,7 @@ from captioner.store import (
     STATUS_FAILED,
     STATUS_PENDING,
     FeatureStore,
+    StoreLocation,
     StoreSettings,
     StoreWriter,
     corpus_digest,
@@ -58,7 +60,7 @@ from captioner.store import (
 class ExtractConfig:
     captions: Sequence[Path]
     images: Path
-    out: Path
+    out: StoreLocation  # a folder, or a RemoteStore in object storage
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     format: str | None = None
     splits_dir: Path | None = None
@@ -76,7 +78,7 @@ class ExtractConfig:
 
 @dataclass
 class ExtractSummary:
-    path: Path
+    path: StoreLocation
     images: int  # rows in the store
     done: int
     failed: int
@@ -133,7 +135,9 @@ def _extract(
     progress: bool,
     started: float,
 ) -> ExtractSummary:
-    if ranks.is_main:
+    if ranks.is_main and isinstance(config.out, RemoteStore):
+        config.out.require_bucket()
+    elif ranks.is_main:
         require_writable_folder(config.out)
     corpus = _read_images_corpus(config)
     encoder = build_encoder(config.encoder).to_device(device)
@@ -215,7 +219,7 @@ def _read_images_corpus(config: ExtractConfig) -> Corpus:
 def _prepare_store(config: ExtractConfig, corpus: Corpus, settings: StoreSettings) -> str | None:
     """Create the store, or check that the existing one was made by this very command.
     Returns the reason for refusing, or None (a value every rank can receive)."""
-    out = Path(config.out)
+    out = config.out
     try:
         if config.overwrite or not out.exists():
             provenance = {"images_root": str(Path(config.images).resolve())}

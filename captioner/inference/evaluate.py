@@ -37,7 +37,13 @@ from captioner.metrics import COCO, MetricsReport, check_java, score_captions
 from captioner.models import load_native_attention
 from captioner.models.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.option_checks import at_least, check_options
-from captioner.store import FeatureStore, corpus_digest, split_rows, training_corpus
+from captioner.store import (
+    FeatureStore,
+    StoreLocation,
+    corpus_digest,
+    split_rows,
+    training_corpus,
+)
 from captioner.text import SPECIAL_TOKENS
 
 # A checkpoint trained on another store is accepted when at least this share of its words occur
@@ -50,7 +56,7 @@ REFERENCE_SEPARATOR = " | "
 @dataclass
 class EvaluateConfig:
     checkpoint: Path
-    features: Path
+    features: StoreLocation  # a folder, or a RemoteStore in object storage
     out: Path
     split: str = "test"
     decoding: DecodingConfig = field(default_factory=DecodingConfig)

@@ -11,6 +11,7 @@ from captioner.devices import DEVICES
 from captioner.errors import CaptionerError
 from captioner.models import DECODERS, DecoderConfig
 from captioner.option_checks import above, at_least, check_options, fraction, one_of, optional
+from captioner.store import StoreLocation
 
 OBJECTIVES = ("xe", "scst")
 PRELOAD = ("none", "ram", "gpu")
@@ -56,7 +57,7 @@ METRIC_NAMES = {"val_bleu4": "BLEU-4", "val_cider": "CIDEr-D"}
 
 @dataclass
 class TrainConfig:
-    features: Path  # the feature store (.zarr)
+    features: StoreLocation  # the feature store (.zarr folder, or a RemoteStore)
     out: Path  # run directory, e.g. runs/NAME
     model: str = "show-attend-tell"  # "show-tell" | "show-attend-tell" | "transformer"
     # "xe": cross entropy on the reference captions; "scst": self-critical sequence training,

@@ -24,6 +24,7 @@ from captioner.checkpoint import (
     save_checkpoint,
 )
 from captioner.errors import CaptionerError
+from captioner.object_store import RemoteStore
 from captioner.store import FeatureStore
 from captioner.training.config import MODEL_DEFAULTS, TrainConfig, size_options
 from captioner.training.divergence import TrainingDiverged
@@ -240,9 +241,10 @@ def initial_checkpoint(
 
 
 def _options(config: TrainConfig) -> dict:
-    """The config as plain values (paths as text), as checkpoints store it."""
+    """The config as plain values (paths and URLs as text: never a store's storage options,
+    which may hold secrets), as checkpoints store it."""
     return {
-        name: str(value) if isinstance(value, Path) else value
+        name: str(value) if isinstance(value, Path | RemoteStore) else value
         for name, value in asdict(config).items()
     }
 
