@@ -8,14 +8,7 @@ from pathlib import Path
 
 import click
 
-from captioner.cli.options import (
-    apply_options,
-    cache_option,
-    field_option,
-    path_option,
-    storage_options_option,
-    store_option,
-)
+from captioner.cli.options import apply_options, features_options, field_option, path_option
 from captioner.devices import DEVICES
 from captioner.inference.caption import OUTPUT_FORMATS, CaptionConfig, caption_images
 from captioner.inference.evaluate import EvaluateConfig, evaluate
@@ -80,9 +73,7 @@ _metrics_option = click.option(
 
 @click.command("evaluate")
 @path_option("--checkpoint", required=True)
-@store_option("--features", required=True, help="STORE.zarr, or s3://BUCKET/STORE.zarr")
-@storage_options_option
-@cache_option
+@features_options("STORE.zarr, or s3://BUCKET/STORE.zarr")
 @field_option(EvaluateConfig, "split", str, "The split to caption and score.")
 @path_option("--out", required=True, help="Results folder.")
 @decoding_options

@@ -33,6 +33,17 @@ cache_option = click.option(
 )
 
 
+def features_options(help: str) -> Callable:
+    """--features (the store a command reads), with --storage-options and --cache for a store
+    in object storage."""
+
+    def decorate(command: Callable) -> Callable:
+        required = store_option("--features", required=True, help=help)
+        return apply_options(command, [required, storage_options_option, cache_option])
+
+    return decorate
+
+
 def path_option(*names: str, **settings) -> Callable:
     """An option that takes a file or folder (`click.option` with type PATH)."""
     return click.option(*names, type=PATH, **settings)

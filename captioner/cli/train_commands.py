@@ -6,14 +6,7 @@ from collections.abc import Callable
 
 import click
 
-from captioner.cli.options import (
-    apply_options,
-    cache_option,
-    field_option,
-    path_option,
-    storage_options_option,
-    store_option,
-)
+from captioner.cli.options import apply_options, features_options, field_option, path_option
 from captioner.devices import DEVICES
 from captioner.models import DECODERS
 from captioner.object_store import store_location
@@ -73,14 +66,10 @@ def _size_options(command: Callable) -> Callable:
 
 
 @click.command("train")
-@store_option(
-    "--features",
-    required=True,
-    help="Feature store (.zarr, or s3://BUCKET/STORE.zarr) made by `captioner extract`; all"
-    " that training needs.",
+@features_options(
+    "Feature store (.zarr, or s3://BUCKET/STORE.zarr) made by `captioner extract`; all that"
+    " training needs."
 )
-@storage_options_option
-@cache_option
 @path_option(
     "--out",
     required=True,
