@@ -19,7 +19,6 @@ _DEFAULT_ENCODER = DemoConfig().encoder
 @path_option(
     "--out",
     default=Path("data/shapes"),
-    show_default=True,
     help="Dataset folder (caption file + images/).",
 )
 @click.option("--images", type=click.IntRange(min=1), default=2000, show_default=True)
@@ -62,7 +61,6 @@ def synth(
 @path_option(
     "--root",
     default=Path("."),
-    show_default=True,
     help="Folder under which data/, features/, runs/ and results/ are written.",
 )
 @field_option(

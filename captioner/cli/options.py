@@ -45,7 +45,9 @@ def features_options(help: str) -> Callable:
 
 
 def path_option(*names: str, **settings) -> Callable:
-    """An option that takes a file or folder (`click.option` with type PATH)."""
+    """An option that takes a file or folder (`click.option` with type PATH); `--help` shows its
+    default, if it has one."""
+    settings.setdefault("show_default", "default" in settings)
     return click.option(*names, type=PATH, **settings)
 
 
