@@ -326,13 +326,20 @@ class ResilientStore(WrapperStore):
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
     async def _retrying(self, read, *arguments):
+        """`read(*arguments)`, tried again after a transient error with a doubling pause; after
+        the last try, one line (CaptionerError) naming the URL and the cause, which stops a
+        training run with its last.pt as it was."""
         pause = _FIRST_PAUSE
         for attempt in range(TRANSIENT_ATTEMPTS):
             try:
                 return await read(*arguments)
-            except transient_errors():
+            except transient_errors() as error:
                 if attempt == TRANSIENT_ATTEMPTS - 1:
-                    raise
+                    raise CaptionerError(
+                        f"{self._location.url}: cannot reach {self._location.endpoint()} after"
+                        f" {TRANSIENT_ATTEMPTS} tries ({_cause(error)}); check the network and"
+                        " the endpoint, then run the command again"
+                    ) from None
                 await asyncio.sleep(pause)
                 pause *= 2
 

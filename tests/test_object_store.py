@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from test_extract import (
 )
 
 from captioner.cli import main
+from captioner.errors import CaptionerError
 from captioner.extraction.extract import ExtractConfig, extract_features
 from captioner.object_store import RemoteStore, store_location
 from captioner.store import FeatureStore, open_group
@@ -192,6 +194,45 @@ def test_preload_reads_the_same_maps_from_s3_as_from_a_disk(s3_bucket, tmp_path)
     from_disk, from_s3 = streams
     assert np.array_equal(from_disk.rows, from_s3.rows)
     assert torch.equal(from_disk.features, from_s3.features)
+
+
+def test_reads_retry_a_lost_connection_and_then_stop_in_one_line(s3_bucket, tmp_path, monkeypatch):
+    """Through a second server on the same (in-process) buckets, which the test stops: a read
+    that meets the outage retries until the server is back, and one that outlasts every try
+    ends in one line naming the URL."""
+    from moto.server import ThreadedMotoServer
+
+    import captioner.object_store
+
+    local = make_store(tmp_path / "store.zarr", images=8, seed=3)
+    url = upload(local, f"{s3_bucket}/store.zarr").url
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    port = server.get_host_and_port()[1]
+    # (botocore's own retries off, so that the tries counted are these)
+    endpoint = {
+        "endpoint_url": f"http://127.0.0.1:{port}",
+        "config_kwargs": {"retries": {"max_attempts": 1}},
+    }
+    store = FeatureStore.open(RemoteStore(url, endpoint))
+    rows = np.arange(8)
+    expected = FeatureStore.open(local).read("spatial", rows)
+    monkeypatch.setattr(captioner.object_store, "_FIRST_PAUSE", 0.2)  # tries 0.2, 0.4, 0.8 s apart
+    server.stop()
+    back = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    restart = threading.Timer(0.3, back.start)
+    restart.start()
+    started = time.monotonic()
+    try:
+        np.testing.assert_array_equal(store.read("spatial", rows), expected)
+        assert time.monotonic() - started >= 0.2  # a pause at least: the first try met the outage
+    finally:
+        restart.join()
+        back.stop()
+    with pytest.raises(CaptionerError) as stopped:
+        store.read("spatial", rows)
+    assert str(stopped.value).startswith(f"{url}: cannot reach http://127.0.0.1:{port}")
+    assert "after 4 tries" in str(stopped.value)
 
 
 def one_line_error(*arguments: str) -> str:
