@@ -44,6 +44,7 @@ from captioner.inference.evaluate import EvaluateConfig, evaluate
 from captioner.inference.report import REPORT_NAME
 from captioner.metrics import METRICS, score_captions
 from captioner.models.decode import DecodingConfig
+from captioner.progress import ShowProgress
 from captioner.store import FeatureStore
 from captioner.synthetic import (
     read_scenes,
@@ -178,7 +179,7 @@ class DemoResult:
 
 
 def run_demo(
-    config: DemoConfig, say: Callable[[str], None] = lambda _: None, progress: bool = False
+    config: DemoConfig, say: Callable[[str], None] = lambda _: None, progress: ShowProgress = False
 ) -> DemoResult:
     """Run (or finish) the demo; `say` receives a line at each phase, `progress` shows bars."""
     seconds: dict[str, float] = {}
@@ -351,7 +352,7 @@ def _scst_config(config: DemoConfig, model: str) -> TrainConfig:
     )
 
 
-def _evaluated(config: DemoConfig, model: str, progress: bool) -> dict:
+def _evaluated(config: DemoConfig, model: str, progress: ShowProgress) -> dict:
     """metrics.json of the model's test evaluation, evaluating only if it or its report.html is
     missing, or it is older than the checkpoint."""
     checkpoint = config.run(model) / "best.pt"

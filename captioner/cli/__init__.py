@@ -10,12 +10,10 @@ finished is lost). Warnings are one line as well, `warning: ...`, shown the way 
 
 import contextlib
 import errno
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 
 import click
-from tqdm import tqdm
 
 from captioner import __version__
 from captioner.cli.corpus_commands import inspect
@@ -25,6 +23,7 @@ from captioner.cli.inference_commands import caption_command, evaluate_command, 
 from captioner.cli.runs_commands import runs_command
 from captioner.cli.train_commands import train_command
 from captioner.errors import CaptionerError
+from captioner.progress import write
 
 # OSErrors whose cause is outside the program: said in one line, never as a traceback.
 _MACHINE_FAULTS = {
@@ -67,7 +66,7 @@ def _plain_warnings() -> Iterator[None]:
         text = " ".join(str(message).split())
         if text not in shown:
             shown.add(text)
-            tqdm.write(f"warning: {text}", file=sys.stderr)
+            write(f"warning: {text}")
 
     with warnings.catch_warnings():
         warnings.showwarning = show

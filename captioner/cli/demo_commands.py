@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
-from captioner.cli.options import field_option, path_option
+from captioner.cli.options import field_option, path_option, progress_option
 from captioner.demo import DemoConfig, format_artifacts, format_comparison, run_demo
 from captioner.devices import DEVICES
 from captioner.encoder import ENCODER_NAMES, EncoderConfig
+from captioner.progress import Progress
 from captioner.synthetic import split_of, write_synthetic_dataset, write_unlabelled_images
 
 _DEFAULT_ENCODER = DemoConfig().encoder
@@ -31,6 +32,7 @@ _DEFAULT_ENCODER = DemoConfig().encoder
     help="Write only fresh images (scene_NNNNN.jpg) to caption, no caption file.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a dataset made with other parameters.")
+@progress_option
 def synth(
     out: Path,
     images: int,
@@ -39,6 +41,7 @@ def synth(
     captions_per_image: int,
     unlabelled: bool,
     overwrite: bool,
+    progress: Progress,
 ) -> None:
     """Render a captioning dataset of shapes, in the Karpathy split JSON format.
 
@@ -46,11 +49,11 @@ def synth(
     they lie ("two green triangles above a yellow star"). The same seed gives the same images.
     """
     if unlabelled:
-        paths = write_unlabelled_images(out, images, seed, image_size, progress=True)
+        paths = write_unlabelled_images(out, images, seed, image_size, progress)
         click.echo(f"{len(paths)} unlabelled images in {out}")
         return
     caption_file = write_synthetic_dataset(
-        out, images, seed, image_size, captions_per_image, overwrite=overwrite, progress=True
+        out, images, seed, image_size, captions_per_image, overwrite=overwrite, progress=progress
     )
     splits = Counter(split_of(index) for index in range(images))
     counts = ", ".join(f"{splits[name]} {name}" for name in ("train", "val", "test"))
@@ -103,7 +106,8 @@ def synth(
     help="Encoder input size (the tiny CNN's grid is size / 32).",
 )
 @field_option(DemoConfig, "device", click.Choice(DEVICES), "Where the CNN and decoders run.")
-def demo(encoder_name: str, weights: str, image_size: int, **options) -> None:
+@progress_option
+def demo(encoder_name: str, weights: str, image_size: int, progress: Progress, **options) -> None:
     """Everything end to end on rendered shapes, offline: dataset, features, the three decoders
     trained (and the best one fine-tuned on CIDEr-D) and evaluated side by side, a folder
     captioned to CSV, attention maps, curves.
@@ -111,7 +115,7 @@ def demo(encoder_name: str, weights: str, image_size: int, **options) -> None:
     A re-run reuses every finished phase.
     """
     config = DemoConfig(encoder=EncoderConfig(encoder_name, weights, image_size), **options)
-    result = run_demo(config, say=click.echo, progress=True)
+    result = run_demo(config, say=click.echo, progress=progress)
     click.echo("\nThe decoders on the held-out test images:")
     click.echo(format_comparison(result))
     click.echo(f"\n{result.models[-1]} on fresh images (all rows in the CSV below):")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from captioner.cli.options import (
     field_option,
     path_option,
+    progress_option,
     storage_options_option,
     store_option,
 )
@@ -20,6 +21,7 @@ from captioner.errors import CaptionerError
 from captioner.extraction.extract import ExtractConfig, extract_features
 from captioner.extraction.integrity import damaged_shards, has_checksums
 from captioner.object_store import store_location
+from captioner.progress import Progress, write
 from captioner.readers import FORMATS
 from captioner.store import (
     COMPRESSIONS,
@@ -89,8 +91,10 @@ def _option(name: str, kind: click.ParamType | type, help: str):
     is_flag=True,
     help="Re-extract the shards that `captioner features verify` finds damaged.",
 )
+@progress_option
 def extract(
     captions: tuple[Path, ...],
+    progress: Progress,
     encoder: str,
     weights: str,
     image_size: int,
@@ -112,7 +116,7 @@ def extract(
     config = ExtractConfig(list(captions), encoder=encoder_config, device=device, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("always", RandomWeightsWarning)
-        summary = extract_features(config, progress=True)
+        summary = extract_features(config, progress)
     if summary.is_main_process:
         click.echo(summary.describe())
 
@@ -136,7 +140,8 @@ def info(store: str, storage_options: str | None, failures: int) -> None:
 @features.command("verify")
 @click.argument("store")
 @storage_options_option
-def verify(store: str, storage_options: str | None) -> None:
+@progress_option
+def verify(store: str, storage_options: str | None, progress: Progress) -> None:
     """Read every chunk of STORE: one line per damaged shard, or per shard whose finished rows
     hold NaN or inf (naming those rows), then an error and exit status 1; or a summary.
 
@@ -145,8 +150,8 @@ def verify(store: str, storage_options: str | None) -> None:
     opened = FeatureStore.open(store_location(store, storage_options))
     shards = -(-opened.num_images // opened.images_per_shard)
     found = 0
-    for shard in damaged_shards(opened, progress=True):
-        tqdm.write(shard.describe(opened))
+    for shard in damaged_shards(opened, progress):
+        write(shard.describe(opened), sys.stdout)
         found += 1
     if found:
         raise CaptionerError(

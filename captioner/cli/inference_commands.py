@@ -8,7 +8,13 @@ from pathlib import Path
 
 import click
 
-from captioner.cli.options import apply_options, features_options, field_option, path_option
+from captioner.cli.options import (
+    apply_options,
+    features_options,
+    field_option,
+    path_option,
+    progress_option,
+)
 from captioner.devices import DEVICES
 from captioner.inference.caption import OUTPUT_FORMATS, CaptionConfig, caption_images
 from captioner.inference.evaluate import EvaluateConfig, evaluate
@@ -17,6 +23,7 @@ from captioner.inference.score import ScoreConfig, score_predictions
 from captioner.metrics import IMPLEMENTATIONS
 from captioner.models.decode import STRATEGIES, DecodingConfig
 from captioner.object_store import store_location
+from captioner.progress import Progress
 from captioner.readers import FORMATS as CAPTION_FORMATS
 
 
@@ -96,13 +103,14 @@ _metrics_option = click.option(
     show_default=True,
     help="Attention model on a CPU: the attention scores as a compiled C loop, as in training.",
 )
-def evaluate_command(**options) -> None:
+@progress_option
+def evaluate_command(progress: Progress, **options) -> None:
     """Caption a split of a feature store and report BLEU-1..4, METEOR, ROUGE-L, CIDEr-D."""
     decoding = _decoding(options)
     options["features"] = store_location(
         options["features"], options.pop("storage_options"), options.pop("cache")
     )
-    result = evaluate(EvaluateConfig(decoding=decoding, **options), progress=True)
+    result = evaluate(EvaluateConfig(decoding=decoding, **options), progress)
     click.echo(result.report.format_table())
     for note in result.notes:
         click.echo(f"note: {note}")
@@ -181,7 +189,8 @@ def score_command(
     "--html",
     help="Also write a page (PATH.html, pictures in PATH_files/) of every image and its caption.",
 )
-def caption_command(inputs: tuple[str, ...], format_: str, **options) -> None:
+@progress_option
+def caption_command(inputs: tuple[str, ...], format_: str, progress: Progress, **options) -> None:
     """Caption image files, folders and globs into a CSV (path,caption,log_prob,error).
 
     Re-running with the same --out skips the files it already holds; an --out whose captions
@@ -189,7 +198,7 @@ def caption_command(inputs: tuple[str, ...], format_: str, **options) -> None:
     """
     decoding = _decoding(options)
     config = CaptionConfig(inputs=list(inputs), format=format_, decoding=decoding, **options)
-    summary = caption_images(config, progress=True)
+    summary = caption_images(config, progress)
     rate = f"; {summary.images_per_second:.1f} images/s" if summary.captioned else ""
     same = " (by this checkpoint and decoding)" if summary.skipped else ""
     click.echo(

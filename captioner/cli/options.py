@@ -8,7 +8,10 @@ from pathlib import Path
 
 import click
 
+from captioner.progress import DEFAULT_INTERVAL, Progress
+
 PATH = click.Path(path_type=Path)  # a file or folder given on the command line, as a Path
+PROGRESS_INTERVAL_VARIABLE = "CAPTIONER_PROGRESS_INTERVAL"
 
 
 def store_option(*names: str, **settings) -> Callable:
@@ -69,3 +72,25 @@ def apply_options(command: Callable, options: list[Callable]) -> Callable:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def progress_option(command: Callable) -> Callable:
+    """--progress-interval (default from CAPTIONER_PROGRESS_INTERVAL, else 30 s), handed to the
+    command as `progress`: how the library shows its progress."""
+
+    def to_progress(ctx: click.Context, param: click.Parameter, seconds: float) -> Progress:
+        return Progress(interval=seconds)
+
+    return click.option(
+        "--progress-interval",
+        "progress",
+        type=click.FloatRange(min=0, min_open=True),
+        default=DEFAULT_INTERVAL,
+        envvar=PROGRESS_INTERVAL_VARIABLE,
+        show_default=True,
+        show_envvar=True,
+        metavar="SECONDS",
+        callback=to_progress,
+        help="When stderr is not a terminal (a batch log), show progress as one plain line this"
+        " often and at the end of each phase, instead of progress bars.",
+    )(command)

@@ -6,10 +6,17 @@ from collections.abc import Callable
 
 import click
 
-from captioner.cli.options import apply_options, features_options, field_option, path_option
+from captioner.cli.options import (
+    apply_options,
+    features_options,
+    field_option,
+    path_option,
+    progress_option,
+)
 from captioner.devices import DEVICES
 from captioner.models import DECODERS
 from captioner.object_store import store_location
+from captioner.progress import Progress
 from captioner.training import TrainConfig, train
 from captioner.training.config import (
     METRIC_NAMES,
@@ -179,12 +186,13 @@ def _size_options(command: Callable) -> Callable:
     click.FloatRange(0),
     "Also write last.pt mid-epoch this often (single process).",
 )
-def train_command(**options) -> None:
+@progress_option
+def train_command(progress: Progress, **options) -> None:
     """Train a caption decoder from a feature store (launch with torchrun for several processes)."""
     options["features"] = store_location(
         options["features"], options.pop("storage_options"), options.pop("cache")
     )
-    result = train(TrainConfig(**options), progress=True)
+    result = train(TrainConfig(**options), progress)
     if result.rank != 0 or result.preempted or not result.history:
         return  # (a preempted run has said how to resume)
     final = result.history[-1]

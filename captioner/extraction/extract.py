@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from captioner.corpus import Corpus
 from captioner.devices import default_workers, resolve_device
@@ -36,6 +35,8 @@ from captioner.images import ImageDataset, collate_images
 from captioner.object_store import RemoteStore
 from captioner.option_checks import at_least, check_options, optional
 from captioner.preemption import StopRequest
+from captioner.progress import ShowProgress
+from captioner.progress import bar as progress_bar
 from captioner.readers import read_corpus
 from captioner.store import (
     DEFAULT_COMPRESSION,
@@ -113,7 +114,7 @@ class ExtractSummary:
         return "\n".join(lines)
 
 
-def extract_features(config: ExtractConfig, progress: bool = False) -> ExtractSummary:
+def extract_features(config: ExtractConfig, progress: ShowProgress = False) -> ExtractSummary:
     """Fill `config.out` with the features of every image of the corpus; resume if it exists.
 
     Under ``torchrun`` (WORLD_SIZE > 1) each rank takes its share of the shards. A store made with
@@ -132,7 +133,7 @@ def _extract(
     ranks: Ranks,
     device: torch.device,
     stop: StopRequest,
-    progress: bool,
+    progress: ShowProgress,
     started: float,
 ) -> ExtractSummary:
     if ranks.is_main and isinstance(config.out, RemoteStore):
@@ -168,9 +169,8 @@ def _extract(
     mine = [shard for shard in pending if shard % ranks.world_size == ranks.rank]
     loop_started = time.perf_counter()
     try:
-        processed = _extract_shards(
-            writer, mine, corpus, encoder, device, config, stop, progress and ranks.is_main
-        )
+        shown = progress if ranks.is_main else False
+        processed = _extract_shards(writer, mine, corpus, encoder, device, config, stop, shown)
     except NonFiniteFeatures as found:
         raise CaptionerError(found.describe(config, corpus, encoder, writer)) from None
     loop_seconds = time.perf_counter() - loop_started
@@ -308,7 +308,7 @@ def _extract_shards(
     device: torch.device,
     config: ExtractConfig,
     stop: StopRequest,
-    progress: bool,
+    progress: ShowProgress,
 ) -> int:
     """Compute and write `shards`; returns the number of images processed. A stop request ends it
     after the shard in hand (the shards not written stay pending for the next run)."""
@@ -335,7 +335,7 @@ def _extract_shards(
     processed = 0
     sink = _BackgroundShardWriter(writer, max_batches=4)
     total = sum(len(rows) for _, rows in batches)
-    with tqdm(total=total, unit="img", disable=not progress, desc="extract") as bar:
+    with progress_bar(progress, "extract", total, unit="img") as bar:
         try:
             with torch.inference_mode():
                 loaded = zip(batches, loader, ends_shard, strict=True)

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 from zarr.codecs import Crc32cCodec, ShardingCodec
 
+from captioner.progress import ShowProgress, tracked
 from captioner.store import CHUNK_ERRORS, STATUS_DONE, FeatureStore, non_finite_rows
 
 ARRAYS = ("spatial", "pooled")  # the arrays whose chunks hold features
@@ -58,14 +58,14 @@ def has_checksums(store: FeatureStore) -> bool:
     return True
 
 
-def damaged_shards(store: FeatureStore, progress: bool = False) -> Iterator[DamagedShard]:
+def damaged_shards(store: FeatureStore, progress: ShowProgress = False) -> Iterator[DamagedShard]:
     """Read every shard of the feature arrays, yielding those whose chunks do not read back,
     whose finished rows all read back empty (a chunk file lost, say by an interrupted copy), or
     whose finished rows hold NaN or inf (those rows only)."""
     ids, done = store.image_ids(), store.status() == STATUS_DONE
     shards = range(-(-store.num_images // store.images_per_shard))
     # The bar counts shards (each read in every feature array), as the summaries do.
-    for shard in tqdm(shards, "verifying", unit="shard", leave=False, disable=not progress):
+    for shard in tracked(shards, progress, "verifying", unit="shard", leave=False):
         start = shard * store.images_per_shard
         rows = np.arange(start, min(start + store.images_per_shard, store.num_images))
         for name in ARRAYS:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from captioner.checkpoint import Checkpoint, load_checkpoint, require_finite_weights
 from captioner.devices import default_workers, resolve_device
@@ -40,6 +39,8 @@ from captioner.inference.report import Card, ReportPage, write_report
 from captioner.models.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.option_checks import at_least, check_options, one_of
 from captioner.preemption import StopRequest
+from captioner.progress import ShowProgress
+from captioner.progress import bar as progress_bar
 from captioner.readers.builder import IMAGE_SUFFIXES
 
 # What a folder scan takes for a picture: the suffixes caption files name, and Netpbm's.
@@ -80,7 +81,7 @@ class CaptionSummary:
         return (self.captioned + self.failed) / working if working > 0 else 0.0
 
 
-def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSummary:
+def caption_images(config: CaptionConfig, progress: ShowProgress = False) -> CaptionSummary:
     """Caption every image file the inputs name; see the module docstring."""
     started = time.perf_counter()
     check_options(
@@ -135,7 +136,7 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
         # The encoder runs here while a second thread decodes the previous batch's features.
         with (
             output,
-            tqdm(total=len(todo), unit="img", desc="captioning", disable=not progress) as bar,
+            progress_bar(progress, "captioning", len(todo), unit="img") as bar,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoding,
             StopRequest() as stop,
         ):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from captioner import visualize
 from captioner.checkpoint import Checkpoint, load_checkpoint, require_finite_weights
@@ -37,6 +36,8 @@ from captioner.metrics import COCO, MetricsReport, check_java, score_captions
 from captioner.models import load_native_attention
 from captioner.models.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.option_checks import at_least, check_options
+from captioner.progress import ShowProgress
+from captioner.progress import bar as progress_bar
 from captioner.store import (
     FeatureStore,
     StoreLocation,
@@ -78,7 +79,7 @@ class EvaluationResult:
     notes: list[str]
 
 
-def evaluate(config: EvaluateConfig, progress: bool = False) -> EvaluationResult:
+def evaluate(config: EvaluateConfig, progress: ShowProgress = False) -> EvaluationResult:
     """Decode the split from stored features, score it, write the outputs (see the module doc)."""
     check_options(config, {"batch_size": at_least(1), "visualize": at_least(0)})
     require_writable_folder(config.out)  # before the decoding, not after it
@@ -260,11 +261,11 @@ def decode_rows(
     decoding: DecodingConfig,
     batch_size: int,
     device: torch.device,
-    progress: bool = False,
+    progress: ShowProgress = False,
 ) -> list[GeneratedCaption]:
     """Captions for the store `rows` (ascending), decoded `batch_size` images at a time."""
     captions: list[GeneratedCaption] = []
-    with tqdm(total=len(rows), unit="img", desc="decoding", disable=not progress) as bar:
+    with progress_bar(progress, "decoding", len(rows), unit="img") as bar:
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             features = store.read(decoder.feature_kind, batch)

@@ -25,12 +25,13 @@ from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from captioner import visualize
 from captioner.files import atomic_file
 from captioner.images import ImageError, load_image
 from captioner.metrics import METRICS, MetricsReport
+from captioner.progress import ShowProgress
+from captioner.progress import bar as progress_bar
 
 REPORT_NAME = "report.html"
 THUMBNAIL_SIDE = 192  # pixels, the longer side
@@ -65,7 +66,7 @@ class ReportPage:
     notes: list[str] = field(default_factory=list)
 
 
-def write_report(path: Path, page: ReportPage, progress: bool = False) -> Path:
+def write_report(path: Path, page: ReportPage, progress: ShowProgress = False) -> Path:
     """Write `page` to `path` (an .html file) and its pictures to ``<stem>_files/`` beside it."""
     path = Path(path)
     folder = path.with_name(f"{path.stem}_files")
@@ -76,7 +77,7 @@ def write_report(path: Path, page: ReportPage, progress: bool = False) -> Path:
 
     with (
         ThreadPoolExecutor(THREADS) as pool,
-        tqdm(total=len(page.cards), unit="img", desc="report", disable=not progress) as bar,
+        progress_bar(progress, "report", len(page.cards), unit="img") as bar,
     ):
         entries = []
         for entry in pool.map(card_entry, enumerate(page.cards)):

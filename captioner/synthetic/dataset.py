@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from captioner.errors import CaptionerError
 from captioner.files import atomic_file
+from captioner.progress import ShowProgress, tracked
 from captioner.synthetic.grammar import describe
 from captioner.synthetic.render import render_scene
 from captioner.synthetic.scene import Scene, sample_scene
@@ -47,7 +47,7 @@ def write_synthetic_dataset(
     image_size: int = 96,
     captions_per_image: int = 5,
     overwrite: bool = False,
-    progress: bool = False,
+    progress: ShowProgress = False,
 ) -> Path:
     """Write `out/dataset_shapes.json` and `out/images/`; return the caption file.
 
@@ -77,7 +77,7 @@ def write_synthetic_dataset(
         )
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     records, sentence_id = [], 0
-    for index in tqdm(range(images), desc="synth", unit="img", disable=not progress):
+    for index in tracked(range(images), progress, "synth", unit="img"):
         scene, image, captions = make_scene(seed, index, image_size, captions_per_image)
         filename = f"shapes_{index:06d}.jpg"
         _save_image(image, out / IMAGE_DIR / filename)
@@ -104,7 +104,7 @@ def write_synthetic_dataset(
 
 
 def write_unlabelled_images(
-    out: Path, images: int, seed: int, image_size: int = 96, progress: bool = False
+    out: Path, images: int, seed: int, image_size: int = 96, progress: ShowProgress = False
 ) -> list[Path]:
     """Fresh scenes (not in the dataset made with the same seed) as `out/scene_NNNNN.jpg`."""
     if images < 1 or image_size < 32:
@@ -112,7 +112,7 @@ def write_unlabelled_images(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index in tqdm(range(images), desc="synth", unit="img", disable=not progress):
+    for index in tracked(range(images), progress, "synth", unit="img"):
         _, image, _ = make_scene(seed, index, image_size, stream=_UNLABELLED_STREAM)
         path = out / f"scene_{index:05d}.jpg"
         _save_image(image, path)

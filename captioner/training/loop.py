@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from captioner.cider import CiderD
 from captioner.corpus import Corpus
@@ -53,6 +52,8 @@ from captioner.errors import CaptionerError
 from captioner.files import require_writable_folder
 from captioner.models import build_decoder, load_native_attention
 from captioner.preemption import StopRequest
+from captioner.progress import ShowProgress, write
+from captioner.progress import bar as progress_bar
 from captioner.store import FeatureStore, corpus_digest, split_rows, training_corpus
 from captioner.text import Vocabulary
 from captioner.training.batches import Batch, FeatureStream
@@ -99,7 +100,7 @@ from captioner.training.validation import (
 )
 
 
-def train(config: TrainConfig, progress: bool = False) -> TrainResult:
+def train(config: TrainConfig, progress: ShowProgress = False) -> TrainResult:
     """Train (or resume) the run `config` describes; see the module docstring."""
     config = checked_config(config)
     ranks = Ranks.from_environment()
@@ -110,9 +111,14 @@ def train(config: TrainConfig, progress: bool = False) -> TrainResult:
 
 
 def _train(
-    config: TrainConfig, ranks: Ranks, device: torch.device, stop: StopRequest, progress: bool
+    config: TrainConfig,
+    ranks: Ranks,
+    device: torch.device,
+    stop: StopRequest,
+    progress: ShowProgress,
 ) -> TrainResult:
-    say = tqdm.write if progress and ranks.is_main else _silent
+    progress = progress if ranks.is_main else False  # (only rank 0 shows anything)
+    say = write if progress else _silent
     out, last_path = Path(config.out), Path(config.out) / "last.pt"
     if ranks.is_main:
         require_writable_folder(out)
@@ -289,20 +295,20 @@ def _train_epoch(
     state: RunState,
     stop: StopRequest,
     log: TensorBoardLog | None,
-    progress: bool,
+    progress: ShowProgress,
 ) -> EpochTiming | None:
     """Train `state.epoch` from batch `state.step` on; updates `state` as it goes. None when a
     stop was requested (on any rank): then last.pt holds the step reached."""
     config, ranks = run.config, run.ranks
     run.model.train()
     totals = torch.tensor(state.totals, dtype=torch.float32, device=run.device)
-    bar = tqdm(
-        total=run.objective.captions_to_train(stream, state.epoch, state.step),
+    bar = progress_bar(
+        progress,
+        f"epoch {state.epoch + 1}/{config.epochs}",
+        run.objective.captions_to_train(stream, state.epoch, state.step),
         unit="cap",
-        unit_scale=True,
-        desc=f"epoch {state.epoch + 1}/{config.epochs}",
         leave=False,
-        disable=not (progress and ranks.is_main),
+        unit_scale=True,
     )
     mid_epoch_saves = ranks.world_size == 1  # ranks would have to agree on when to stop and save
     last_save = time.perf_counter()

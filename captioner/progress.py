@@ -1,0 +1,147 @@
+"""Progress of long work, shown as its reader sees it: every progress display goes through here.
+
+On a terminal a phase is a tqdm bar, redrawn in place. Elsewhere (a batch scheduler's log file, a
+pipe) a bar's carriage returns would make one unreadable line of hundreds of frames, so a phase
+writes one plain line every `interval` seconds and one at its end instead, with the count, the
+rate and the time left, and never a carriage return.
+
+The library shows progress only when asked: its functions take `progress`, where False shows
+nothing, True shows it with the defaults, and a `Progress` says how.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TextIO, TypeVar
+
+from tqdm import tqdm
+
+DEFAULT_INTERVAL = 30.0  # seconds between two plain lines of one phase
+_now = time.monotonic  # (the clock the plain lines are timed by)
+
+Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How progress is shown: on `stream` (None: sys.stderr as it is when a phase starts), as bars
+    where that is a terminal, else as a plain line every `interval` seconds and at each end."""
+
+    interval: float = DEFAULT_INTERVAL
+    stream: TextIO | None = None
+
+
+ShowProgress = bool | Progress  # what a library function's `progress` parameter takes
+
+
+def bar(
+    progress: ShowProgress,
+    desc: str,
+    total: int | None = None,
+    unit: str = "it",
+    leave: bool = True,
+    unit_scale: bool = False,
+) -> tqdm | PlainProgress:
+    """The display of one phase of `total` units: use it as tqdm (`update`, `set_postfix`, a
+    context manager that closes it). `leave` and `unit_scale` are tqdm's, for the bar."""
+    if progress is False:
+        return tqdm(total=total, disable=True)
+    shown = Progress() if progress is True else progress
+    stream = shown.stream or sys.stderr
+    if _is_terminal(stream):
+        return tqdm(
+            total=total, desc=desc, unit=unit, leave=leave, file=stream, unit_scale=unit_scale
+        )
+    return PlainProgress(desc, total, unit, shown.interval, stream)
+
+
+def tracked(
+    items: Iterable[Item],
+    progress: ShowProgress,
+    desc: str,
+    total: int | None = None,
+    unit: str = "it",
+    leave: bool = True,
+) -> Iterator[Item]:
+    """`items`, counted one by one on the display of a phase (`total`: their number, when `items`
+    has no len)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with bar(progress, desc, total, unit, leave) as display:
+        for item in items:
+            yield item
+            display.update()
+
+
+def write(text: str, file: TextIO | None = None) -> None:
+    """Print a line of text without breaking a bar on the terminal (tqdm.write)."""
+    tqdm.write(text, file=file or sys.stderr)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class PlainProgress:
+    """A phase as plain lines: `desc: 1200/5000 img (24%), 40.0 img/s, 1:35 left` at most every
+    `interval` seconds while it runs, and `desc: 5000/5000 img in 2:05, 40.0 img/s` at its end."""
+
+    def __init__(self, desc: str, total: int | None, unit: str, interval: float, stream: TextIO):
+        self.desc, self.total, self.unit = desc, total, unit
+        self.interval, self.stream = interval, stream
+        self.n, self.postfix, self.closed = 0, "", False
+        self.started = self.last_line = _now()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = _now()
+        if now - self.last_line >= self.interval:
+            self.last_line = now
+            self._line(self._running(now - self.started))
+
+    def set_postfix(self, **values: object) -> None:
+        """Values shown after the rate on the following lines (`loss=2.31`)."""
+        self.postfix = ", ".join(f"{name}={value}" for name, value in values.items())
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            elapsed = _now() - self.started
+            self._line(f"{self._count()} in {_duration(elapsed)}, {self._rate(elapsed)}")
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.close()
+
+    def _running(self, elapsed: float) -> str:
+        if not self.total:
+            return f"{self._count()}, {self._rate(elapsed)}"
+        share = f"{100 * self.n / self.total:.0f}%"
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        left = _duration((self.total - self.n) / rate) if rate > 0 else "?"
+        return f"{self._count()} ({share}), {self._rate(elapsed)}, {left} left"
+
+    def _count(self) -> str:
+        return f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"
+
+    def _rate(self, elapsed: float) -> str:
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        return f"{rate:.1f} {self.unit}/s"
+
+    def _line(self, text: str) -> None:
+        postfix = f", {self.postfix}" if self.postfix else ""
+        self.stream.write(f"{self.desc}: {text}{postfix}\n")
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    """1:05 for 65 s, 2:01:05 for 7265 s."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
