@@ -1,5 +1,6 @@
 """The synthetic shapes dataset: deterministic, captions true to the pixels, a real format."""
 
+import hashlib
 import json
 import re
 from collections import Counter
@@ -44,6 +45,15 @@ def test_the_same_seed_gives_the_same_files_and_image_k_does_not_depend_on_n(tmp
         assert (tmp_path / "a/images" / name).read_bytes() == (
             tmp_path / "b/images" / name
         ).read_bytes()
+
+
+def test_the_caption_file_is_streamed_to_the_bytes_a_whole_document_dump_gives(tmp_path):
+    caption_file = write_synthetic_dataset(tmp_path, images=3, seed=0, captions_per_image=2)
+    text = caption_file.read_text("utf-8")
+    assert json.dumps(json.loads(text), indent=1) == text
+    # (the file as it was when the whole document was held in memory and dumped at once)
+    digest = "0e773943cb73f7d128a80feec1d3b5b69fdb87d870beaf41a2a43caeb49e31b5"
+    assert hashlib.sha256(caption_file.read_bytes()).hexdigest() == digest
 
 
 def test_other_seeds_and_unlabelled_images_are_other_scenes(tmp_path):

@@ -9,7 +9,9 @@ from the index too (of every 10 images, 8 train, 1 val, 1 test), so they do not 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -76,7 +78,22 @@ def write_synthetic_dataset(
             "use --overwrite or another --out"
         )
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
-    records, sentence_id = [], 0
+    records = _records(out, images, seed, image_size, captions_per_image, progress)
+    with atomic_file(caption_file) as file:
+        _write_streamed(file, {"dataset": "shapes", "synthetic": parameters}, "images", records)
+    return caption_file
+
+
+def _records(
+    out: Path,
+    images: int,
+    seed: int,
+    image_size: int,
+    captions_per_image: int,
+    progress: ShowProgress,
+) -> Iterator[dict]:
+    """Render and save image after image, yielding each one's record of the caption file."""
+    sentence_id = 0
     for index in tracked(range(images), progress, "synth", unit="img"):
         scene, image, captions = make_scene(seed, index, image_size, captions_per_image)
         filename = f"shapes_{index:06d}.jpg"
@@ -87,20 +104,31 @@ def write_synthetic_dataset(
                 {"raw": raw, "tokens": tokenize(raw), "imgid": index, "sentid": sentence_id}
             )
             sentence_id += 1
-        records.append(
-            {
-                "filepath": IMAGE_DIR,
-                "filename": filename,
-                "imgid": index,
-                "split": split_of(index),
-                "sentids": [s["sentid"] for s in sentences],
-                "sentences": sentences,
-                "scene": scene.to_dict(),
-            }
-        )
-    document = {"dataset": "shapes", "synthetic": parameters, "images": records}
-    _atomic_write(caption_file, json.dumps(document, indent=1).encode("utf-8"))
-    return caption_file
+        yield {
+            "filepath": IMAGE_DIR,
+            "filename": filename,
+            "imgid": index,
+            "split": split_of(index),
+            "sentids": [s["sentid"] for s in sentences],
+            "sentences": sentences,
+            "scene": scene.to_dict(),
+        }
+
+
+def _write_streamed(file: BinaryIO, header: dict, key: str, records: Iterator[dict]) -> None:
+    """`header` plus `key`: the list of `records`, byte for byte as `json.dumps(..., indent=1)`
+    writes that document, but written record by record as they come, so that a dataset of 123k
+    images never holds more than one record in memory."""
+    placeholder = "the records"
+    whole = json.dumps({**header, key: [placeholder]}, indent=1)
+    head, tail = whole.split(json.dumps(placeholder))  # head ends in `"images": [` + line break
+    file.write(head.encode("utf-8"))
+    for number, record in enumerate(records):
+        # A record sits two levels deep: two more spaces after each of its line breaks (JSON
+        # strings hold no raw line breaks), and records are separated as json.dumps does.
+        text = json.dumps(record, indent=1).replace("\n", "\n  ")
+        file.write(((",\n  " if number else "") + text).encode("utf-8"))
+    file.write(tail.encode("utf-8"))
 
 
 def write_unlabelled_images(
@@ -142,8 +170,3 @@ def _read_json(path: Path) -> dict:
 def _save_image(image, path: Path) -> None:
     with atomic_file(path) as file:
         image.save(file, format="JPEG", quality=92)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    with atomic_file(path) as file:
-        file.write(data)
