@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from captioner.progress import ShowProgress, tracked
+
 MAX_N = 4
 SIGMA = 6.0
 Ngram = tuple[str, ...]
@@ -64,9 +66,12 @@ class CiderD:
     built on first use and kept, so a training run builds each image's once.
     """
 
-    def __init__(self, references: Mapping[Hashable, list[list[str]]]) -> None:
+    def __init__(
+        self, references: Mapping[Hashable, list[list[str]]], progress: ShowProgress = False
+    ) -> None:
         frequency: Counter[Ngram] = Counter()
-        for captions in references.values():
+        images = tracked(references.values(), progress, "CIDEr-D document frequencies", unit="img")
+        for captions in images:
             frequency.update({ngram for words in captions for ngram in ngram_counts(words)})
         self.references = references
         self.log_images = math.log(float(len(references)))

@@ -68,8 +68,8 @@ class Corpus:
         by_image = self.captions_by_image()
         return {row: [self.captions[c] for c in by_image[row]] for row in rows}
 
-    def tokens_of_split(self, split: str) -> Iterable[tuple[str, ...]]:
-        return (c.tokens for c in self.captions if self.images[c.image].split == split)
+    def tokens_of_split(self, split: str) -> list[tuple[str, ...]]:
+        return [c.tokens for c in self.captions if self.images[c.image].split == split]
 
     def subset(self, image_indices: list[int]) -> Corpus:
         """The corpus restricted to these images (renumbered in the given order)."""

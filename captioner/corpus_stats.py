@@ -12,6 +12,7 @@ import numpy as np
 
 from captioner.corpus import Corpus
 from captioner.errors import CaptionerError
+from captioner.progress import ShowProgress, tracked
 from captioner.text import Vocabulary
 
 
@@ -48,13 +49,17 @@ class CorpusStats:
 
 
 def corpus_stats(
-    corpus: Corpus, min_count: int = 5, images_dir: Path | None = None, examples: int = 3
+    corpus: Corpus,
+    min_count: int = 5,
+    images_dir: Path | None = None,
+    examples: int = 3,
+    progress: ShowProgress = False,
 ) -> CorpusStats:
     per_image = np.bincount([c.image for c in corpus.captions], minlength=len(corpus.images))
     captioned = per_image[per_image > 0]
     split_names = [image.split for image in corpus.images]
     lengths = np.array([len(c.tokens) for c in corpus.captions])
-    vocabulary = Vocabulary.build(corpus.tokens_of_split("train"), min_count)
+    vocabulary = Vocabulary.build(corpus.tokens_of_split("train"), min_count, progress)
     return CorpusStats(
         format=corpus.format,
         sources=list(corpus.sources),
@@ -69,7 +74,9 @@ def corpus_stats(
             "max": int(captioned.max()),
         },
         images_without_captions=int((per_image == 0).sum()),
-        missing=None if images_dir is None else missing_images(corpus, images_dir, examples),
+        missing=(
+            None if images_dir is None else missing_images(corpus, images_dir, examples, progress)
+        ),
         skipped=len(corpus.skipped),
         skipped_by_reason=dict(Counter(s.reason for s in corpus.skipped).most_common()),
         skipped_examples=[f"{s.location()}: {s.reason}" for s in corpus.skipped[:examples]],
@@ -82,7 +89,9 @@ def corpus_stats(
     )
 
 
-def missing_images(corpus: Corpus, images_dir: Path, examples: int = 3) -> MissingImages:
+def missing_images(
+    corpus: Corpus, images_dir: Path, examples: int = 3, progress: ShowProgress = False
+) -> MissingImages:
     """Each folder is listed once, so checking 100k images costs a few directory reads."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
@@ -98,7 +107,8 @@ def missing_images(corpus: Corpus, images_dir: Path, examples: int = 3) -> Missi
                 listings[folder] = set()
         return name in listings[folder]
 
-    missing = [i for i, image in enumerate(corpus.images) if not exists(image.path)]
+    images = tracked(corpus.images, progress, "image files", unit="img")
+    missing = [i for i, image in enumerate(images) if not exists(image.path)]
     missing_set = set(missing)
     return MissingImages(
         images=len(missing),

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -26,12 +26,16 @@ from pathlib import Path
 from nltk.translate.bleu_score import corpus_bleu
 
 from captioner.errors import CaptionerError
+from captioner.progress import ShowProgress
+from captioner.progress import bar as progress_bar
 from captioner.text import tokenize
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 COCO = "coco-caption"
 FALLBACK = "nltk-fallback"
 IMPLEMENTATIONS = ("auto", COCO, FALLBACK)
+# The steps of scoring, as its progress display counts them
+SCORING_STEPS = ("tokens", "BLEU", "METEOR", "ROUGE-L", "CIDEr-D")
 
 DEBIAN_WORDNET = Path("/usr/share/wordnet")
 # The 45 lexicographer files of WordNet 3.0 (`man 5 lexnames`), in id order: NLTK's reader needs
@@ -109,11 +113,13 @@ def score_captions(
     references: Mapping[str, Sequence[str]],
     predictions: Mapping[str, str],
     implementation: str = "auto",
+    progress: ShowProgress = False,
 ) -> MetricsReport:
     """Score one predicted caption per image against that image's reference captions (raw text).
 
     `implementation`: "auto" (coco-caption when Java is found, else the fallback), COCO (Java
-    required) or FALLBACK.
+    required) or FALLBACK. `progress` counts the metrics' steps (tokens, BLEU, METEOR, ROUGE-L,
+    CIDEr-D): pycocoevalcap's scorers run whole, so a step is the finest unit there is.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown metrics implementation {implementation!r}")
@@ -133,13 +139,17 @@ def score_captions(
                 "Java not found: the coco-caption PTB tokenizer and METEOR 1.5 need it; "
                 "these are fallback scores that do not compare with published numbers"
             )
-    if implementation == COCO:
-        return _coco_report(references, predictions, images)
-    return _fallback_report(references, predictions, images, notes)
+    with progress_bar(progress, "scoring", len(SCORING_STEPS), unit="step") as shown:
+        if implementation == COCO:
+            return _coco_report(references, predictions, images, shown.update)
+        return _fallback_report(references, predictions, images, notes, shown.update)
 
 
 def _coco_report(
-    references: Mapping[str, Sequence[str]], predictions: Mapping[str, str], images: list[str]
+    references: Mapping[str, Sequence[str]],
+    predictions: Mapping[str, str],
+    images: list[str],
+    step_done: Callable[[], object],
 ) -> MetricsReport:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -151,12 +161,17 @@ def _coco_report(
     with _stderr_silenced():  # the tokenizer reports its speed on stderr
         gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in images})
         res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in images})
+    step_done()
     bleu, bleu_per_image = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"BLEU-{n}": float(bleu[n - 1]) for n in range(1, 5)}
+    step_done()
     scores["METEOR"] = _meteor_1_5(Meteor(), gts, res)
+    step_done()
     scores["ROUGE-L"] = _rouge_l(gts, res)
+    step_done()
     cider, cider_per_image = Cider().compute_score(gts, res)
     scores["CIDEr-D"] = float(cider)
+    step_done()
     sources = {name: "pycocoevalcap Bleu(4), PTB tokens" for name in METRICS[:4]}
     sources["METEOR"] = "pycocoevalcap METEOR 1.5 (java)"
     sources["ROUGE-L"] = "pycocoevalcap Rouge"
@@ -180,12 +195,15 @@ def _fallback_report(
     predictions: Mapping[str, str],
     images: list[str],
     notes: list[str],
+    step_done: Callable[[], object],
 ) -> MetricsReport:
     from pycocoevalcap.cider.cider import Cider
 
     refs = [[tokenize(c) for c in references[i]] for i in images]
     hyps = [tokenize(predictions[i]) for i in images]
+    step_done()
     scores: dict[str, float | None] = {f"BLEU-{n}": _nltk_bleu(refs, hyps, n) for n in range(1, 5)}
+    step_done()
     sources = {name: "NLTK corpus_bleu (fallback tokens)" for name in METRICS[:4]}
     wordnet, wordnet_source = load_wordnet()
     if wordnet is None:
@@ -201,11 +219,14 @@ def _fallback_report(
         per_image = [meteor_score(r, h, wordnet=wordnet) for r, h in zip(refs, hyps, strict=True)]
         scores["METEOR"] = sum(per_image) / len(per_image)
         sources["METEOR"] = f"NLTK meteor_score, WordNet from {wordnet_source} (not METEOR 1.5)"
+    step_done()
     gts = {i: [" ".join(t) for t in r] for i, r in zip(images, refs, strict=True)}
     res = {i: [" ".join(h)] for i, h in zip(images, hyps, strict=True)}
     scores["ROUGE-L"] = _rouge_l(gts, res)
+    step_done()
     cider, cider_per_image = Cider().compute_score(gts, res)
     scores["CIDEr-D"] = float(cider)
+    step_done()
     sources["ROUGE-L"] = "pycocoevalcap Rouge (fallback tokens)"
     sources["CIDEr-D"] = "pycocoevalcap Cider (CIDEr-D, fallback tokens)"
     bleu4_per_image = [_nltk_bleu([r], [h], 4) for r, h in zip(refs, hyps, strict=True)]

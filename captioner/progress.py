@@ -132,7 +132,7 @@ class PlainProgress:
 
     def _rate(self, elapsed: float) -> str:
         rate = self.n / elapsed if elapsed > 0 else 0.0
-        return f"{rate:.1f} {self.unit}/s"
+        return f"{rate:.1f} {self.unit}/s" if rate < 100 else f"{rate:.0f} {self.unit}/s"
 
     def _line(self, text: str) -> None:
         postfix = f", {self.postfix}" if self.postfix else ""

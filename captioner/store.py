@@ -54,6 +54,7 @@ from captioner.encoder import EncoderConfig
 from captioner.errors import CaptionerError
 from captioner.files import named_after
 from captioner.object_store import RemoteStore, remote_errors
+from captioner.progress import ShowProgress, tracked
 from captioner.readers import read_corpus
 
 SCHEMA_VERSION = 1
@@ -237,19 +238,24 @@ class FeatureStore:
                 ) from None
         raise failure  # no shard is damaged: not the store's fault
 
-    def corpus(self) -> Corpus:
+    def corpus(self, progress: ShowProgress = False) -> Corpus:
+        """The caption corpus the store carries (at MS-COCO's size, 616k captions to rebuild)."""
         ids = self.image_ids()
         paths = self._group["image_path"][:].tolist()
         names = self.attrs["split_names"]
         splits = [names[code] for code in self._group["split"][:].tolist()]
         images = [ImageRecord(i, p, s) for i, p, s in zip(ids, paths, splits, strict=True)]
+        columns = zip(
+            self._group["captions/image"][:].tolist(),
+            self._group["captions/text"][:].tolist(),
+            self._group["captions/tokens"][:].tolist(),
+            strict=True,
+        )
+        total = self._group["captions/image"].shape[0]
         captions = [
             CaptionRecord(int(image), text, tuple(tokens.split()))
-            for image, text, tokens in zip(
-                self._group["captions/image"][:].tolist(),
-                self._group["captions/text"][:].tolist(),
-                self._group["captions/tokens"][:].tolist(),
-                strict=True,
+            for image, text, tokens in tracked(
+                columns, progress, "store's captions", total=total, unit="cap"
             )
         ]
         stored = self.attrs["corpus"]
@@ -657,13 +663,15 @@ def format_bytes(size: float) -> str:
     return f"{size:.1f} GB"
 
 
-def training_corpus(store: FeatureStore, captions: Path | None) -> Corpus:
+def training_corpus(
+    store: FeatureStore, captions: Path | None, progress: ShowProgress = False
+) -> Corpus:
     """The store's corpus, or the caption file `captions` joined to the store's rows by image path
     (the images keep the store's row order; store images the file lacks get no captions)."""
-    corpus = store.corpus()
+    corpus = store.corpus(progress)
     if captions is None:
         return corpus
-    override = read_corpus([Path(captions)])
+    override = read_corpus([Path(captions)], progress=progress)
     row_of = {image.path: row for row, image in enumerate(corpus.images)}
     split_of = {image.path: image.split for image in override.images}
     images = [

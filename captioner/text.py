@@ -11,6 +11,7 @@ from pathlib import Path
 from nltk.tokenize import RegexpTokenizer
 
 from captioner.files import atomic_file
+from captioner.progress import ShowProgress, tracked
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
@@ -42,9 +43,15 @@ class Vocabulary:
         self.index = {word: i for i, word in enumerate(self.words)}
 
     @classmethod
-    def build(cls, token_lists: Iterable[Sequence[str]], min_count: int = 5) -> Vocabulary:
+    def build(
+        cls,
+        token_lists: Iterable[Sequence[str]],
+        min_count: int = 5,
+        progress: ShowProgress = False,
+    ) -> Vocabulary:
         """Keep the words seen at least `min_count` times (pass the train split's tokens only)."""
-        counts = Counter(token for tokens in token_lists for token in tokens)
+        counted = tracked(token_lists, progress, "vocabulary", unit="cap")
+        counts = Counter(token for tokens in counted for token in tokens)
         kept = [word for word, n in counts.items() if n >= min_count and word not in SPECIAL_TOKENS]
         kept.sort(key=lambda word: (-counts[word], word))
         return cls(list(SPECIAL_TOKENS) + kept)

@@ -7,6 +7,7 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from factories import make_store
 
 from captioner import progress as progress_module
 from captioner.cli import demo_commands, main
@@ -116,3 +117,29 @@ def test_a_log_of_synth_and_extract_holds_plain_lines_only(tmp_path):
     log = synth.stderr + extract.stderr
     assert "\r" not in log
     assert "synth: 12/12 img in " in log and "extract: 12/12 img in " in log
+
+
+def test_every_phase_of_training_and_evaluation_ends_with_a_plain_line(tmp_path):
+    store = make_store(tmp_path / "s.zarr", images=24, seed=0)
+    runner = CliRunner()
+    sizes = ["--embed-size", "8", "--hidden-size", "8", "--attention-size", "4", "--min-count", "1"]
+    common = ["--features", str(store), "--model", "show-tell", "--epochs", "1", *sizes]
+    trained = runner.invoke(main, ["train", *common, "--out", str(tmp_path / "ce")])
+    assert trained.exit_code == 0, trained.output
+    best = str(tmp_path / "ce" / "best.pt")
+    scst = ["--objective", "scst", "--init", best, "--out", str(tmp_path / "scst")]
+    tuned = runner.invoke(main, ["train", *common, *scst])
+    assert tuned.exit_code == 0, tuned.output
+    evaluation = ["--checkpoint", best, "--features", str(store), "--out", str(tmp_path / "e")]
+    evaluated = runner.invoke(main, ["evaluate", *evaluation, "--metrics", "nltk-fallback"])
+    assert evaluated.exit_code == 0, evaluated.output
+    log = trained.stderr + tuned.stderr + evaluated.stderr
+    assert "\r" not in log
+    ends = [line.split(":")[0] for line in log.splitlines() if re.search(r" in \d+:\d\d, ", line)]
+    assert ends == [
+        *("store's captions", "vocabulary", "feature statistics"),  # cross entropy
+        *("CIDEr-D document frequencies", "epoch 1/1", "validating"),  # (the val split's)
+        *("store's captions", "CIDEr-D document frequencies", "CIDEr-D document frequencies"),
+        *("validating", "epoch 1/1", "validating"),  # SCST: its start, its epoch
+        *("store's captions", "decoding", "scoring", "report"),  # evaluation
+    ]

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from captioner.cli.options import PATH, path_option
+from captioner.cli.options import PATH, path_option, progress_option
 from captioner.corpus_stats import CorpusStats, corpus_stats
+from captioner.progress import Progress
 from captioner.readers import FORMATS, read_corpus
 from captioner.text import SPECIAL_TOKENS
 
@@ -36,6 +37,7 @@ from captioner.text import SPECIAL_TOKENS
 )
 @click.option("--keep-restval", is_flag=True, help="Keep Karpathy's restval apart from train.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@progress_option
 def inspect(
     captions: tuple[Path, ...],
     images: Path | None,
@@ -44,10 +46,11 @@ def inspect(
     min_count: int,
     keep_restval: bool,
     as_json: bool,
+    progress: Progress,
 ) -> None:
     """Read CAPTIONS (one or more files of one format) and report what is in them."""
-    corpus = read_corpus(list(captions), format_, splits_dir, keep_restval)
-    stats = corpus_stats(corpus, min_count, images)
+    corpus = read_corpus(list(captions), format_, splits_dir, keep_restval, progress)
+    stats = corpus_stats(corpus, min_count, images, progress=progress)
     click.echo(json.dumps(stats.to_dict(), ensure_ascii=False) if as_json else describe(stats))
 
 

@@ -140,7 +140,7 @@ def _extract(
         config.out.require_bucket()
     elif ranks.is_main:
         require_writable_folder(config.out)
-    corpus = _read_images_corpus(config)
+    corpus = _read_images_corpus(config, progress if ranks.is_main else False)
     encoder = build_encoder(config.encoder).to_device(device)
     settings = StoreSettings(
         encoder=config.encoder,
@@ -195,13 +195,13 @@ def _extract(
     )
 
 
-def _read_images_corpus(config: ExtractConfig) -> Corpus:
+def _read_images_corpus(config: ExtractConfig, progress: ShowProgress) -> Corpus:
     if not Path(config.images).is_dir():
         exists = Path(config.images).exists()
         what = "is a file, not an image folder" if exists else "image folder not found"
         raise CaptionerError(f"{config.images}: {what}")
     corpus = read_corpus(
-        list(config.captions), config.format, config.splits_dir, config.keep_restval
+        list(config.captions), config.format, config.splits_dir, config.keep_restval, progress
     )
     if config.limit is not None:
         corpus = corpus.subset(list(range(min(config.limit, len(corpus.images)))))

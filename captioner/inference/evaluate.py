@@ -88,7 +88,7 @@ def evaluate(config: EvaluateConfig, progress: ShowProgress = False) -> Evaluati
     checkpoint, _ = load_checkpoint(config.checkpoint)
     require_finite_weights(checkpoint, config.checkpoint)
     store = FeatureStore.open(config.features)
-    corpus = trained_corpus(checkpoint, store, config.checkpoint)
+    corpus = trained_corpus(checkpoint, store, config.checkpoint, progress)
     check_compatible(checkpoint, store, corpus, config.checkpoint)
     rows = split_rows(corpus, store, config.split)
     if len(rows) == 0:
@@ -116,7 +116,7 @@ def evaluate(config: EvaluateConfig, progress: ShowProgress = False) -> Evaluati
     if not scored:
         raise CaptionerError(f"{store.path}: the {config.split!r} images have no captions to score")
     report = score_captions(
-        {i: references[i] for i in scored}, {i: texts[i] for i in scored}, config.metrics
+        {i: references[i] for i in scored}, {i: texts[i] for i in scored}, config.metrics, progress
     )
     notes = [native_note] if native_note else []
     if len(scored) < len(texts):
@@ -195,7 +195,9 @@ def _evaluation_page(
     return ReportPage(title, cards, details, report, store.grid, notes)
 
 
-def trained_corpus(checkpoint: Checkpoint, store: FeatureStore, path: Path) -> Corpus:
+def trained_corpus(
+    checkpoint: Checkpoint, store: FeatureStore, path: Path, progress: ShowProgress = False
+) -> Corpus:
     """The captions and splits of `store` as the checkpoint was trained with them: the store's
     own, or, on the very store it was trained on, the caption file that replaced them in
     training (``--captions``), joined to the store's images. Refused in one line if that file is
@@ -207,7 +209,7 @@ def trained_corpus(checkpoint: Checkpoint, store: FeatureStore, path: Path) -> C
             f"{path}: was trained with the captions and splits of {captions} (--captions), which"
             " is not there; evaluate where that file is, so the test images are the held-out ones"
         )
-    corpus = training_corpus(store, Path(captions) if captions else None)
+    corpus = training_corpus(store, Path(captions) if captions else None, progress)
     if same_store and checkpoint.corpus_sha256 not in ("", corpus_digest(corpus)):
         raise CaptionerError(
             f"{path}: the captions or splits of {captions or store.path} differ from those it was"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from captioner.corpus import Corpus
 from captioner.errors import CaptionerError
+from captioner.progress import ShowProgress
+from captioner.progress import bar as progress_bar
 from captioner.readers import coco, flickr8k, kaggle, karpathy, table
 from captioner.readers.builder import CorpusBuilder
 from captioner.readers.source import Source
@@ -44,6 +46,7 @@ def read_corpus(
     format: str | None = None,
     splits_dir: Path | None = None,
     keep_restval: bool = False,
+    progress: ShowProgress = False,
 ) -> Corpus:
     """Read caption files of one format (detected from their content unless `format` is given).
 
@@ -70,8 +73,9 @@ def read_corpus(
                 f"{source.path}: is {other} but {sources[0].path} is {found}; "
                 "give files of one format"
             )
-    builder = CorpusBuilder()
-    for source in sources:
-        READERS[found].read(source, builder)
+    with progress_bar(progress, "reading captions", unit="cap") as display:
+        builder = CorpusBuilder(on_caption=display.update)
+        for source in sources:
+            READERS[found].read(source, builder)
     splits, rule = resolve_splits(builder, splits_dir, paths[0], keep_restval)
     return builder.build(found, [str(p) for p in paths], splits, rule)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from captioner.corpus import CaptionRecord, Corpus, ImageRecord, SkippedLine
@@ -35,7 +36,9 @@ def split_name(value: str) -> str | None:
 
 
 class CorpusBuilder:
-    def __init__(self) -> None:
+    def __init__(self, on_caption: Callable[[], object] = lambda: None) -> None:
+        """`on_caption` is called at every caption read (to count them on a progress display)."""
+        self.on_caption = on_caption
         self.ids: list[str] = []
         self.paths: list[str] = []
         self.splits: list[str | None] = []  # None: the caption file says nothing
@@ -78,6 +81,7 @@ class CorpusBuilder:
 
     def _tokens(self, raw: str, source: Path, line: int, item: str = "") -> tuple[str, ...]:
         tokens = tuple(tokenize(raw))
+        self.on_caption()
         if not tokens:
             self.skip(source, line, "caption has no words", item)
         return tokens

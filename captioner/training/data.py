@@ -12,6 +12,8 @@ from captioner.corpus import Corpus
 from captioner.devices import available_cpus, default_workers
 from captioner.distributed import Ranks
 from captioner.errors import CaptionerError
+from captioner.progress import ShowProgress
+from captioner.progress import bar as progress_bar
 from captioner.store import FeatureStore, format_bytes
 from captioner.text import Vocabulary
 from captioner.training.batches import FeatureStream, StreamConfig, encode_captions
@@ -22,7 +24,7 @@ _STATISTICS_CHUNK_BYTES = 64 << 20  # float64 values held at once while summing
 
 
 def feature_statistics(
-    store: FeatureStore, rows: np.ndarray, kind: str
+    store: FeatureStore, rows: np.ndarray, kind: str, progress: ShowProgress = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std (C,) of what a decoder of `kind` reads from the training images
     `rows`: all their pooled vectors, or every region of up to STATISTICS_IMAGES of their maps.
@@ -40,12 +42,14 @@ def feature_statistics(
         per_image = store.grid[0] * store.grid[1] * store.channels
     chunk = max(1, _STATISTICS_CHUNK_BYTES // (8 * per_image))
     count, total, squares = 0, 0.0, 0.0
-    for start in range(0, len(sample), chunk):
-        values = store.read(kind, sample[start : start + chunk])
-        values = values.reshape(-1, values.shape[-1]).astype(np.float64)
-        count += len(values)
-        total = total + values.sum(0)
-        squares = squares + np.einsum("ij,ij->j", values, values)
+    with progress_bar(progress, "feature statistics", len(sample), unit="img") as display:
+        for start in range(0, len(sample), chunk):
+            values = store.read(kind, sample[start : start + chunk])
+            display.update(len(values))
+            values = values.reshape(-1, values.shape[-1]).astype(np.float64)
+            count += len(values)
+            total = total + values.sum(0)
+            squares = squares + np.einsum("ij,ij->j", values, values)
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     varying = std[std > 0]

@@ -123,7 +123,7 @@ def _train(
     if ranks.is_main:
         require_writable_folder(out)
     store = FeatureStore.open(config.features)
-    corpus = training_corpus(store, config.captions)
+    corpus = training_corpus(store, config.captions, progress)
     train_rows, val_rows = (split_rows(corpus, store, split) for split in ("train", "val"))
     for split, rows in (("train", train_rows), ("val", val_rows)):
         if len(rows) == 0:
@@ -131,7 +131,7 @@ def _train(
     if config.resume and stopped_before_its_first_save(out):
         say(f"no {last_path} yet (the run stopped before its first save): it starts again")
         config = replace(config, resume=False)
-    run = _start_run(config, ranks, device, store, corpus, train_rows)
+    run = _start_run(config, ranks, device, store, corpus, train_rows, progress)
     config, vocabulary = run.config, run.vocabulary
     state = RunState()
     if config.resume:
@@ -160,7 +160,7 @@ def _train(
             validation_reading(config, kind, device),
         )
         references = reference_words(corpus, val_rows)
-        val_cider = CiderD(references)  # (coco-caption's CIDEr-D of the val split)
+        val_cider = CiderD(references, progress)  # (coco-caption's CIDEr-D of the val split)
         out.mkdir(parents=True, exist_ok=True)
         vocabulary.save(out / "vocab.json")
         write_metrics(out, state.history)
@@ -199,6 +199,7 @@ def _train(
                 vocabulary,
                 config.max_length,
                 run.amp,
+                progress,
             )
             if timing is None:
                 row, figure = start_row(validation), None
@@ -259,6 +260,7 @@ def _start_run(
     store: FeatureStore,
     corpus: Corpus,
     train_rows: np.ndarray,
+    progress: ShowProgress,
 ) -> Run:
     """The decoder a run starts with and the objective that trains it: a new decoder with the
     train split's vocabulary and feature statistics for cross entropy, the `init` checkpoint's
@@ -271,17 +273,17 @@ def _start_run(
         config, start = initial_checkpoint(config, store, digest, source)
         vocabulary = start.vocabulary
     else:
-        vocabulary = Vocabulary.build(corpus.tokens_of_split("train"), config.min_count)
+        vocabulary = Vocabulary.build(corpus.tokens_of_split("train"), config.min_count, progress)
     decoder = build_decoder(decoder_config(config, len(vocabulary), store.channels, store.grid))
     if config.objective == "scst":
         decoder.load_state_dict(start.state_dict)
-        reward = CiderReward(corpus, train_rows.tolist(), vocabulary)
+        reward = CiderReward(corpus, train_rows.tolist(), vocabulary, progress)
         objective: nn.Module = SelfCritical(
             decoder, reward, config.scst_samples, config.scst_baseline, config.max_length
         )
     else:
         if not config.resume:  # a resumed run takes its statistics from the checkpoint
-            statistics = feature_statistics(store, train_rows, decoder.feature_kind)
+            statistics = feature_statistics(store, train_rows, decoder.feature_kind, progress)
             decoder.set_feature_statistics(*statistics)
         objective = CrossEntropy(decoder, config.label_smoothing, config.alpha_c)
     objective = objective.to(device)

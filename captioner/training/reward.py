@@ -15,18 +15,25 @@ import numpy as np
 from captioner.cider import CiderD
 from captioner.corpus import Corpus
 from captioner.models.decode import GeneratedCaption
+from captioner.progress import ShowProgress
 from captioner.text import END, Vocabulary
 
 
 class CiderReward:
     """CIDEr-D rewards of captions of the images `rows` (store rows) of `corpus`."""
 
-    def __init__(self, corpus: Corpus, rows: Sequence[int], vocabulary: Vocabulary) -> None:
+    def __init__(
+        self,
+        corpus: Corpus,
+        rows: Sequence[int],
+        vocabulary: Vocabulary,
+        progress: ShowProgress = False,
+    ) -> None:
         references = {
             row: [[*caption.tokens, END] for caption in captions]
             for row, captions in corpus.references(rows).items()
         }
-        self.cider = CiderD(references)
+        self.cider = CiderD(references, progress)
         self.vocabulary = vocabulary
 
     def __call__(self, captions: Sequence[GeneratedCaption], rows: Sequence[int]) -> np.ndarray:

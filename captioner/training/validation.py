@@ -17,6 +17,8 @@ from captioner.images import ImageError, load_image
 from captioner.metrics import corpus_bleu4
 from captioner.models import CaptionDecoder
 from captioner.models.decode import greedy_decode
+from captioner.progress import ShowProgress
+from captioner.progress import bar as progress_bar
 from captioner.store import FeatureStore
 from captioner.text import Vocabulary
 from captioner.training.batches import FeatureStream
@@ -52,6 +54,7 @@ def validate(
     vocabulary: Vocabulary,
     max_length: int,
     amp: Amp,
+    progress: ShowProgress = False,
 ) -> Validation:
     """Validation loss and greedy-decode BLEU-4 and CIDEr-D over every image of `stream` (in row
     order), on the decoder's device. `cider` scores against the same `references` (store row ->
@@ -62,18 +65,20 @@ def validate(
     nll_sum, tokens = 0.0, 0
     hypotheses: dict[int, list[str]] = {}
     sample: tuple[int, np.ndarray | None] | None = None
-    for batch in stream.epoch(0):
-        batch = batch.to(device)
-        with amp.autocast():
-            output = decoder.training_loss(
-                batch.features, batch.image_index, batch.captions, batch.lengths
-            )
-            generated = greedy_decode(decoder, batch.features, max_length)
-        nll_sum, tokens = nll_sum + float(output.nll_sum), tokens + output.tokens
-        for row, caption in zip(batch.rows.tolist(), generated, strict=True):
-            hypotheses[row] = vocabulary.decode(caption.tokens)
-            if sample is None:
-                sample = (row, caption.attention)
+    with progress_bar(progress, "validating", len(references), unit="img", leave=False) as shown:
+        for batch in stream.epoch(0):
+            batch = batch.to(device)
+            with amp.autocast():
+                output = decoder.training_loss(
+                    batch.features, batch.image_index, batch.captions, batch.lengths
+                )
+                generated = greedy_decode(decoder, batch.features, max_length)
+            nll_sum, tokens = nll_sum + float(output.nll_sum), tokens + output.tokens
+            for row, caption in zip(batch.rows.tolist(), generated, strict=True):
+                hypotheses[row] = vocabulary.decode(caption.tokens)
+                if sample is None:
+                    sample = (row, caption.attention)
+            shown.update(len(batch.rows))
     decoder.train()
     rows = sorted(hypotheses)
     bleu4 = corpus_bleu4([references[r] for r in rows], [hypotheses[r] for r in rows])
