@@ -3,7 +3,8 @@
 On a terminal a phase is a tqdm bar, redrawn in place. Elsewhere (a batch scheduler's log file, a
 pipe) a bar's carriage returns would make one unreadable line of hundreds of frames, so a phase
 writes one plain line every `interval` seconds and one at its end instead, with the count, the
-rate and the time left, and never a carriage return.
+rate and the time left, and never a carriage return. A phase that ends in an error leaves the
+error's one line to say so, and one quicker than a second says nothing.
 
 The library shows progress only when asked: its functions take `progress`, where False shows
 nothing, True shows it with the defaults, and a `Progress` says how.
@@ -20,6 +21,9 @@ from typing import TextIO, TypeVar
 from tqdm import tqdm
 
 DEFAULT_INTERVAL = 30.0  # seconds between two plain lines of one phase
+# A phase quicker than this (seconds) ends without a plain line: it leaves no silence to fill, and
+# a command refused after such phases still says only its one line.
+QUICK_PHASE = 1.0
 _now = time.monotonic  # (the clock the plain lines are timed by)
 
 Item = TypeVar("Item")
@@ -88,12 +92,13 @@ def _is_terminal(stream: TextIO) -> bool:
 
 class PlainProgress:
     """A phase as plain lines: `desc: 1200/5000 img (24%), 40.0 img/s, 1:35 left` at most every
-    `interval` seconds while it runs, and `desc: 5000/5000 img in 2:05, 40.0 img/s` at its end."""
+    `interval` seconds while it runs, and `desc: 5000/5000 img in 2:05, 40.0 img/s` at its end
+    (unless it was quick)."""
 
     def __init__(self, desc: str, total: int | None, unit: str, interval: float, stream: TextIO):
         self.desc, self.total, self.unit = desc, total, unit
         self.interval, self.stream = interval, stream
-        self.n, self.postfix, self.closed = 0, "", False
+        self.n, self.postfix, self.closed, self.lines = 0, "", False, 0
         self.started = self.last_line = _now()
 
     def update(self, n: int = 1) -> None:
@@ -111,13 +116,17 @@ class PlainProgress:
         if not self.closed:
             self.closed = True
             elapsed = _now() - self.started
-            self._line(f"{self._count()} in {_duration(elapsed)}, {self._rate(elapsed)}")
+            if self.lines or elapsed >= QUICK_PHASE:
+                self._line(f"{self._count()} in {_duration(elapsed)}, {self._rate(elapsed)}")
 
     def __enter__(self) -> PlainProgress:
         return self
 
-    def __exit__(self, *exception: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.close()
+        else:  # the error that ended the phase is all there is to say: no end line before it
+            self.closed = True
 
     def _running(self, elapsed: float) -> str:
         if not self.total:
@@ -137,6 +146,7 @@ class PlainProgress:
     def _line(self, text: str) -> None:
         postfix = f", {self.postfix}" if self.postfix else ""
         self.stream.write(f"{self.desc}: {text}{postfix}\n")
+        self.lines += 1
         self.stream.flush()
 
 

@@ -15,10 +15,13 @@ from captioner.progress import Progress, bar, tracked
 
 
 class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+    """Time that moves only when a test moves it, or by `tick` seconds at each reading."""
+
+    def __init__(self, tick: float = 0.0) -> None:
+        self.now, self.tick = 1000.0, tick
 
     def __call__(self) -> float:
+        self.now += self.tick
         return self.now
 
 
@@ -52,10 +55,20 @@ def test_off_a_terminal_a_long_phase_is_a_plain_line_per_interval_and_one_at_its
 
 def test_a_phase_shorter_than_the_interval_says_only_how_it_ended(clock):
     log = io.StringIO()
-    items = list(tracked(range(5), Progress(stream=log), "verifying", unit="shard"))
-    clock.now += 2
-    assert items == [0, 1, 2, 3, 4]
-    assert log.getvalue() == "verifying: 5/5 shard in 0:00, 0.0 shard/s\n"
+    shards = []
+    for shard in tracked(range(5), Progress(stream=log), "verifying", unit="shard"):
+        clock.now += 2
+        shards.append(shard)
+    assert shards == [0, 1, 2, 3, 4]
+    assert log.getvalue() == "verifying: 5/5 shard in 0:10, 0.5 shard/s\n"
+
+
+def test_a_quick_phase_says_nothing(clock):
+    log = io.StringIO()
+    with bar(Progress(stream=log), "vocabulary", total=5) as display:
+        clock.now += 0.5
+        display.update(5)
+    assert log.getvalue() == ""
 
 
 def test_values_set_on_the_display_follow_the_rate(clock):
@@ -102,7 +115,15 @@ def test_the_interval_reaches_the_library_from_the_option_or_the_environment(tmp
     assert "Invalid value for '--progress-interval'" in refused.output
 
 
-def test_a_log_of_synth_and_extract_holds_plain_lines_only(tmp_path):
+@pytest.fixture
+def slow_clock(monkeypatch) -> FakeClock:
+    """A clock by which every phase takes long enough to be reported."""
+    fake = FakeClock(tick=1.0)
+    monkeypatch.setattr(progress_module, "_now", fake)
+    return fake
+
+
+def test_a_log_of_synth_and_extract_holds_plain_lines_only(tmp_path, slow_clock):
     runner = CliRunner()
     data, store = tmp_path / "shapes", tmp_path / "s.zarr"
     synth = runner.invoke(main, ["synth", "--out", str(data), "--images", "12"])
@@ -119,7 +140,7 @@ def test_a_log_of_synth_and_extract_holds_plain_lines_only(tmp_path):
     assert "synth: 12/12 img in " in log and "extract: 12/12 img in " in log
 
 
-def test_every_phase_of_training_and_evaluation_ends_with_a_plain_line(tmp_path):
+def test_every_phase_of_training_and_evaluation_ends_with_a_plain_line(tmp_path, slow_clock):
     store = make_store(tmp_path / "s.zarr", images=24, seed=0)
     runner = CliRunner()
     sizes = ["--embed-size", "8", "--hidden-size", "8", "--attention-size", "4", "--min-count", "1"]
@@ -143,3 +164,11 @@ def test_every_phase_of_training_and_evaluation_ends_with_a_plain_line(tmp_path)
         *("validating", "epoch 1/1", "validating"),  # SCST: its start, its epoch
         *("store's captions", "decoding", "scoring", "report"),  # evaluation
     ]
+
+
+def test_a_phase_ended_by_an_error_leaves_the_error_alone(clock):
+    log = io.StringIO()
+    with pytest.raises(ValueError):
+        for _ in tracked(range(5), Progress(stream=log), "reading captions"):
+            raise ValueError("bad line")
+    assert log.getvalue() == ""

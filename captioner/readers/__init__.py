@@ -73,9 +73,10 @@ def read_corpus(
                 f"{source.path}: is {other} but {sources[0].path} is {found}; "
                 "give files of one format"
             )
+    # (the phase ends once the corpus is checked: a file found wrong ends it in one line)
     with progress_bar(progress, "reading captions", unit="cap") as display:
         builder = CorpusBuilder(on_caption=display.update)
         for source in sources:
             READERS[found].read(source, builder)
-    splits, rule = resolve_splits(builder, splits_dir, paths[0], keep_restval)
-    return builder.build(found, [str(p) for p in paths], splits, rule)
+        splits, rule = resolve_splits(builder, splits_dir, paths[0], keep_restval)
+        return builder.build(found, [str(p) for p in paths], splits, rule)
