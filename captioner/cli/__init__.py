@@ -10,6 +10,8 @@ finished is lost). Warnings are one line as well, `warning: ...`, shown the way 
 
 import contextlib
 import errno
+import io
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -73,9 +75,18 @@ def _plain_warnings() -> Iterator[None]:
         yield
 
 
+def _line_by_line() -> None:
+    """Standard output written line by line even to a file or pipe (a batch log), where Python
+    would hold it back in blocks: a log then shows each line when it happens, in order with the
+    progress lines and warnings on stderr."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
+
+
 @contextlib.contextmanager
 def _as_users_see_it(command: Callable[[], str | None]) -> Iterator[None]:
     """Errors a user can fix and warnings, each as one line; `command`: the command's name."""
+    _line_by_line()
     try:
         with _plain_warnings():
             yield
