@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/random_features.py
 	$(BIN)/python bench/s3.py  # a local S3 server (moto) against a local store
 	$(BIN)/python bench/faults.py  # the real full and read-only disks need root
+	$(BIN)/python bench/batch_log.py
 
 bench-gpu: $(STAMP)  # on a CUDA machine; writes bench/gpu-results.txt
 	bash bench/gpu.sh
