@@ -81,8 +81,8 @@ def tracked(
 
 
 def write(text: str, file: TextIO | None = None) -> None:
-    """Print a line of text without breaking a bar on the terminal (tqdm.write)."""
-    tqdm.write(text, file=file or sys.stderr)
+    """Print a line of text on `file` (None: stdout) without breaking a bar on the terminal."""
+    tqdm.write(text, file=file)
 
 
 def _is_terminal(stream: TextIO) -> bool:

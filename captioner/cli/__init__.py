@@ -68,7 +68,7 @@ def _plain_warnings() -> Iterator[None]:
         text = " ".join(str(message).split())
         if text not in shown:
             shown.add(text)
-            write(f"warning: {text}")
+            write(f"warning: {text}", sys.stderr)
 
     with warnings.catch_warnings():
         warnings.showwarning = show

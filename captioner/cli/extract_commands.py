@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -151,7 +150,7 @@ def verify(store: str, storage_options: str | None, progress: Progress) -> None:
     shards = -(-opened.num_images // opened.images_per_shard)
     found = 0
     for shard in damaged_shards(opened, progress):
-        write(shard.describe(opened), sys.stdout)
+        write(shard.describe(opened))
         found += 1
     if found:
         raise CaptionerError(
