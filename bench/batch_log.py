@@ -47,6 +47,7 @@ def run_logged(command: list[str], log: Path) -> tuple[int, list[tuple[float, by
         for line in process.stdout:  # (a line ends at \n: a bar's \r frames stay in one line)
             lines.append((time.perf_counter() - started, line))
             file.write(line)
+            file.flush()  # (for whoever follows the log while it runs)
     return process.wait(), lines
 
 

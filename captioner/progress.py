@@ -2,9 +2,10 @@
 
 On a terminal a phase is a tqdm bar, redrawn in place. Elsewhere (a batch scheduler's log file, a
 pipe) a bar's carriage returns would make one unreadable line of hundreds of frames, so a phase
-writes one plain line every `interval` seconds and one at its end instead, with the count, the
-rate and the time left, and never a carriage return. A phase that ends in an error leaves the
-error's one line to say so, and one quicker than a second says nothing.
+writes a plain line once `interval` seconds have passed since the process's last one, and one at
+its end, with the count, the rate and the time left, and never a carriage return. A phase that
+ends in an error leaves the error's one line to say so, and one quicker than a second says
+nothing.
 
 The library shows progress only when asked: its functions take `progress`, where False shows
 nothing, True shows it with the defaults, and a `Progress` says how.
@@ -25,6 +26,10 @@ DEFAULT_INTERVAL = 30.0  # seconds between two plain lines of one phase
 # a command refused after such phases still says only its one line.
 QUICK_PHASE = 1.0
 _now = time.monotonic  # (the clock the plain lines are timed by)
+# When this process last wrote a plain line (at first: when it started showing progress). The
+# next line is due one interval after it, whichever phase wrote it, so that work between phases
+# does not add to the silence a log shows.
+_last_line_at = _now()
 
 Item = TypeVar("Item")
 
@@ -99,13 +104,12 @@ class PlainProgress:
         self.desc, self.total, self.unit = desc, total, unit
         self.interval, self.stream = interval, stream
         self.n, self.postfix, self.closed, self.lines = 0, "", False, 0
-        self.started = self.last_line = _now()
+        self.started = _now()
 
     def update(self, n: int = 1) -> None:
         self.n += n
         now = _now()
-        if now - self.last_line >= self.interval:
-            self.last_line = now
+        if now - _last_line_at >= self.interval:
             self._line(self._running(now - self.started))
 
     def set_postfix(self, **values: object) -> None:
@@ -144,10 +148,12 @@ class PlainProgress:
         return f"{rate:.1f} {self.unit}/s" if rate < 100 else f"{rate:.0f} {self.unit}/s"
 
     def _line(self, text: str) -> None:
+        global _last_line_at
         postfix = f", {self.postfix}" if self.postfix else ""
         self.stream.write(f"{self.desc}: {text}{postfix}\n")
-        self.lines += 1
         self.stream.flush()
+        self.lines += 1
+        _last_line_at = _now()
 
 
 def _duration(seconds: float) -> str:

@@ -34,6 +34,7 @@ class Terminal(io.StringIO):
 def clock(monkeypatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr(progress_module, "_now", fake)
+    monkeypatch.setattr(progress_module, "_last_line_at", fake.now)
     return fake
 
 
@@ -61,6 +62,21 @@ def test_a_phase_shorter_than_the_interval_says_only_how_it_ended(clock):
         shards.append(shard)
     assert shards == [0, 1, 2, 3, 4]
     assert log.getvalue() == "verifying: 5/5 shard in 0:10, 0.5 shard/s\n"
+
+
+def test_the_interval_counts_from_the_last_line_of_any_phase(clock):
+    log = io.StringIO()
+    shown = Progress(interval=30, stream=log)
+    clock.now += 25  # work that shows no progress
+    with bar(shown, "vocabulary", total=10, unit="cap") as display:
+        clock.now += 5
+        display.update(5)  # 30 s after the last line (here: the start): a line is due
+        clock.now += 5
+        display.update(5)
+    assert log.getvalue().splitlines() == [
+        "vocabulary: 5/10 cap (50%), 1.0 cap/s, 0:05 left",
+        "vocabulary: 10/10 cap in 0:10, 1.0 cap/s",
+    ]
 
 
 def test_a_quick_phase_says_nothing(clock):
@@ -120,6 +136,7 @@ def slow_clock(monkeypatch) -> FakeClock:
     """A clock by which every phase takes long enough to be reported."""
     fake = FakeClock(tick=1.0)
     monkeypatch.setattr(progress_module, "_now", fake)
+    monkeypatch.setattr(progress_module, "_last_line_at", fake.now)
     return fake
 
 
