@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from captioner.precision import PRECISIONS
+
 PATH = click.Path(path_type=Path)  # a file or folder given on the command line, as a Path
 
 
@@ -69,3 +71,14 @@ def apply_options(command: Callable, options: list[Callable]) -> Callable:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def precision_option(config_class: type) -> Callable:
+    """--precision, with `config_class`'s default."""
+    return field_option(
+        config_class,
+        "precision",
+        click.Choice(PRECISIONS),
+        "auto: bfloat16 autocast where the device multiplies it faster than float32 (CUDA, CPUs"
+        " with AMX; per decoder in training), else float32. The run's first lines say which.",
+    )

@@ -6,7 +6,13 @@ from collections.abc import Callable
 
 import click
 
-from captioner.cli.options import apply_options, features_options, field_option, path_option
+from captioner.cli.options import (
+    apply_options,
+    features_options,
+    field_option,
+    path_option,
+    precision_option,
+)
 from captioner.devices import DEVICES
 from captioner.models import DECODERS
 from captioner.object_store import store_location
@@ -135,6 +141,7 @@ def _size_options(command: Callable) -> Callable:
 @_option("min_count", click.IntRange(min=1), "Vocabulary: words seen fewer times become <unk>.")
 @_option("max_length", click.IntRange(min=1), "Words kept per caption; longest greedy decode.")
 @_option("device", click.Choice(DEVICES), "Where to train.")
+@precision_option(TrainConfig)
 @_option(
     "workers",
     click.IntRange(min=0),
