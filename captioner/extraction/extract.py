@@ -160,8 +160,6 @@ def _extract(
     # Rank 0 reads the precision of a store being finished; every rank computes in it.
     finishing, recorded = ranks.broadcast(_store_being_finished(config) if ranks.is_main else None)
     precision = _extraction_precision(config, device, finishing, recorded)
-    if progress and ranks.is_main:
-        tqdm.write(precision.describe())
     encoder = build_encoder(config.encoder).to_device(device, precision)
     settings = StoreSettings(
         encoder=config.encoder,
@@ -179,6 +177,8 @@ def _extract(
     refusal = ranks.broadcast(refusal)
     if refusal:
         raise CaptionerError(refusal)
+    if progress and ranks.is_main:
+        tqdm.write(precision.describe())
 
     writer = StoreWriter(config.out)
     if config.repair:

@@ -116,12 +116,12 @@ def caption_images(config: CaptionConfig, progress: bool = False) -> CaptionSumm
         encoder_precision = resolve_precision(config.precision, device, ENCODER)
         model_name = checkpoint.decoder_config.model
         decoder_precision = resolve_precision(config.precision, device, model_name)
-        summary.precision = describe_precisions(encoder_precision, decoder_precision)
-        if progress:
-            tqdm.write(summary.precision)
         encoder = build_encoder(encoder_config).to_device(device, encoder_precision)
         if not config.allow_other_weights:
             check_encoder_weights(checkpoint, encoder, config.checkpoint)
+        summary.precision = describe_precisions(encoder_precision, decoder_precision)
+        if progress:
+            tqdm.write(summary.precision)
         decoder = checkpoint.build_decoder(device)
         loader = DataLoader(
             ImageDataset(todo, image_transform(encoder_config)),
