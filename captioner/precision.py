@@ -9,9 +9,9 @@ bfloat16 is worth its rounding only where the hardware multiplies it faster than
   in float32, because their step's products are small and the casts around them dominate (the
   attention LSTM's training step took 905 ms in bf16 against 685 in float32 on that CPU).
 - Other CPUs: `avx512_bf16` alone multiplies bf16 slower than float32 (170 against 310 GFLOP/s),
-  and a CPU without bf16 instructions has PyTorch emulate it far slower still (0.17 against 36
-  GFLOP/s on an AMD EPYC with AVX2), so "auto" stays in float32 there, and `bfloat16` is refused
-  on a CPU without bf16 instructions.
+  and a CPU without bf16 instructions has PyTorch emulate it far slower still (0.70 against 35
+  GFLOP/s at 1024x1024 on an AMD EPYC with AVX2), so "auto" stays in float32 there, and
+  `bfloat16` is refused on a CPU without bf16 instructions.
 
 The CPU's kind is read from its feature flags (/proc/cpuinfo), not from a probe of both matrix
 rates: the flags say the same on every run, cost nothing at start-up and do not depend on what
