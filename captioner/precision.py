@@ -19,8 +19,8 @@ else the machine is doing, while a probe on a shared machine could pick differen
 to the next (and a resumed extraction must compute as its first run did).
 
 The CNN also runs channels-last wherever it runs on CUDA or a CPU, whatever the precision: on a
-CPU in float32 that is 1.1-1.8x as many images/s here (bench/RESULTS.md [precision]) and 1.3x on
-the Xeon with AMX.
+CPU in float32 that is 1.3x as many images/s on the Xeon with AMX, and 1.06-1.13x in medians on
+an AMD EPYC without bf16 (within that shared machine's noise; bench/RESULTS.md [precision]).
 """
 
 from __future__ import annotations
