@@ -39,9 +39,9 @@ CPUINFO = Path("/proc/cpuinfo")
 # Whether a kind of work runs faster in bf16 than in float32 on a CPU with bf16 matrix units.
 BF16_GAINS_ON_CPU_MATRIX_UNITS = {
     ENCODER: True,  # large convolutions: 3.3x on a Xeon with AMX
-    "show-tell": False,  # an LSTM step's small products: the casts cost more than they save
-    "show-attend-tell": False,  # measured: 905 ms a step in bf16, 685 in float32
-    "transformer": True,  # every word of a batch in one pass of large products
+    "show-attend-tell": False,  # small products, casts dominate: 905 ms a step in bf16, 685 in fp32
+    "show-tell": False,  # the same kind of LSTM step (not measured on its own)
+    "transformer": True,  # every word of a batch in one pass of large products (not yet measured)
 }
 _BF16_INSTRUCTIONS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 flags; "bf16": Arm's Features
 
@@ -49,8 +49,8 @@ _BF16_INSTRUCTIONS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 flags; "bf16": A
 @dataclass(frozen=True)
 class Precision:
     """How one kind of work computes: in `dtype` ("float32", or under autocast "bfloat16", or
-    "float16" for training on a CUDA GPU without bf16), channels-last or not (the CNN), and why
-    that was chosen."""
+    "float16" on a CUDA GPU without bf16), channels-last or not (the CNN), and why that was
+    chosen."""
 
     dtype: str
     device_type: str  # "cpu", "cuda", "mps"
