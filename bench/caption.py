@@ -3,9 +3,11 @@
 Ours: the whole `captioner caption` path (JPEG decode + resize in DataLoader workers, the
 checkpoint's encoder, batched beam search, rows written as they finish), timed end to end
 (start-up included) and after loading the checkpoint and building the models (the steady rate a
-long run sees). Baseline: the same encoder's forward over ready-made tensors, same batch size
-and device. Repetitions alternate between the two; prints median images/s and the ratio (the
-target is >= 0.90). Encoder weights are random (no downloads here): they cost what trained ones do.
+long run sees). Baseline: the same encoder's forward over ready-made tensors, same batch size,
+device and precision. Both run at each --precision (float32, auto, bfloat16 where the device has
+it); repetitions alternate between them. Prints median images/s, each precision's ratio to
+float32 and caption / bare forward (the target is >= 0.90). Encoder weights are random (no
+downloads here): they cost what trained ones do.
 
     OMP_NUM_THREADS=1 python bench/caption.py --device cpu
 """
@@ -33,6 +35,12 @@ from captioner.encoder import EncoderConfig, build_encoder  # noqa: E402
 from captioner.inference.caption import CaptionConfig, caption_images  # noqa: E402
 from captioner.models import DecoderConfig, build_decoder  # noqa: E402
 from captioner.models.decode import DecodingConfig  # noqa: E402
+from captioner.precision import (  # noqa: E402
+    ENCODER,
+    describe_precisions,
+    missing_bf16_support,
+    resolve_precision,
+)
 from captioner.text import SPECIAL_TOKENS, Vocabulary  # noqa: E402
 
 
@@ -55,11 +63,20 @@ def main() -> None:
     encoder_config = EncoderConfig(args.encoder, "none", args.image_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights, on purpose
-        encoder = build_encoder(encoder_config).to_device(device)
+        encoder = build_encoder(encoder_config)
+    precisions = {"float32": "float32", "auto": "auto"}
+    if why_not := missing_bf16_support(device):
+        print(f"bfloat16 not measured: {why_not}")
+    else:
+        precisions["bfloat16"] = "bfloat16"
+    print(
+        describe_precisions(*(resolve_precision("auto", device, w) for w in (ENCODER, args.model)))
+    )
     batches = -(-args.images // args.batch_size)
     ready = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
 
-    def bare_forward() -> float:
+    def bare_forward(precision: str) -> float:
+        encoder.to_device(device, resolve_precision(precision, device, ENCODER))
         with torch.inference_mode():
             encoder(ready.to(device))  # warm-up
             _synchronize(device)
@@ -73,13 +90,14 @@ def main() -> None:
         photos = write_photos(Path(tmp) / "data", args.images) / "images"
         checkpoint = _checkpoint(Path(tmp) / "best.pt", args, encoder_config, encoder)
 
-        def captioning(repeat: int) -> float:
+        def captioning(precision: str, repeat: int) -> tuple[float, float]:
             config = CaptionConfig(
                 [photos],
                 checkpoint,
-                Path(tmp) / f"captions{repeat}.csv",
+                Path(tmp) / f"captions-{precision}-{repeat}.csv",
                 decoding=DecodingConfig(beam_size=args.beam_size),
                 device=str(device),
+                precision=precision,
                 batch_size=args.batch_size,
                 workers=args.workers,
             )
@@ -91,28 +109,35 @@ def main() -> None:
             assert summary.captioned == args.images
             return args.images / (time.perf_counter() - started), summary.images_per_second
 
-        bare_runs, caption_runs, steady_runs = [], [], []
+        runs = {name: {"bare": [], "caption": [], "steady": []} for name in precisions}
         for repeat in range(args.repeats):
-            bare_runs.append(bare_forward())
-            end_to_end, steady = captioning(repeat)
-            caption_runs.append(end_to_end)
-            steady_runs.append(steady)
-            print(
-                f"repeat {repeat}: bare {bare_runs[-1]:.2f}, caption {end_to_end:.2f} end to end,"
-                f" {steady:.2f} after loading the models (img/s)"
-            )
-    bare, ours = statistics.median(bare_runs), statistics.median(caption_runs)
-    steady = statistics.median(steady_runs)
+            for name, precision in precisions.items():
+                bare = bare_forward(precision)
+                end_to_end, steady = captioning(precision, repeat)
+                for kind, rate in (("bare", bare), ("caption", end_to_end), ("steady", steady)):
+                    runs[name][kind].append(rate)
+                print(
+                    f"repeat {repeat}, {name}: bare {bare:.2f}, caption {end_to_end:.2f} end to"
+                    f" end, {steady:.2f} after loading the models (img/s)"
+                )
+    medians = {
+        name: {kind: statistics.median(rates) for kind, rates in kinds.items()}
+        for name, kinds in runs.items()
+    }
     print(
         f"{args.encoder} @ {args.image_size} px, {args.model} (vocab {args.vocab}, beam "
         f"{args.beam_size}) on {device}, batch {args.batch_size}, {args.images} images, "
         f"{args.workers} workers, torch threads {torch.get_num_threads()}"
     )
-    print(f"bare encoder forward: {bare:.2f} images/s (median of {args.repeats})")
-    print(f"captioning a folder:  {ours:.2f} images/s end to end (median of {args.repeats})")
-    print(f"                      {steady:.2f} images/s after loading the models")
-    print(f"ratio caption / bare: {ours / bare:.3f} end to end, {steady / bare:.3f} after loading")
-    print("(target >= 0.90)")
+    print(f"images/s, medians of {args.repeats}; each precision's ratio to float32 in brackets")
+    print(f"{'precision':10} {'bare':>14} {'caption':>14} {'after load':>14} {'caption/bare':>12}")
+    for name, rates in medians.items():
+        cells = [
+            f"{rates[kind]:7.2f} ({rates[kind] / medians['float32'][kind]:4.2f})"
+            for kind in ("bare", "caption", "steady")
+        ]
+        print(f"{name:10} {' '.join(cells)} {rates['caption'] / rates['bare']:12.3f}")
+    print("(target: caption / bare >= 0.90)")
 
 
 def _checkpoint(path: Path, args, encoder_config: EncoderConfig, encoder) -> Path:

@@ -2,8 +2,11 @@
 
 pipeline: `extract_features` (JPEG decode + resize in DataLoader workers, CNN, background shard
     writer) against the bare encoder forward over ready-made tensors, same device, encoder and
-    batch size. Repetitions alternate between the two so load drift on a shared machine hits both;
-    prints median images/s of each and their ratio (the target is >= 0.90).
+    batch size. The bare forward runs at each precision (float32 without and with channels-last,
+    what --precision auto chooses, bfloat16 where the device has it) and the pipeline at auto's.
+    Repetitions alternate between them so load drift on a shared machine hits all; prints median
+    images/s of each, each precision's ratio to float32, and pipeline / bare forward at auto's
+    precision (the target is >= 0.90).
 storage: layouts of the `spatial` array (inner chunk, shard size, compressor) over realistic
     feature maps: size on disk, write speed, and read throughput of 64 images (random rows, and
     one aligned run), warm (page cache) and cold (pages dropped with posix_fadvise), through the
@@ -22,6 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +40,10 @@ from machine import describe_machine  # noqa: E402  (bench/machine.py)
 
 from captioner.devices import resolve_device  # noqa: E402
 from captioner.encoder import EncoderConfig, FrozenEncoder, build_encoder, image_transform  # noqa: E402
+from captioner.errors import CaptionerError  # noqa: E402
 from captioner.extraction.extract import ExtractConfig, extract_features  # noqa: E402
 from captioner.images import load_image  # noqa: E402
+from captioner.precision import ENCODER, Precision, resolve_precision  # noqa: E402
 from captioner.store import directory_size, read_array_rows  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k" / "images"
@@ -69,11 +75,16 @@ def bench_pipeline(args: argparse.Namespace) -> None:
     config = EncoderConfig(args.encoder, "none", args.image_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights cost the same as trained ones
-        encoder = build_encoder(config).to_device(device)
+        encoder = build_encoder(config)
+    settings = encoder_precisions(device)
+    chosen = resolve_precision("auto", device, ENCODER)
+    print(chosen.describe())
     batches = -(-args.images // args.batch_size)
     ready = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
 
-    def bare_forward() -> float:
+    def bare_forward(precision: Precision) -> float:
+        encoder.to_device(device, precision)
+
         def one_batch() -> None:
             features = encoder(ready.to(device, non_blocking=True))
             features.to(torch.float16).cpu()  # the pipeline copies its results to the host too
@@ -99,39 +110,62 @@ def bench_pipeline(args: argparse.Namespace) -> None:
                 device=device.type,
                 batch_size=args.batch_size,
                 workers=args.workers,
-            )
+            )  # precision "auto", as the command's default
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 summary = extract_features(run)
             return summary.images_per_second
 
         decode_ms, write_ms = _side_costs(data, config, encoder)
-        bare_runs, pipeline_runs, occupancy = [], [], []
+        bare_runs = {name: [] for name in settings}
+        pipeline_runs, occupancy = [], []
         for repeat in range(args.repeats):
-            bare_runs.append(bare_forward())
+            for name, precision in settings.items():
+                bare_runs[name].append(bare_forward(precision))
             with _ForwardClock(device) as clock:
                 pipeline_runs.append(pipeline(repeat))
             occupancy.append(clock.seconds * pipeline_runs[-1] / args.images)
+            rates = ", ".join(f"{name} {runs[-1]:.2f}" for name, runs in bare_runs.items())
             print(
-                f"repeat {repeat}: bare {bare_runs[-1]:.1f}, pipeline {pipeline_runs[-1]:.1f}"
-                f" img/s, pipeline loop in forward {occupancy[-1]:.1%}"
+                f"repeat {repeat}: bare {rates}; pipeline {pipeline_runs[-1]:.2f} img/s,"
+                f" pipeline loop in forward {occupancy[-1]:.1%}"
             )
-    bare, piped = statistics.median(bare_runs), statistics.median(pipeline_runs)
+    bare = {name: statistics.median(runs) for name, runs in bare_runs.items()}
+    piped = statistics.median(pipeline_runs)
     print(
         f"{args.encoder} @ {args.image_size} px on {device}, batch {args.batch_size}, "
         f"{args.images} images, {args.workers} workers, torch threads {torch.get_num_threads()}"
     )
-    print(f"bare encoder forward: {bare:.1f} images/s (median of {args.repeats})")
-    print(f"extraction pipeline:  {piped:.1f} images/s (median of {args.repeats})")
-    print(f"ratio pipeline / bare: {piped / bare:.3f}")
+    print(f"bare encoder forward, images/s (median of {args.repeats}), and x float32:")
+    for name, rate in bare.items():
+        print(f"  {name:28} {rate:8.2f}  {rate / bare['float32']:5.2f}x")
+    auto = f"auto ({chosen.dtype})"
+    print(f"extraction pipeline:  {piped:.2f} images/s (median of {args.repeats}), {auto}")
+    print(f"ratio pipeline / bare at {auto}: {piped / bare[auto]:.3f} (target >= 0.90)")
     print(
         "share of the pipeline's loop spent in the encoder forward:"
         f" {statistics.median(occupancy):.1%}"
     )
     print(
         f"side work per image, one thread: decode+resize {decode_ms:.1f} ms (DataLoader workers),"
-        f" compress+write {write_ms:.1f} ms (writer thread); forward {1000 / bare:.1f} ms"
+        f" compress+write {write_ms:.1f} ms (writer thread); forward {1000 / bare[auto]:.1f} ms"
     )
+
+
+def encoder_precisions(device: torch.device) -> dict[str, Precision]:
+    """The encoder's precisions to compare, by name: float32 without channels-last (the layout
+    before precisions were chosen), float32, what auto chooses, and bfloat16 where the device
+    computes it (a line says why not, where it does not)."""
+    float32 = resolve_precision("float32", device, ENCODER)
+    settings = {"float32, not channels-last": replace(float32, channels_last=False)}
+    settings["float32"] = float32
+    auto = resolve_precision("auto", device, ENCODER)
+    settings[f"auto ({auto.dtype})"] = auto
+    try:
+        settings["bfloat16"] = resolve_precision("bfloat16", device, ENCODER)
+    except CaptionerError as refused:
+        print(f"bfloat16 not measured: {refused}")
+    return settings
 
 
 class _ForwardClock:

@@ -52,6 +52,7 @@ from plain_decoders import PlainShowAttendTell, PlainShowTell  # noqa: E402
 from captioner.encoder import EncoderConfig, build_encoder, image_transform  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.models import DecoderConfig, build_decoder, load_native_attention  # noqa: E402
+from captioner.precision import ENCODER, resolve_precision  # noqa: E402
 from captioner.readers import read_corpus  # noqa: E402
 from captioner.store import (  # noqa: E402
     FeatureStore,
@@ -173,7 +174,7 @@ class Trainer:
             )  # as train_decoder.py does
         fused = not reference and device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=4e-4, fused=fused)
-        self.amp = Amp(device)
+        self.amp = Amp(resolve_precision("auto", device, model))
         self.device = device
 
     def step(self, batch: Batch) -> None:
@@ -208,7 +209,9 @@ def measure_cnn(repeats: int, device: torch.device) -> tuple[float, float]:
             decode_times.append(time.perf_counter() - started)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: the FLOPs are what is measured here
-        encoder = build_encoder(config).to(device)
+        encoder = build_encoder(config).to_device(
+            device, resolve_precision("auto", device, ENCODER)
+        )
     batch = 2 if device.type == "cpu" else 32
     images = torch.stack([transform(load_image(p)) for p in paths[:2]] * (batch // 2)).to(device)
 

@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from captioner.errors import CaptionerError
+from captioner.precision import Precision
 
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
@@ -66,8 +67,9 @@ class EncoderConfig:
 class FrozenEncoder(nn.Module):
     """``forward(images (B, 3, S, S) normalized) -> (B, H*W, C)`` float32 region features.
 
-    On CUDA the CNN runs channels-last under bfloat16 autocast (about twice as fast on tensor
-    cores); the features are returned as float32 either way.
+    It computes in the precision `to_device` gives it (captioner.precision: bf16 autocast and
+    channels-last on CUDA and on CPUs with bf16 matrix units, float32 channels-last on other
+    CPUs); the features are returned as float32 either way.
     """
 
     def __init__(self, config: EncoderConfig, backbone: nn.Module, weights_id: str):
@@ -79,22 +81,22 @@ class FrozenEncoder(nn.Module):
         channels, height, width = _output_shape(config.name, config.image_size)
         self.channels = channels
         self.grid = (height, width)
+        self.precision = Precision("float32", "cpu", "until to_device gives another")
         self.eval()
 
     def train(self, mode: bool = True) -> FrozenEncoder:
         return super().train(False)  # frozen: batch-norm statistics never move
 
-    def to_device(self, device: torch.device | str) -> FrozenEncoder:
-        device = torch.device(device)
-        memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
-        return self.to(device=device, memory_format=memory_format)
+    def to_device(self, device: torch.device | str, precision: Precision) -> FrozenEncoder:
+        """The encoder on `device`, computing in `precision` (resolved for that device)."""
+        self.precision = precision
+        memory_format = torch.channels_last if precision.channels_last else torch.preserve_format
+        return self.to(device=torch.device(device), memory_format=memory_format)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.is_cuda:
+        if self.precision.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                maps = self.backbone(images)
-        else:
+        with self.precision.autocast():
             maps = self.backbone(images)
         return maps.float().flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
 

@@ -68,6 +68,7 @@ DEFAULT_COMPRESSION = "zstd"
 # Where a store lives: a folder on a disk, or a prefix in object storage.
 StoreLocation = Path | RemoteStore
 COMPRESSIONS = ("none", "zstd", "blosc-lz4")
+COMPUTED_PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,18 @@ class StoreSettings:
     dtype: str = "float16"
     images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
     compression: str = DEFAULT_COMPRESSION
+    # What the encoder computed in: "float32", or under autocast "bfloat16" (or "float16", on a
+    # CUDA GPU without bf16). None: not recorded, in stores made before it was (those computed
+    # in float32 on a CPU and under bfloat16 autocast on CUDA).
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise CaptionerError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.precision not in (None, *COMPUTED_PRECISIONS):
+            raise CaptionerError(
+                f"precision {self.precision!r} is not one of {COMPUTED_PRECISIONS}"
+            )
         if self.compression not in COMPRESSIONS:
             raise CaptionerError(f"compression {self.compression!r} is not one of {COMPRESSIONS}")
         if self.images_per_shard < 1:
@@ -294,6 +303,7 @@ class FeatureStore:
             f"spatial      ({self.num_images}, {height * width}, {self.channels}) {self.dtype}"
             f"  grid {height}x{width}, {self.images_per_shard} images per shard,"
             f" {self.settings.compression}",
+            f"precision    {self._describe_precision()}",
             f"size on disk {format_bytes(self.size_on_disk())}",
             "status       "
             + ", ".join(
@@ -316,6 +326,16 @@ class FeatureStore:
             + ", ".join(f"{k} {v}" for k, v in self.attrs["versions"].items()),
         ]
         return "\n".join(lines + describe_failures(self.failures(), max_failures))
+
+    def _describe_precision(self) -> str:
+        precision = self.settings.precision
+        if precision is None:
+            return (
+                "not recorded (a store made before stores recorded it: float32 if extracted on"
+                " a CPU, bfloat16 autocast on CUDA)"
+            )
+        how = "float32" if precision == "float32" else f"{precision} autocast"
+        return f"{how}: the encoder computed these features in it"
 
 
 class StoreWriter:

@@ -10,6 +10,7 @@ import click
 from captioner.cli.options import (
     field_option,
     path_option,
+    precision_option,
     progress_option,
     storage_options_option,
     store_option,
@@ -70,6 +71,7 @@ def _option(name: str, kind: click.ParamType | type, help: str):
 )
 @click.option("--gpu", is_flag=True, help="Shorthand for --device cuda.")
 @_option("device", click.Choice(DEVICES), "Where the CNN runs.")
+@precision_option(ExtractConfig)
 @_option("batch_size", click.IntRange(min=1), "Pictures per forward pass.")
 @_option("workers", click.IntRange(min=0), "DataLoader processes that decode and resize pictures.")
 @_option("dtype", click.Choice(DTYPES), "Stored type of the spatial maps.")

@@ -13,6 +13,7 @@ from captioner.cli.options import (
     features_options,
     field_option,
     path_option,
+    precision_option,
     progress_option,
 )
 from captioner.devices import DEVICES
@@ -86,6 +87,7 @@ _metrics_option = click.option(
 @decoding_options
 @field_option(EvaluateConfig, "batch_size", click.IntRange(min=1), "Images decoded at once.")
 @field_option(EvaluateConfig, "device", click.Choice(DEVICES), "Where the decoder runs.")
+@precision_option(EvaluateConfig)
 @_metrics_option
 @field_option(
     EvaluateConfig,
@@ -172,6 +174,7 @@ def score_command(
 @click.option("--recursive", is_flag=True, help="Look into subfolders too.")
 @decoding_options
 @field_option(CaptionConfig, "device", click.Choice(DEVICES), "Where the CNN and decoder run.")
+@precision_option(CaptionConfig)
 @field_option(CaptionConfig, "batch_size", click.IntRange(min=1), "Pictures per batch.")
 @field_option(
     CaptionConfig, "workers", click.IntRange(min=0), "DataLoader processes that decode pictures."
@@ -205,6 +208,8 @@ def caption_command(inputs: tuple[str, ...], format_: str, progress: Progress, *
         f"{summary.files} files: {summary.captioned} captioned, {summary.failed} unreadable, "
         f"{summary.skipped} already in {summary.out}{same}{rate}"
     )
+    if summary.precision:
+        click.echo(summary.precision)
     if config.html is not None:
         click.echo(f"report: {config.html}")
     if summary.stopped:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from captioner.precision import PRECISIONS
 from captioner.progress import DEFAULT_INTERVAL, Progress
 
 PATH = click.Path(path_type=Path)  # a file or folder given on the command line, as a Path
@@ -94,3 +95,14 @@ def progress_option(command: Callable) -> Callable:
         help="When stderr is not a terminal (a batch log), show progress as one plain line this"
         " often and at the end of each phase, instead of progress bars.",
     )(command)
+
+
+def precision_option(config_class: type) -> Callable:
+    """--precision, with `config_class`'s default."""
+    return field_option(
+        config_class,
+        "precision",
+        click.Choice(PRECISIONS),
+        "auto: bfloat16 autocast where the device multiplies it faster than float32 (CUDA, CPUs"
+        " with AMX; per decoder in training), else float32. The run's first lines say which.",
+    )

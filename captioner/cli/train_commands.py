@@ -11,6 +11,7 @@ from captioner.cli.options import (
     features_options,
     field_option,
     path_option,
+    precision_option,
     progress_option,
 )
 from captioner.devices import DEVICES
@@ -142,6 +143,7 @@ def _size_options(command: Callable) -> Callable:
 @_option("min_count", click.IntRange(min=1), "Vocabulary: words seen fewer times become <unk>.")
 @_option("max_length", click.IntRange(min=1), "Words kept per caption; longest greedy decode.")
 @_option("device", click.Choice(DEVICES), "Where to train.")
+@precision_option(TrainConfig)
 @_option(
     "workers",
     click.IntRange(min=0),

@@ -33,10 +33,19 @@ from captioner.extraction.integrity import damaged_shards
 from captioner.files import require_writable_folder
 from captioner.images import ImageDataset, collate_images
 from captioner.object_store import RemoteStore
-from captioner.option_checks import at_least, check_options, optional
+from captioner.option_checks import at_least, check_options, one_of, optional
+from captioner.precision import (
+    ENCODER,
+    PRECISIONS,
+    Precision,
+    given_precision,
+    missing_bf16_support,
+    resolve_precision,
+)
 from captioner.preemption import StopRequest
 from captioner.progress import ShowProgress
 from captioner.progress import bar as progress_bar
+from captioner.progress import write as write_line
 from captioner.readers import read_corpus
 from captioner.store import (
     DEFAULT_COMPRESSION,
@@ -67,6 +76,8 @@ class ExtractConfig:
     splits_dir: Path | None = None
     keep_restval: bool = False
     device: str = "auto"
+    # "auto" | "float32" | "bfloat16" (captioner.precision); a store being finished keeps its own
+    precision: str = "auto"
     batch_size: int = 64
     workers: int = default_workers(4)
     dtype: str = "float16"
@@ -121,7 +132,14 @@ def extract_features(config: ExtractConfig, progress: ShowProgress = False) -> E
     other settings or another corpus is refused unless `config.overwrite`.
     """
     started = time.perf_counter()
-    check_options(config, {"batch_size": at_least(1), "limit": optional(at_least(1))})
+    check_options(
+        config,
+        {
+            "batch_size": at_least(1),
+            "limit": optional(at_least(1)),
+            "precision": one_of(PRECISIONS),
+        },
+    )
     ranks = Ranks.from_environment()
     device = resolve_device(config.device, ranks.local_rank)
     with process_group(ranks, device), StopRequest() as stop:
@@ -141,7 +159,10 @@ def _extract(
     elif ranks.is_main:
         require_writable_folder(config.out)
     corpus = _read_images_corpus(config, progress if ranks.is_main else False)
-    encoder = build_encoder(config.encoder).to_device(device)
+    # Rank 0 reads the precision of a store being finished; every rank computes in it.
+    finishing, recorded = ranks.broadcast(_store_being_finished(config) if ranks.is_main else None)
+    precision = _extraction_precision(config, device, finishing, recorded)
+    encoder = build_encoder(config.encoder).to_device(device, precision)
     settings = StoreSettings(
         encoder=config.encoder,
         weights_id=encoder.weights_id,
@@ -151,12 +172,15 @@ def _extract(
         dtype=config.dtype,
         images_per_shard=config.images_per_shard,
         compression=config.compression,
+        precision=recorded if finishing else precision.dtype,
     )
     # Rank 0 alone creates or checks the store; the others wait for its verdict.
     refusal = _prepare_store(config, corpus, settings) if ranks.is_main else None
     refusal = ranks.broadcast(refusal)
     if refusal:
         raise CaptionerError(refusal)
+    if progress and ranks.is_main:
+        write_line(precision.describe())
 
     writer = StoreWriter(config.out)
     if config.repair:
@@ -214,6 +238,39 @@ def _read_images_corpus(config: ExtractConfig, progress: ShowProgress) -> Corpus
             f"(e.g. {first[0].path}); is --images the folder that holds them?"
         )
     return corpus
+
+
+def _store_being_finished(config: ExtractConfig) -> tuple[bool, str | None]:
+    """(whether this run finishes an existing store, the precision that store records: None in
+    a store made before stores recorded it)."""
+    if config.overwrite or not config.out.exists():
+        return False, None
+    try:
+        return True, FeatureStore.open(config.out).settings.precision
+    except CaptionerError:
+        return False, None  # _prepare_store says what is wrong with it
+
+
+def _extraction_precision(
+    config: ExtractConfig, device: torch.device, finishing: bool, recorded: str | None
+) -> Precision:
+    """The precision `config` asks for, except that a store being finished is finished in the
+    precision it was started in (its features must all be computed alike: a resumed store equals
+    an uninterrupted run), saying so when that is not what was asked for."""
+    chosen = resolve_precision(config.precision, device, ENCODER)
+    if not finishing or recorded is None or recorded == chosen.dtype:
+        return chosen
+    if recorded == "bfloat16" and (why_not := missing_bf16_support(device)):
+        raise CaptionerError(
+            f"{config.out}: its features were started in bfloat16, but {why_not}; finish it on"
+            " a machine with bf16 support, or pass --overwrite to extract it again"
+        )
+    asked = "auto" if config.precision == "auto" else f"--precision {config.precision}"
+    reason = (
+        f"the precision {config.out} was started in; {asked} gives {chosen.dtype} here, which"
+        " only --overwrite would use"
+    )
+    return given_precision(recorded, device, ENCODER, reason)
 
 
 def _prepare_store(config: ExtractConfig, corpus: Corpus, settings: StoreSettings) -> str | None:

@@ -38,9 +38,11 @@ from captioner.inference.caption_output import (
 from captioner.inference.report import Card, ReportPage, write_report
 from captioner.models.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.option_checks import at_least, check_options, one_of
+from captioner.precision import ENCODER, PRECISIONS, describe_precisions, resolve_precision
 from captioner.preemption import StopRequest
 from captioner.progress import ShowProgress
 from captioner.progress import bar as progress_bar
+from captioner.progress import write as write_line
 from captioner.readers.builder import IMAGE_SUFFIXES
 
 # What a folder scan takes for a picture: the suffixes caption files name, and Netpbm's.
@@ -56,6 +58,7 @@ class CaptionConfig:
     recursive: bool = False
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     device: str = "auto"
+    precision: str = "auto"  # "auto" | "float32" | "bfloat16" (captioner.precision)
     batch_size: int = 32
     workers: int = default_workers(2)
     weights: str | None = None  # a local encoder weights file instead of the checkpoint's record
@@ -73,6 +76,7 @@ class CaptionSummary:
     seconds: float  # the whole call
     stopped: str = ""  # the signal (SIGTERM, SIGINT) that ended the run early, if one did
     startup_seconds: float = 0.0  # of which loading the checkpoint and building the models
+    precision: str = ""  # the precision line of the run ("" when nothing was left to caption)
 
     @property
     def images_per_second(self) -> float:
@@ -86,7 +90,12 @@ def caption_images(config: CaptionConfig, progress: ShowProgress = False) -> Cap
     started = time.perf_counter()
     check_options(
         config,
-        {"format": one_of(OUTPUT_FORMATS), "batch_size": at_least(1), "workers": at_least(0)},
+        {
+            "format": one_of(OUTPUT_FORMATS),
+            "precision": one_of(PRECISIONS),
+            "batch_size": at_least(1),
+            "workers": at_least(0),
+        },
     )
     files = find_images(config.inputs, config.recursive)
     if not files:
@@ -106,9 +115,15 @@ def caption_images(config: CaptionConfig, progress: ShowProgress = False) -> Cap
         if config.weights is not None:
             encoder_config = replace(encoder_config, weights=str(config.weights))
         device = resolve_device(config.device)
-        encoder = build_encoder(encoder_config).to_device(device)
+        encoder_precision = resolve_precision(config.precision, device, ENCODER)
+        model_name = checkpoint.decoder_config.model
+        decoder_precision = resolve_precision(config.precision, device, model_name)
+        encoder = build_encoder(encoder_config).to_device(device, encoder_precision)
         if not config.allow_other_weights:
             check_encoder_weights(checkpoint, encoder, config.checkpoint)
+        summary.precision = describe_precisions(encoder_precision, decoder_precision)
+        if progress:
+            write_line(summary.precision)
         decoder = checkpoint.build_decoder(device)
         loader = DataLoader(
             ImageDataset(todo, image_transform(encoder_config)),
@@ -120,7 +135,10 @@ def caption_images(config: CaptionConfig, progress: ShowProgress = False) -> Cap
         summary.startup_seconds = time.perf_counter() - started
 
         def decode(features: torch.Tensor | None) -> list[GeneratedCaption]:
-            return [] if features is None else generate(decoder, features, config.decoding)
+            if features is None:
+                return []
+            with decoder_precision.autocast():  # (autocast holds per thread: entered here)
+                return generate(decoder, features, config.decoding)
 
         def write(batch: tuple[Future, torch.Tensor, torch.Tensor, list]) -> None:
             captions, indices, good, failures = batch

@@ -35,9 +35,11 @@ from captioner.inference.report import (
 from captioner.metrics import COCO, MetricsReport, check_java, score_captions
 from captioner.models import load_native_attention
 from captioner.models.decode import DecodingConfig, GeneratedCaption, generate
-from captioner.option_checks import at_least, check_options
+from captioner.option_checks import at_least, check_options, one_of
+from captioner.precision import PRECISIONS, resolve_precision
 from captioner.progress import ShowProgress
 from captioner.progress import bar as progress_bar
+from captioner.progress import write as write_line
 from captioner.store import (
     FeatureStore,
     StoreLocation,
@@ -63,6 +65,7 @@ class EvaluateConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     batch_size: int = 64
     device: str = "auto"
+    precision: str = "auto"  # "auto" | "float32" | "bfloat16" (captioner.precision)
     metrics: str = "auto"  # "auto" | "coco-caption" | "nltk-fallback"
     visualize: int = 0  # attention figures for this many images
     images: Path | None = None  # image root for the figures; default: the one extraction used
@@ -81,7 +84,10 @@ class EvaluationResult:
 
 def evaluate(config: EvaluateConfig, progress: ShowProgress = False) -> EvaluationResult:
     """Decode the split from stored features, score it, write the outputs (see the module doc)."""
-    check_options(config, {"batch_size": at_least(1), "visualize": at_least(0)})
+    check_options(
+        config,
+        {"batch_size": at_least(1), "visualize": at_least(0), "precision": one_of(PRECISIONS)},
+    )
     require_writable_folder(config.out)  # before the decoding, not after it
     if config.metrics == COCO:
         check_java()  # before the decoding, not after it
@@ -97,12 +103,16 @@ def evaluate(config: EvaluateConfig, progress: ShowProgress = False) -> Evaluati
             f"(splits in this store: {', '.join(_split_counts(store)) or 'none'})"
         )
     device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device, checkpoint.decoder_config.model)
+    if progress:
+        write_line(precision.describe())
     decoder = checkpoint.build_decoder(device)
     regions = store.grid[0] * store.grid[1]
     native_note = load_native_attention(decoder, regions, device) if config.native_attention else ""
-    captions = decode_rows(
-        decoder, store, rows, config.decoding, config.batch_size, device, progress
-    )
+    with precision.autocast():
+        captions = decode_rows(
+            decoder, store, rows, config.decoding, config.batch_size, device, progress
+        )
 
     ids = store.image_ids()
     references = {
@@ -135,6 +145,7 @@ def evaluate(config: EvaluateConfig, progress: ShowProgress = False) -> Evaluati
         "features": str(store.path),
         "split": config.split,
         "decoding": asdict(config.decoding),
+        "precision": precision.dtype,
         "notes": report.notes + notes,
     }
     write_json(out / "metrics.json", summary)

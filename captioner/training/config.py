@@ -11,6 +11,7 @@ from captioner.devices import DEVICES
 from captioner.errors import CaptionerError
 from captioner.models import DECODERS, DecoderConfig
 from captioner.option_checks import above, at_least, check_options, fraction, one_of, optional
+from captioner.precision import PRECISIONS
 from captioner.store import StoreLocation
 
 OBJECTIVES = ("xe", "scst")
@@ -96,6 +97,8 @@ class TrainConfig:
     min_count: int = 5  # words seen fewer times in the train split become <unk>
     max_length: int = 20  # words kept per caption, and the longest greedy decode or sample
     device: str = "auto"  # auto | cpu | cuda | mps
+    # auto | float32 | bfloat16 (captioner.precision); auto picks per decoder what is faster
+    precision: str = "auto"
     # Threads that read and assemble batches ahead of the step; 0 reads in the training loop.
     # None: training.data.reader_threads decides by the device and the CPUs available.
     workers: int | None = None
@@ -140,6 +143,7 @@ _RULES = {
     "objective": one_of(OBJECTIVES),
     "scst_baseline": one_of(SCST_BASELINES),
     "device": one_of(DEVICES),
+    "precision": one_of(PRECISIONS),
     "lr": optional(above(0)),
     **dict.fromkeys(
         ["epochs", "batch_size", "embed_size", "hidden_size", "attention_size", "min_count"]

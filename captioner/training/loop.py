@@ -169,6 +169,7 @@ def _train(
         f" {len(val_rows)} val images, vocabulary {len(vocabulary)}) on {device}"
         + (f" x {ranks.world_size} ranks" if ranks.world_size > 1 else "")
     )
+    say(run.amp.precision.describe())
     say(describe_reading(train_stream, reader_threads(config.workers, device)[1]))
     if config.resume:
         say(_where_resumed(state, train_stream.num_batches, config.epochs, last_path))

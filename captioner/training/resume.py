@@ -108,6 +108,7 @@ def save_run(run: Run, path: Path, state: RunState, resumable: bool = False) -> 
             "step": state.step,
             "metrics": state.history[-1] if state.history else {},
             "options": _options(run.config),
+            "precision": run.amp.precision.dtype,  # what "auto" (or the option) came to
         },
     )
     extra = None

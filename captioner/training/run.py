@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from captioner.distributed import Ranks
 from captioner.models import CaptionDecoder
+from captioner.precision import Precision, resolve_precision
 from captioner.store import FeatureStore
 from captioner.text import Vocabulary
 from captioner.training.config import TrainConfig
@@ -41,7 +42,7 @@ class Run:
         fused = device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr, fused=fused)
         self.schedule = LearningRateSchedule(config.lr, config.warmup_steps)  # each step's rate
-        self.amp = Amp(device)
+        self.amp = Amp(resolve_precision(config.precision, device, decoder.config.model))
         self.model: nn.Module = objective
         if ranks.world_size > 1:
             self.model = DistributedDataParallel(
@@ -50,16 +51,13 @@ class Run:
 
 
 class Amp:
-    """Mixed precision on CUDA only: bfloat16 where supported (no loss scaling needed), else
-    float16 with a gradient scaler. Elsewhere both are no-ops."""
+    """Mixed precision as `precision` says (captioner.precision): bfloat16 autocast (no loss
+    scaling needed), float16 autocast with a gradient scaler (a CUDA GPU without bf16), or
+    neither in float32."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.dtype = None
-        if device.type == "cuda":
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+    def __init__(self, precision: Precision) -> None:
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision.dtype == "float16")
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.dtype)
+        return self.precision.autocast()
