@@ -109,7 +109,8 @@ class PlainProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = _now()
-        if now - _last_line_at >= self.interval:
+        # (not in a phase's first second: a quick phase writes nothing, as its close says)
+        if now - self.started >= QUICK_PHASE and now - _last_line_at >= self.interval:
             self._line(self._running(now - self.started))
 
     def set_postfix(self, **values: object) -> None:
