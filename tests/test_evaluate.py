@@ -315,7 +315,7 @@ def flickr8k_references_without_caption_zero(folder: Path, images: int) -> tuple
 def test_score_one_human_caption_against_the_other_four_equals_pycocoevalcap(tmp_path, monkeypatch):
     from pycocoevalcap.meteor import meteor
 
-    shared = meteor.Meteor()  # METEOR 1.5 starts slowly: one process for both sides
+    shared = metrics.start_meteor()  # METEOR 1.5 starts slowly: one process for both sides
     monkeypatch.setattr(meteor, "Meteor", lambda: shared)
     from test_metrics import pycocoevalcap_directly
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from flickr8k_fixture import flickr8k_test_captions
 
@@ -80,10 +82,11 @@ def pycocoevalcap_directly(references, predictions) -> dict[str, float]:
 
 @pytest.fixture
 def one_meteor_process(monkeypatch):
-    """METEOR 1.5 takes many seconds to start: both sides of a comparison share one process."""
+    """METEOR 1.5 takes many seconds to start: both sides of a comparison share the process
+    that captioner keeps."""
     from pycocoevalcap.meteor import meteor
 
-    shared = meteor.Meteor()
+    shared = metrics.start_meteor()
     monkeypatch.setattr(meteor, "Meteor", lambda: shared)
 
 
@@ -101,6 +104,44 @@ def test_scores_equal_pycocoevalcap_on_flickr8k_human_captions(one_meteor_proces
     assert "CIDEr-D" in table and "FALLBACK" not in table
     assert report.to_dict()["metrics"]["METEOR"] == expected["METEOR"]
     assert_per_image_scores_are_the_corpus_scorers(report, *ptb_tokenized(references, predictions))
+
+
+class _CountedMeteor:
+    """pycocoevalcap's Meteor in shape (a lock, compute_score), counting its starts; it fails
+    like a Java process that died once `dead` is set."""
+
+    started = 0
+
+    def __init__(self) -> None:
+        type(self).started += 1
+        self.lock = threading.Lock()
+        self.dead = False
+
+    def compute_score(self, gts: dict, res: dict) -> tuple[float, list[float]]:
+        if self.dead:
+            raise OSError("[Errno 32] Broken pipe")
+        return 0.25, [0.25] * len(gts)
+
+
+@pytest.mark.skipif(not metrics.java_available(), reason="the coco-caption metrics need Java")
+def test_one_meteor_process_serves_every_scoring_and_one_that_failed_is_replaced(monkeypatch):
+    from pycocoevalcap.meteor import meteor
+
+    monkeypatch.setattr(meteor, "Meteor", _CountedMeteor)
+    metrics.start_meteor.cache_clear()
+    try:
+        references = {"a": ["a dog runs", "a brown dog"], "b": ["two men ride bikes"]}
+        predictions = {"a": "a dog runs", "b": "two men"}
+        for _ in range(2):
+            assert score_captions(references, predictions).scores["METEOR"] == 0.25
+        assert _CountedMeteor.started == 1
+        metrics.start_meteor().dead = True
+        with pytest.raises(CaptionerError, match=r"^METEOR 1.5 \(java\) failed: .*Broken pipe"):
+            score_captions(references, predictions)
+        assert score_captions(references, predictions).scores["METEOR"] == 0.25
+        assert _CountedMeteor.started == 2
+    finally:
+        metrics.start_meteor.cache_clear()
 
 
 def assert_per_image_scores_are_the_corpus_scorers(report, gts: dict, res: dict) -> None:

@@ -32,7 +32,15 @@ from captioner.inference.report import (
     image_root,
     write_report,
 )
-from captioner.metrics import COCO, MetricsReport, check_java, score_captions
+from captioner.metrics import (
+    COCO,
+    FALLBACK,
+    MetricsReport,
+    check_java,
+    java_available,
+    score_captions,
+    start_meteor,
+)
 from captioner.models import load_native_attention
 from captioner.models.decode import DecodingConfig, GeneratedCaption, generate
 from captioner.option_checks import at_least, check_options, one_of
@@ -91,6 +99,8 @@ def evaluate(config: EvaluateConfig, progress: ShowProgress = False) -> Evaluati
     require_writable_folder(config.out)  # before the decoding, not after it
     if config.metrics == COCO:
         check_java()  # before the decoding, not after it
+    if config.metrics != FALLBACK and java_available():
+        start_meteor()  # its Java process loads while the split is decoded
     checkpoint, _ = load_checkpoint(config.checkpoint)
     require_finite_weights(checkpoint, config.checkpoint)
     store = FeatureStore.open(config.features)
