@@ -25,6 +25,7 @@ from factories import make_store
 from test_extract import (
     ARRAYS,
     ENCODER,
+    REPO,
     SLOW_EXTRACT,
     cli_options,
     extract_with_two_ranks,
@@ -178,6 +179,27 @@ def test_training_from_s3_equals_training_from_the_local_copy_and_resumes(s3_buc
     )  # fmt: skip
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["features"] == location.url
+
+
+def test_two_torchrun_ranks_train_from_an_s3_store_through_one_cache(s3_bucket, tmp_path):
+    """Both ranks read the store from object storage and share one cache folder, whose copies
+    each rank writes whole or not at all."""
+    location = upload(make_store(tmp_path / "store.zarr", images=16, seed=2), f"{s3_bucket}/s.zarr")
+    cache, run = tmp_path / "cache", tmp_path / "ddp"
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
+    command += [str(REPO / "train_decoder.py"), "--features", location.url, "--cache", str(cache)]
+    command += ["--out", str(run), "--device", "cpu", *CLI_TRAIN, "--epochs", "1"]
+    result = subprocess.run(
+        command, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert row["ranks"] == 2 and np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    assert checkpoint["training"]["options"]["features"] == location.url
+    # The train and validation rows lie in shards 0-2; the test split's shard 3 was not read.
+    assert len(list(cache.rglob("spatial/c/*/0/0.*"))) == 3
+    assert not list(cache.rglob(".*"))  # no partial copy left behind
 
 
 def test_preload_reads_the_same_maps_from_s3_as_from_a_disk(s3_bucket, tmp_path):
