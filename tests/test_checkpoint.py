@@ -32,6 +32,19 @@ def make_checkpoint(model: str = "show-attend-tell") -> Checkpoint:
     )
 
 
+@pytest.mark.parametrize("model", ["show-tell", "show-attend-tell"])
+def test_loading_a_checkpoint_draws_no_random_numbers(tmp_path, model):
+    """Runs load checkpoints between seeding and sampling (SCST's --init, a resume): the check
+    that the weights fit their config must leave the random stream where it was."""
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, make_checkpoint(model))
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    load_checkpoint(path)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_round_trip_gives_identical_outputs(tmp_path):
     checkpoint = make_checkpoint()
     original = build_decoder(checkpoint.decoder_config)

@@ -128,6 +128,7 @@ def test_one_meteor_process_serves_every_scoring_and_one_that_failed_is_replaced
     from pycocoevalcap.meteor import meteor
 
     monkeypatch.setattr(meteor, "Meteor", _CountedMeteor)
+    monkeypatch.setattr(_CountedMeteor, "started", 0)
     metrics.start_meteor.cache_clear()
     try:
         references = {"a": ["a dog runs", "a brown dog"], "b": ["two men ride bikes"]}

@@ -99,8 +99,6 @@ def evaluate(config: EvaluateConfig, progress: ShowProgress = False) -> Evaluati
     require_writable_folder(config.out)  # before the decoding, not after it
     if config.metrics == COCO:
         check_java()  # before the decoding, not after it
-    if config.metrics != FALLBACK and java_available():
-        start_meteor()  # its Java process loads while the split is decoded
     checkpoint, _ = load_checkpoint(config.checkpoint)
     require_finite_weights(checkpoint, config.checkpoint)
     store = FeatureStore.open(config.features)
@@ -116,6 +114,8 @@ def evaluate(config: EvaluateConfig, progress: ShowProgress = False) -> Evaluati
     precision = resolve_precision(config.precision, device, checkpoint.decoder_config.model)
     if progress:
         write_line(precision.describe())
+    if config.metrics != FALLBACK and java_available():
+        start_meteor()  # its Java process loads while the split is decoded
     decoder = checkpoint.build_decoder(device)
     regions = store.grid[0] * store.grid[1]
     native_note = load_native_attention(decoder, regions, device) if config.native_attention else ""
