@@ -110,6 +110,13 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+def resolved_implementation(implementation: str) -> str:
+    """COCO or FALLBACK: what `implementation` ("auto" among them) scores with on this machine."""
+    if implementation == "auto":
+        return COCO if java_available() else FALLBACK
+    return implementation
+
+
 def score_captions(
     references: Mapping[str, Sequence[str]],
     predictions: Mapping[str, str],
@@ -134,7 +141,7 @@ def score_captions(
     images = list(predictions)
     notes = []
     if implementation == "auto":
-        implementation = COCO if java_available() else FALLBACK
+        implementation = resolved_implementation(implementation)
         if implementation == FALLBACK:
             notes.append(
                 "Java not found: the coco-caption PTB tokenizer and METEOR 1.5 need it; "

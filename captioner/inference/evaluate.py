@@ -34,10 +34,9 @@ from captioner.inference.report import (
 )
 from captioner.metrics import (
     COCO,
-    FALLBACK,
     MetricsReport,
     check_java,
-    java_available,
+    resolved_implementation,
     score_captions,
     start_meteor,
 )
@@ -114,7 +113,7 @@ def evaluate(config: EvaluateConfig, progress: ShowProgress = False) -> Evaluati
     precision = resolve_precision(config.precision, device, checkpoint.decoder_config.model)
     if progress:
         write_line(precision.describe())
-    if config.metrics != FALLBACK and java_available():
+    if resolved_implementation(config.metrics) == COCO:
         start_meteor()  # its Java process loads while the split is decoded
     decoder = checkpoint.build_decoder(device)
     regions = store.grid[0] * store.grid[1]
