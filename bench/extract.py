@@ -44,7 +44,8 @@ from captioner.errors import CaptionerError  # noqa: E402
 from captioner.extraction.extract import ExtractConfig, extract_features  # noqa: E402
 from captioner.images import load_image  # noqa: E402
 from captioner.precision import ENCODER, Precision, resolve_precision  # noqa: E402
-from captioner.store import directory_size, read_array_rows  # noqa: E402
+from captioner.store import directory_size  # noqa: E402
+from captioner.zarr_rows import read_array_rows  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k" / "images"
 

@@ -56,6 +56,7 @@ from captioner.files import named_after
 from captioner.object_store import RemoteStore, remote_errors
 from captioner.progress import ShowProgress, tracked
 from captioner.readers import read_corpus
+from captioner.zarr_rows import ShardDecoder, read_array_rows
 
 SCHEMA_VERSION = 1
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
@@ -150,6 +151,8 @@ class FeatureStore:
         self.images_per_shard: int = self.settings.images_per_shard
         self.encoder_config: EncoderConfig = self.settings.encoder
         self.fingerprint: str = self.attrs["fingerprint"]
+        # Whole shards of maps decoded in one pass, where the layout is the one written today.
+        self._spatial_shards = ShardDecoder.for_array(group["spatial"])
 
     @classmethod
     def open(cls, path: StoreLocation) -> FeatureStore:
@@ -226,11 +229,15 @@ class FeatureStore:
         what the codecs raise for a damaged chunk (ValueError, RuntimeError)."""
         start = shard * self.images_per_shard
         with _faults_named(self.path):
+            if name == "spatial" and self._spatial_shards is not None:
+                return self._spatial_shards.read_shard(shard)
             return np.asarray(self._group[name][start : start + self.images_per_shard])
 
     def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
         try:
             with _faults_named(self.path):
+                if name == "spatial" and self._spatial_shards is not None:
+                    return self._spatial_shards.read_rows(rows)
                 return read_array_rows(self._group[name], rows)
         except CHUNK_ERRORS as error:
             failure = error
@@ -574,24 +581,6 @@ def _library_versions() -> dict:
 # What zarr's codecs raise for a damaged chunk: a checksum mismatch, or data that does not
 # decompress.
 CHUNK_ERRORS = (ValueError, RuntimeError)
-
-
-def read_array_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
-    """Rows in the order given (duplicates allowed), each stored row read once.
-
-    Reads go by runs of consecutive rows as slices: zarr-python 3.1's integer-array (orthogonal)
-    selection is 4x slower on plain arrays and over 20x slower on sharded ones (bench/extract.py).
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    if rows.size == 0:
-        return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
-    unique, inverse = np.unique(rows, return_inverse=True)
-    runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1)
-    parts = [np.asarray(array[int(run[0]) : int(run[-1]) + 1]) for run in runs]
-    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if np.array_equal(rows, unique):  # sorted and distinct, as whole shards are read: no copy
-        return values
-    return values[inverse]
 
 
 def non_finite_rows(values: np.ndarray) -> np.ndarray:

@@ -59,6 +59,7 @@ def make_store(
     channels: int = 16,
     dtype: str = "float16",
     images_per_shard: int = 4,
+    compression: str = "zstd",
     seed: int = 0,
     split_fractions: Sequence[float] = (0.5, 0.25, 0.25),
     failed: Sequence[int] = (),
@@ -77,6 +78,7 @@ def make_store(
         channels=channels,
         dtype=dtype,
         images_per_shard=images_per_shard,
+        compression=compression,
     )
     writer = create_store(Path(path), corpus, settings)
     rng = np.random.default_rng(seed)

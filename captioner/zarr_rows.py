@@ -1,0 +1,193 @@
+"""Rows of the store's Zarr arrays, read fast: runs of rows as slices, and whole shards of the
+spatial maps decoded in one pass without zarr's per-chunk machinery.
+
+zarr-python decodes a shard's inner chunks one at a time through its asynchronous codec
+pipeline: a fixed cost a chunk, whatever its size (bench/RESULTS.md [reader]). A shard holds 64
+one-image chunks, so on small maps that bookkeeping, not the bytes, bounded the reader.
+`ShardDecoder` reads the layout captioner writes, straight from the Zarr v3 sharding
+specification: one object per shard (fetched with one request through the same zarr store, so
+object storage's retries and ``--cache`` apply), an index of (offset, length) pairs at its end
+guarded by a crc32c, and each chunk stored as little-endian bytes, compressed (zstd or blosc) or
+not, followed by the crc32c of what precedes it. Each chunk is checked against its crc32c and
+decompressed straight into its row of the output; the decompression runs outside Python's lock,
+so reader threads decode shards in parallel.
+
+Where an array has any other layout, `ShardDecoder.for_array` returns None and zarr reads it.
+A damaged chunk raises what zarr's codecs raise (ValueError for a checksum that does not match,
+RuntimeError for data that does not decompress), so a damaged shard is reported alike either way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+import zarr
+from numcodecs import blosc, zstd
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+EMPTY = 2**64 - 1  # offset and length of a chunk that was never written
+_INDEX_ENTRY = 16  # two little-endian uint64: offset, length
+_CHECKSUM = 4
+_DECOMPRESS = {ZstdCodec: zstd.decompress, BloscCodec: blosc.decompress}
+
+
+class ShardDecoder:
+    """Reads rows of a sharded (N, ...) array whose inner chunks hold one row each."""
+
+    def __init__(self, array: zarr.Array, decompress) -> None:
+        self._array = array
+        self.rows_per_shard = int(array.shards[0])
+        self._decompress = decompress  # None: chunks are stored uncompressed
+        self._dtype = np.dtype(array.dtype).newbyteorder("<")
+        self._fill = np.asarray(array.fill_value, dtype=array.dtype)
+
+    @classmethod
+    def for_array(cls, array: zarr.Array) -> ShardDecoder | None:
+        """A decoder for `array`, or None where its layout is not the one captioner writes."""
+        codecs = tuple(array.metadata.codecs)
+        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+            return None
+        sharding = codecs[0]
+        if tuple(sharding.chunk_shape) != (1, *array.shape[1:]):
+            return None
+        if array.shards is None or tuple(array.shards[1:]) != tuple(array.shape[1:]):
+            return None
+        index_codecs = tuple(sharding.index_codecs)
+        if (
+            sharding.index_location.value != "end"
+            or len(index_codecs) != 2
+            or not _little_endian_bytes(index_codecs[0])
+            or not isinstance(index_codecs[1], Crc32cCodec)
+        ):
+            return None
+        inner = tuple(sharding.codecs)
+        if not inner or not _little_endian_bytes(inner[0]):
+            return None
+        if not isinstance(inner[-1], Crc32cCodec):
+            return None
+        compressors = inner[1:-1]
+        if not compressors:
+            return cls(array, None)
+        if len(compressors) == 1 and type(compressors[0]) in _DECOMPRESS:
+            return cls(array, _DECOMPRESS[type(compressors[0])])
+        return None
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` in the order given (duplicates allowed), each stored row decoded once.
+        A shard of which at least half the rows are wanted is fetched whole and decoded here;
+        from the others zarr reads just the chunks wanted, as fetching whole shards for a few
+        rows would move many unneeded bytes."""
+        rows = np.asarray(rows, dtype=np.int64)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        parts = [np.zeros((0, *self._array.shape[1:]), dtype=self._dtype)]
+        shards = unique // self.rows_per_shard
+        for shard in np.unique(shards).tolist():
+            wanted = unique[shards == shard]
+            start = shard * self.rows_per_shard
+            in_shard = min(self.rows_per_shard, self._array.shape[0] - start)
+            if 2 * len(wanted) >= in_shard:
+                parts.append(self.read_shard(shard, wanted - start))
+            else:
+                parts.append(read_array_rows(self._array, wanted))
+        values = np.concatenate(parts) if len(parts) > 2 else parts[-1]
+        if np.array_equal(rows, unique):  # sorted and distinct, as whole shards are read
+            return values
+        return values[inverse]
+
+    def read_shard(self, shard: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Rows `rows` (positions within the shard, ascending and distinct; all of them when
+        None) of shard `shard`, read with one request and decoded into a new array."""
+        start = shard * self.rows_per_shard
+        in_shard = min(self.rows_per_shard, self._array.shape[0] - start)
+        rows = np.arange(in_shard) if rows is None else np.asarray(rows)
+        out = np.empty((len(rows), *self._array.shape[1:]), dtype=self._dtype)
+        data = self._fetch(shard)
+        if data is None:  # a shard never written holds the fill value
+            out[...] = self._fill
+            return out
+        index = self._index(data)
+        for position, row in enumerate(rows.tolist()):
+            offset, length = index[row]
+            if offset == EMPTY and length == EMPTY:
+                out[position] = self._fill
+            else:
+                self._decode_chunk(data[offset : offset + length], out[position])
+        return out
+
+    def _fetch(self, shard: int) -> np.ndarray | None:
+        """The shard's bytes, or None where it was never written. A file of a store on a disk
+        is read here, without the round trip through zarr's event loop (about 1 ms a shard)."""
+        store_path = self._array.store_path
+        key = f"{store_path.path}/{self._array.metadata.encode_chunk_key((shard, 0, 0))}"
+        if isinstance(store_path.store, LocalStore):
+            try:
+                return np.fromfile(Path(store_path.store.root) / key, dtype=np.uint8)
+            except FileNotFoundError:
+                return None
+        buffer = sync(store_path.store.get(key, prototype=default_buffer_prototype()))
+        return None if buffer is None else buffer.as_numpy_array().view(np.uint8)
+
+    def _index(self, data: np.ndarray) -> list[tuple[int, int]]:
+        size = self.rows_per_shard * _INDEX_ENTRY
+        if len(data) < size + _CHECKSUM:
+            raise ValueError(f"a shard of {len(data)} bytes is shorter than its index")
+        encoded = data[len(data) - size - _CHECKSUM :]
+        _check(encoded)
+        pairs = encoded[:size].view("<u8").reshape(-1, 2).tolist()
+        for offset, length in pairs:
+            if offset != EMPTY and offset + length > len(data) - size - _CHECKSUM:
+                raise ValueError("a shard's index points past its chunks")
+        return pairs
+
+    def _decode_chunk(self, chunk: np.ndarray, row: np.ndarray) -> None:
+        _check(chunk)
+        payload = chunk[:-_CHECKSUM]
+        target = row.view(np.uint8).reshape(-1)
+        if self._decompress is not None:
+            self._decompress(payload, target)  # outside Python's lock; raises RuntimeError
+        elif len(payload) == target.nbytes:
+            target[:] = payload
+        else:
+            raise ValueError(f"a chunk of {len(payload)} bytes where {target.nbytes} belong")
+
+
+def _check(chunk: np.ndarray) -> None:
+    """ValueError where the last 4 bytes of `chunk` are not the crc32c of the bytes before."""
+    if len(chunk) < _CHECKSUM:
+        raise ValueError("a chunk shorter than its checksum")
+    stored = bytes(chunk[-_CHECKSUM:])
+    computed = np.uint32(google_crc32c.value(chunk[:-_CHECKSUM])).tobytes()
+    if computed != stored:
+        raise ValueError(
+            f"Stored and computed checksum do not match. Stored: {stored!r}."
+            f" Computed: {computed!r}."
+        )
+
+
+def _little_endian_bytes(codec) -> bool:
+    return isinstance(codec, BytesCodec) and (
+        codec.endian is None or codec.endian.value == "little"
+    )
+
+
+def read_array_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """Rows in the order given (duplicates allowed), each stored row read once, by zarr.
+
+    Reads go by runs of consecutive rows as slices: zarr-python 3.1's integer-array (orthogonal)
+    selection is 4x slower on plain arrays and over 20x slower on sharded ones (bench/extract.py).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1)
+    parts = [np.asarray(array[int(run[0]) : int(run[-1]) + 1]) for run in runs]
+    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if np.array_equal(rows, unique):  # sorted and distinct, as whole shards are read: no copy
+        return values
+    return values[inverse]
