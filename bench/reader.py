@@ -3,13 +3,16 @@
 (a) The reader alone: the training stream (captioner.training.batches.FeatureStream, as a GPU run
     configures it: float16 batches, whole shards, no step consuming them) over a generated store
     of 14x14x2048 float16 post-ReLU maps (about half zeros, as a ResNet's last block), with 1, 2
-    and 4 reader threads: maps/s, and the ratio to one thread. Amdahl's law fitted to the 1- and
+    and 4 reader threads: maps/s, and the ratio to one thread. The baseline: one thread of the
+    same stream with zarr decoding each shard chunk by chunk (captioner.zarr_rows says why it
+    no longer does). Amdahl's law fitted to the 1- and
     2-thread rates extrapolates to the threads of a GPU node; on a machine with fewer cores than
     threads the extra threads cannot help, so the fit is the honest figure.
 (b) Data wait: the demo's attention decoder (captioner demo's sizes, batch of 50 captions, one
     caption per image) trained over a generated store of 20,000 images of 3x3x128 maps (the tiny
     encoder's; tests/factories.py's make_store), reading in the training loop (--workers 0)
-    against the default reader (captioner.training.data.reader_threads). Each measures the first
+    against the default reader (captioner.training.data.reader_threads), and the default reader
+    with zarr's chunk-by-chunk decoding (the baseline). Each measures the first
     --steps batches of an epoch (shards are shuffled, so any stretch of an epoch is alike): the
     share of the loop's time spent waiting for the next batch, and captions/s. The settings
     alternate, so load drift hits them alike.
@@ -93,16 +96,28 @@ def gpu_stream(store: FeatureStore, threads: int) -> FeatureStream:
     return FeatureStream(store, rows, captions, config)
 
 
+def zarr_decoding(store: FeatureStore) -> FeatureStore:
+    """The same store with every shard decoded by zarr, chunk by chunk: the baseline."""
+    baseline = FeatureStore.open(store.path)
+    baseline._spatial_shards = None
+    return baseline
+
+
 def measure_reader(store: FeatureStore, threads_tried: list[int], repeats: int) -> None:
     streams = {threads: gpu_stream(store, threads) for threads in threads_tried}
+    baseline = gpu_stream(zarr_decoding(store), 1)
     rates: dict[int, list[float]] = {threads: [] for threads in threads_tried}
+    baseline_rates: list[float] = []
     cpu_per_map: list[float] = []  # process CPU seconds a map, whatever other jobs take
     for repeat in range(repeats + 1):  # the first round warms the page cache
-        for threads, stream in streams.items():
+        for threads, stream in [*streams.items(), (0, baseline)]:
             started, cpu_started = time.perf_counter(), time.process_time()
             maps = sum(len(batch.rows) for batch in stream.epoch(repeat))
-            if repeat:
-                rates[threads].append(maps / (time.perf_counter() - started))
+            rate = maps / (time.perf_counter() - started)
+            if repeat and stream is baseline:
+                baseline_rates.append(rate)
+            elif repeat:
+                rates[threads].append(rate)
                 cpu_per_map.append((time.process_time() - cpu_started) / maps)
     one = statistics.median(rates[1])
     print(
@@ -115,6 +130,11 @@ def measure_reader(store: FeatureStore, threads_tried: list[int], repeats: int) 
             f"  {threads} reader thread{'s' if threads > 1 else ' '}  {rate:7.0f} maps/s"
             f"  {rate / one:5.2f}x one thread  (each: {', '.join(f'{r:.0f}' for r in each)})"
         )
+    rate = statistics.median(baseline_rates)
+    print(
+        f"  baseline: 1 thread, zarr decoding {rate:7.0f} maps/s; the shard decoder is"
+        f" {one / rate:.2f}x it  (each: {', '.join(f'{r:.0f}' for r in baseline_rates)})"
+    )
     speedup = statistics.median(rates[2]) / one
     parallel = min(max(2 * (1 - 1 / speedup), 0.0), 1.0)  # Amdahl: s(2) = 1 / (1 - p + p/2)
     print(
@@ -168,17 +188,21 @@ def measure_data_wait(path: Path, steps: int, repeats: int) -> None:
     vocabulary = Vocabulary.build(corpus.tokens_of_split("train"), config.min_count)
     cpu = torch.device("cpu")
     default, why = reader_threads(None, cpu)
-    settings = {"reading in the loop (--workers 0)": 0, f"default ({why}): {default}": None}
+    settings = {
+        "reading in the loop (--workers 0)": (store, 0),
+        f"default ({why}): {default}": (store, None),
+        "default, zarr decoding (baseline)": (zarr_decoding(store), None),
+    }
     streams = {
         name: feature_stream(
-            store,
+            read_from,
             corpus,
             vocabulary,
             rows,
             config.max_length,
             training_reading(replace(config, workers=workers), "spatial", cpu, Ranks()),
         )
-        for name, workers in settings.items()
+        for name, (read_from, workers) in settings.items()
     }
     step = Step(config, store, vocabulary, rows)
     step(next(iter(streams[next(iter(streams))].epoch(0))))  # first-call allocations

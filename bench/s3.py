@@ -2,7 +2,8 @@
 
 (a) read throughput: spatial maps per second read shard by shard through FeatureStore.read from a
     local S3 server (moto's, in a process of its own on 127.0.0.1), with and without a warm
-    --cache folder, against the same store on the local disk;
+    --cache folder, against the same store on the local disk; and both without the shard
+    decoder, zarr decoding each shard chunk by chunk (the baseline);
 (b) data wait: the share of a CPU training epoch's time spent waiting for the next batch
     (metrics.jsonl's data_wait), training Show-Attend-and-Tell with train_decoder.py from the
     local store, from S3, and from S3 with --cache (its first epoch fills the cache, the second
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from factories import make_store  # noqa: E402
 from machine import describe_machine  # noqa: E402  (bench/machine.py)
+from reader import zarr_decoding  # noqa: E402  (bench/reader.py)
 
 from captioner.object_store import RemoteStore  # noqa: E402
 from captioner.store import FeatureStore  # noqa: E402
@@ -67,9 +69,11 @@ def start_s3_server() -> tuple[subprocess.Popen, str]:
     raise SystemExit("moto_server did not start (pip install 'moto[server]')")
 
 
-def maps_per_second(location, repeats: int = 3) -> float:
-    """Spatial maps read per second, whole shards at a time, best of `repeats`."""
+def maps_per_second(location, repeats: int = 3, baseline: bool = False) -> float:
+    """Spatial maps read per second, whole shards at a time, best of `repeats`; zarr decoding
+    the chunks (`baseline`) or the shard decoder."""
     store = FeatureStore.open(location)
+    store = zarr_decoding(store) if baseline else store
     best = 0.0
     for _ in range(repeats):
         started = time.perf_counter()
@@ -152,6 +156,13 @@ def main() -> None:
             print(f"  local disk          {on_disk:8.0f} maps/s")
             print(f"  S3                  {from_s3:8.0f} maps/s  ({from_s3 / on_disk:.2f}x)")
             print(f"  S3, warm --cache    {cached:8.0f} maps/s  ({cached / on_disk:.2f}x)")
+            for name, location in {"local disk": local, "S3": RemoteStore(url)}.items():
+                rate = maps_per_second(location, baseline=True)
+                ours = on_disk if name == "local disk" else from_s3
+                print(
+                    f"  {name}, zarr decoding (baseline) {rate:8.0f} maps/s;"
+                    f" the shard decoder is {ours / rate:.2f}x it"
+                )
 
             print(f"(b) data wait of a CPU training epoch ({args.epochs} epochs, --workers 2)")
             runs = {
