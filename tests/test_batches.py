@@ -197,6 +197,28 @@ def test_captions_per_image_draws_k_captions_and_changes_them_by_epoch(store_pat
     assert drawn[0] != drawn[1]
 
 
+def test_the_k_captions_drawn_are_the_images_own_and_each_as_likely(store_path):
+    stream, _, corpus, vocabulary = open_stream(
+        store_path, kind="pooled", batch_size=8, captions_per_image=2
+    )
+    own = {}  # row -> Counter of its caption texts
+    for caption in corpus.captions:
+        own.setdefault(caption.image, Counter())[" ".join(caption.tokens)] += 1
+    drawn, epochs = Counter(), 60
+    for epoch in range(epochs):
+        for batch in stream.epoch(epoch):
+            texts = caption_texts(batch, vocabulary)
+            pairs = list(zip(batch.image_index.tolist(), texts, strict=True))
+            for slot, row in enumerate(batch.rows.tolist()):
+                mine = Counter(text for i, text in pairs if i == slot)
+                assert mine.total() == 2 and mine <= own[row], (row, mine)
+                drawn.update((row, text) for text in mine.elements())
+    # Two of three captions: each is drawn in 2/3 of the epochs (binomial sd 0.06 at 60).
+    rows = {row for row, _ in drawn}
+    shares = [drawn[row, text] / (epochs * n) for row in rows for text, n in own[row].items()]
+    assert len(rows) == 20 and 0.45 < min(shares) and max(shares) < 0.88, shares
+
+
 @pytest.mark.parametrize("mode", [dict(kind="pooled"), dict(kind="spatial")])
 def test_ranks_read_disjoint_parts_and_run_the_same_number_of_batches(store_path, mode):
     parts = []

@@ -301,16 +301,7 @@ class FeatureStream:
     ) -> Batch:
         """One batch: the images' features (as read, or already on `preload_device`) and their
         chosen captions, padded to the longest; in pinned memory where the config asks."""
-        k = self.config.captions_per_image
-        rng = np.random.default_rng([self.config.seed, epoch, self.config.rank, index])
-        chosen = []
-        for position in positions:
-            ids = np.arange(self.captions.first[position], self.captions.first[position + 1])
-            if k and len(ids) > k:
-                ids = np.sort(rng.choice(ids, k, replace=False)) if self.config.shuffle else ids[:k]
-            chosen.append(ids)
-        image_index = np.repeat(np.arange(len(positions)), [len(ids) for ids in chosen])
-        chosen = np.concatenate(chosen)
+        image_index, chosen = self._choose_captions(positions, epoch, index)
         lengths = self.captions.lengths[chosen]
         tokens = self.captions.tokens[chosen, : lengths.max()]
         tensors = [
@@ -322,6 +313,30 @@ class FeatureStream:
         if self.config.pin_memory:
             tensors = [t.pin_memory() if t.device.type == "cpu" else t for t in tensors]
         return Batch(self.rows[positions], *tensors)
+
+    def _choose_captions(
+        self, positions: np.ndarray, epoch: int, index: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The captions batch `index` of `epoch` trains on, ascending within each image: all
+        of each image's, or `captions_per_image` of them (drawn at random when shuffling, else
+        the first); and for each, the batch row of its image. Drawn for the whole batch at
+        once: a draw per image cost more than the rest of assembling a batch."""
+        first = self.captions.first
+        counts = first[positions + 1] - first[positions]
+        image_index = np.repeat(np.arange(len(positions)), counts)
+        group_start = np.repeat(np.cumsum(counts) - counts, counts)
+        chosen = np.repeat(first[positions], counts) + np.arange(counts.sum()) - group_start
+        k = self.config.captions_per_image
+        if not k or counts.max(initial=0) <= k:
+            return image_index, chosen
+        if self.config.shuffle:  # the k captions of lowest random key in each image
+            rng = np.random.default_rng([self.config.seed, epoch, self.config.rank, index])
+            by_key = np.lexsort((rng.random(len(chosen)), image_index))
+            keep = np.zeros(len(chosen), dtype=bool)
+            keep[by_key[np.arange(len(chosen)) - group_start < k]] = True
+        else:
+            keep = np.arange(len(chosen)) - group_start < k
+        return image_index[keep], chosen[keep]
 
     def _load_held_features(self) -> np.ndarray | torch.Tensor:
         """This rank's features: pooled vectors in RAM, or (preload) spatial maps read shard by
