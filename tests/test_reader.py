@@ -101,10 +101,15 @@ def test_preloading_refuses_maps_that_would_leave_training_short_of_gpu_memory()
 
 
 def test_reader_threads_by_device_and_cpus(monkeypatch):
-    monkeypatch.setattr(training_data, "available_cpus", lambda: 2)
+    monkeypatch.setattr(training_data, "available_cpus", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # the step leaves a CPU
     assert reader_threads(None, torch.device("cpu"))[0] == 1
     assert reader_threads(5, torch.device("cpu")) == (5, "--workers")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # the step holds every CPU
+    threads, why = reader_threads(None, torch.device("cpu"))
+    assert threads == 0 and "a reader would stall them" in why
     monkeypatch.setattr(training_data, "available_cpus", lambda: 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert reader_threads(None, torch.device("cpu"))[0] == 0
     monkeypatch.setattr(training_data, "default_workers", lambda most: min(most, 16))
     assert reader_threads(None, torch.device("cuda"))[0] == 4

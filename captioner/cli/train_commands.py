@@ -148,7 +148,7 @@ def _size_options(command: Callable) -> Callable:
     "workers",
     click.IntRange(min=0),
     "Threads that read and assemble batches ahead of the step (0: read in the loop). Default:"
-    " 1 on a CPU (0 with a single CPU), 4 on a GPU.",
+    " 4 on a GPU; on a CPU 1 where the step's threads leave a CPU idle, else 0.",
 )
 @click.option(
     "--preload",

@@ -100,18 +100,22 @@ def reader_threads(workers: int | None, device: torch.device) -> tuple[int, str]
     """The threads that read and assemble batches ahead of a step on `device` (`workers`, the
     --workers option, when given), and why that many.
 
-    On a CPU one thread reads ahead wherever a second CPU is available: the reader's work (zstd,
-    numpy copies) mostly runs outside Python's lock. The demo's attention decoder, which waits
-    for data a quarter of its epoch reading in the loop on 2 quiet cores, waited 4.5 % with it
-    on 2 loaded ones, at 10x the captions/s (bench/RESULTS.md [reader]). With one CPU the step
-    could only lose it to the reader."""
+    On a CPU one thread reads ahead only where the step leaves a CPU idle: PyTorch's threads
+    spin between operations on the CPUs they hold, and a reader that takes one of those CPUs
+    from them stalls every operation it lands in. On 2 cores held by the step's 2 threads, the
+    demo's attention decoder ran at half the captions/s with one reader thread than reading in
+    the loop, where it waited for data 7-10 % of its time (bench/RESULTS.md [reader])."""
     if workers is not None:
         return workers, "--workers"
     if device.type != "cpu":
         return default_workers(ACCELERATOR_READERS), f"the default on {device.type}"
-    if available_cpus() < 2:
-        return 0, "one CPU: reading ahead would take it from the step"
-    return 1, f"the default on a CPU with {available_cpus()} CPUs"
+    cpus, step_threads = available_cpus(), torch.get_num_threads()
+    if step_threads >= cpus:
+        return 0, (
+            f"the default on a CPU whose {cpus} CPUs the step's {step_threads} threads hold:"
+            " a reader would stall them"
+        )
+    return 1, f"the default on a CPU: the step's {step_threads} threads leave a CPU of {cpus}"
 
 
 def check_preload_device(preload: str, device: torch.device) -> None:
