@@ -15,6 +15,8 @@ so reader threads decode shards in parallel.
 Where an array has any other layout, `ShardDecoder.for_array` returns None and zarr reads it.
 A damaged chunk raises what zarr's codecs raise (ValueError for a checksum that does not match,
 RuntimeError for data that does not decompress), so a damaged shard is reported alike either way.
+A chunk whose checksum holds but whose data decompresses short of a row (which no writer of
+captioner's makes) leaves the row's missing part at the fill value, NaN, which reads refuse.
 """
 
 from __future__ import annotations
@@ -105,17 +107,16 @@ class ShardDecoder:
         start = shard * self.rows_per_shard
         in_shard = min(self.rows_per_shard, self._array.shape[0] - start)
         rows = np.arange(in_shard) if rows is None else np.asarray(rows)
-        out = np.empty((len(rows), *self._array.shape[1:]), dtype=self._dtype)
+        # Filled first: a chunk that decompresses to fewer bytes than a row leaves the fill value
+        # (NaN, which FeatureStore.read refuses), never what the memory held before.
+        out = np.full((len(rows), *self._array.shape[1:]), self._fill, dtype=self._dtype)
         data = self._fetch(shard)
         if data is None:  # a shard never written holds the fill value
-            out[...] = self._fill
             return out
         index = self._index(data)
         for position, row in enumerate(rows.tolist()):
             offset, length = index[row]
-            if offset == EMPTY and length == EMPTY:
-                out[position] = self._fill
-            else:
+            if (offset, length) != (EMPTY, EMPTY):
                 self._decode_chunk(data[offset : offset + length], out[position])
         return out
 
@@ -123,7 +124,9 @@ class ShardDecoder:
         """The shard's bytes, or None where it was never written. A file of a store on a disk
         is read here, without the round trip through zarr's event loop (about 1 ms a shard)."""
         store_path = self._array.store_path
-        key = f"{store_path.path}/{self._array.metadata.encode_chunk_key((shard, 0, 0))}"
+        coordinates = (shard,) + (0,) * (self._array.ndim - 1)
+        key = self._array.metadata.encode_chunk_key(coordinates)
+        key = f"{store_path.path}/{key}" if store_path.path else key
         if isinstance(store_path.store, LocalStore):
             try:
                 return np.fromfile(Path(store_path.store.root) / key, dtype=np.uint8)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
 from factories import make_store
-from zarr.codecs import BytesCodec, GzipCodec
+from numcodecs import zstd
+from zarr.codecs import BytesCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
 from captioner.store import COMPRESSIONS, FeatureStore
 from captioner.zarr_rows import ShardDecoder, read_array_rows
@@ -82,6 +84,29 @@ def test_a_store_reports_a_damaged_shard_read_through_the_decoder(tmp_path):
         store.read("spatial", np.arange(8))
 
 
+@pytest.mark.parametrize("shape", [(10, 3), (10, 2, 3), (10, 2, 2, 3)])
+@pytest.mark.parametrize("where", ["", "group/maps"])
+def test_arrays_of_any_rank_at_the_root_or_in_a_group_read_as_zarr_reads_them(
+    tmp_path, shape, where
+):
+    options = {
+        "shape": shape,
+        "chunks": (1, *shape[1:]),
+        "shards": (4, *shape[1:]),
+        "dtype": "float32",
+        "fill_value": np.nan,
+        "compressors": (ZstdCodec(level=1), Crc32cCodec()),
+    }
+    if where:
+        array = zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_array(where, **options)
+    else:
+        array = zarr.create_array(str(tmp_path / "root.zarr"), **options)
+    array[:] = np.arange(np.prod(shape), dtype="float32").reshape(shape)
+    decoder = ShardDecoder.for_array(array)
+    assert decoder is not None
+    np.testing.assert_array_equal(decoder.read_rows(np.arange(10)), np.asarray(array[:]))
+
+
 @pytest.mark.parametrize(
     "layout",
     [
@@ -98,3 +123,15 @@ def test_other_layouts_are_left_to_zarr(tmp_path, layout):
         str(tmp_path / "a.zarr"), shape=(8, 4, 3), dtype="float32", fill_value=np.nan, **options
     )
     assert ShardDecoder.for_array(array) is None
+
+
+def test_a_chunk_that_decompresses_short_of_a_row_leaves_nan_never_stale_memory(tmp_path):
+    path = make_store(tmp_path / "s.zarr", images=4, dtype="float32")  # a row: 64 float32
+    short = zstd.compress(np.ones(8, dtype="<f4").tobytes(), 1)  # 8 of them
+    chunk = short + np.uint32(google_crc32c.value(short)).tobytes()
+    index = np.full((4, 2), 2**64 - 1, dtype="<u8")
+    index[0] = (0, len(chunk))
+    index = index.tobytes() + np.uint32(google_crc32c.value(index.tobytes())).tobytes()
+    (path / "spatial" / "c" / "0" / "0" / "0").write_bytes(chunk + index)
+    row = ShardDecoder.for_array(_spatial(path)).read_shard(0)[0].reshape(-1)
+    assert (row[:8] == 1).all() and np.isnan(row[8:]).all()
