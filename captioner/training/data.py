@@ -104,7 +104,7 @@ def reader_threads(workers: int | None, device: torch.device) -> tuple[int, str]
     spin between operations on the CPUs they hold, and a reader that takes one of those CPUs
     from them stalls every operation it lands in. On 2 cores held by the step's 2 threads, the
     demo's attention decoder ran at half the captions/s with one reader thread than reading in
-    the loop, where it waited for data 7-10 % of its time (bench/RESULTS.md [reader])."""
+    the loop, where it waited for data about 7 % of its time (bench/RESULTS.md [reader])."""
     if workers is not None:
         return workers, "--workers"
     if device.type != "cpu":
