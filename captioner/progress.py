@@ -2,8 +2,8 @@
 
 On a terminal a phase is a tqdm bar, redrawn in place. Elsewhere (a batch scheduler's log file, a
 pipe) a bar's carriage returns would make one unreadable line of hundreds of frames, so a phase
-writes a plain line once `interval` seconds have passed since the process's last one, and one at
-its end, with the count, the rate and the time left, and never a carriage return. A phase that
+writes a plain line once `interval` seconds have passed since the process's last one (or since
+it started, imports included), and one at its end, with the count, the rate and the time left, and never a carriage return. A phase that
 ends in an error leaves the error's one line to say so, and one quicker than a second says
 nothing.
 
@@ -13,6 +13,7 @@ nothing, True shows it with the defaults, and a `Progress` says how.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -26,10 +27,24 @@ DEFAULT_INTERVAL = 30.0  # seconds between two plain lines of one phase
 # a command refused after such phases still says only its one line.
 QUICK_PHASE = 1.0
 _now = time.monotonic  # (the clock the plain lines are timed by)
-# When this process last wrote a plain line (at first: when it started showing progress). The
-# next line is due one interval after it, whichever phase wrote it, so that work between phases
-# does not add to the silence a log shows.
-_last_line_at = _now()
+
+
+def _process_start() -> float:
+    """When this process started, on `_now`'s clock (Linux: from /proc; elsewhere, now)."""
+    try:
+        with open("/proc/self/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # (after the command's name)
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # (field 22: since boot)
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, AttributeError, ValueError, IndexError):
+        return _now()
+    return _now() - max(age, 0.0)
+
+
+# When this process last wrote a plain line (at first: when it started, so that the interpreter's
+# start and the imports count towards the first line). The next line is due one interval after
+# it, whichever phase wrote it, so that work between phases does not add to a log's silence.
+_last_line_at = _process_start()
 
 Item = TypeVar("Item")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -189,3 +191,14 @@ def test_a_phase_ended_by_an_error_leaves_the_error_alone(clock):
         for _ in tracked(range(5), Progress(stream=log), "reading captions"):
             raise ValueError("bad line")
     assert log.getvalue() == ""
+
+
+def test_a_logs_first_line_is_due_one_interval_after_the_process_started_not_after_imports():
+    script = (
+        "import time; started = time.monotonic(); time.sleep(1.5)\n"
+        "import captioner.progress as progress; print(started - progress._last_line_at)"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert 0 <= float(output) < 1.0  # the process began just before `started`, not 1.5 s after
