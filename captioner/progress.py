@@ -3,9 +3,9 @@
 On a terminal a phase is a tqdm bar, redrawn in place. Elsewhere (a batch scheduler's log file, a
 pipe) a bar's carriage returns would make one unreadable line of hundreds of frames, so a phase
 writes a plain line once `interval` seconds have passed since the process's last one (or since
-it started, imports included), and one at its end, with the count, the rate and the time left, and never a carriage return. A phase that
-ends in an error leaves the error's one line to say so, and one quicker than a second says
-nothing.
+it started, imports included), and one at its end, with the count, the rate and the time left,
+and never a carriage return. A phase that ends in an error leaves the error's one line to say
+so, and one quicker than a second says nothing.
 
 The library shows progress only when asked: its functions take `progress`, where False shows
 nothing, True shows it with the defaults, and a `Progress` says how.
