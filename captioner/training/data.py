@@ -103,8 +103,9 @@ def reader_threads(workers: int | None, device: torch.device) -> tuple[int, str]
     On a CPU one thread reads ahead only where the step leaves a CPU idle: PyTorch's threads
     spin between operations on the CPUs they hold, and a reader that takes one of those CPUs
     from them stalls every operation it lands in. On 2 cores held by the step's 2 threads, the
-    demo's attention decoder ran at half the captions/s with one reader thread than reading in
-    the loop, where it waited for data about 7 % of its time (bench/RESULTS.md [reader])."""
+    demo-sized attention decoder trained from a 20,000-image store at about half the captions/s
+    with one reader thread as reading in the loop, where it waited for data 8 % of its time; it
+    never ran faster with the reader (bench/RESULTS.md [reader])."""
     if workers is not None:
         return workers, "--workers"
     if device.type != "cpu":
