@@ -227,10 +227,10 @@ class FeatureStore:
     def read_shard(self, name: str, shard: int) -> np.ndarray:
         """All rows of one shard of the array `name` ("spatial" or "pooled"), as stored; raises
         what the codecs raise for a damaged chunk (ValueError, RuntimeError)."""
-        start = shard * self.images_per_shard
         with _faults_named(self.path):
             if name == "spatial" and self._spatial_shards is not None:
                 return self._spatial_shards.read_shard(shard)
+            start = shard * self.images_per_shard
             return np.asarray(self._group[name][start : start + self.images_per_shard])
 
     def _read(self, name: str, rows: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ captioner's makes) leaves the row's missing part at the fill value, NaN, which r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import google_crc32c
@@ -84,29 +85,23 @@ class ShardDecoder:
         A shard of which at least half the rows are wanted is fetched whole and decoded here;
         from the others zarr reads just the chunks wanted, as fetching whole shards for a few
         rows would move many unneeded bytes."""
-        rows = np.asarray(rows, dtype=np.int64)
-        unique, inverse = np.unique(rows, return_inverse=True)
-        parts = [np.zeros((0, *self._array.shape[1:]), dtype=self._dtype)]
-        shards = unique // self.rows_per_shard
+        return _in_order(rows, self._array.shape[1:], self._dtype, self._read_sorted)
+
+    def _read_sorted(self, rows: np.ndarray) -> np.ndarray:
+        shards = rows // self.rows_per_shard
+        parts = []
         for shard in np.unique(shards).tolist():
-            wanted = unique[shards == shard]
-            start = shard * self.rows_per_shard
-            in_shard = min(self.rows_per_shard, self._array.shape[0] - start)
-            if 2 * len(wanted) >= in_shard:
-                parts.append(self.read_shard(shard, wanted - start))
+            wanted = rows[shards == shard]
+            if 2 * len(wanted) >= self._rows_in(shard):
+                parts.append(self.read_shard(shard, wanted - shard * self.rows_per_shard))
             else:
                 parts.append(read_array_rows(self._array, wanted))
-        values = np.concatenate(parts) if len(parts) > 2 else parts[-1]
-        if np.array_equal(rows, unique):  # sorted and distinct, as whole shards are read
-            return values
-        return values[inverse]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def read_shard(self, shard: int, rows: np.ndarray | None = None) -> np.ndarray:
         """Rows `rows` (positions within the shard, ascending and distinct; all of them when
         None) of shard `shard`, read with one request and decoded into a new array."""
-        start = shard * self.rows_per_shard
-        in_shard = min(self.rows_per_shard, self._array.shape[0] - start)
-        rows = np.arange(in_shard) if rows is None else np.asarray(rows)
+        rows = np.arange(self._rows_in(shard)) if rows is None else np.asarray(rows)
         # Filled first: a chunk that decompresses to fewer bytes than a row leaves the fill value
         # (NaN, which FeatureStore.read refuses), never what the memory held before.
         out = np.full((len(rows), *self._array.shape[1:]), self._fill, dtype=self._dtype)
@@ -119,6 +114,10 @@ class ShardDecoder:
             if (offset, length) != (EMPTY, EMPTY):
                 self._decode_chunk(data[offset : offset + length], out[position])
         return out
+
+    def _rows_in(self, shard: int) -> int:
+        """How many rows shard `shard` holds: all but the last hold `rows_per_shard`."""
+        return min(self.rows_per_shard, self._array.shape[0] - shard * self.rows_per_shard)
 
     def _fetch(self, shard: int) -> np.ndarray | None:
         """The shard's bytes, or None where it was never written. A file of a store on a disk
@@ -184,13 +183,23 @@ def read_array_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
     Reads go by runs of consecutive rows as slices: zarr-python 3.1's integer-array (orthogonal)
     selection is 4x slower on plain arrays and over 20x slower on sharded ones (bench/extract.py).
     """
+
+    def read_sorted(rows: np.ndarray) -> np.ndarray:
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+        parts = [np.asarray(array[int(run[0]) : int(run[-1]) + 1]) for run in runs]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    return _in_order(rows, array.shape[1:], array.dtype, read_sorted)
+
+
+def _in_order(
+    rows: np.ndarray, row_shape: tuple, dtype, read_sorted: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """`rows` in the order given (duplicates allowed), from `read_sorted`, which reads ascending
+    distinct rows; not copied again where `rows` are ascending and distinct, as whole shards are."""
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size == 0:
-        return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
+        return np.zeros((0, *row_shape), dtype=dtype)
     unique, inverse = np.unique(rows, return_inverse=True)
-    runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1)
-    parts = [np.asarray(array[int(run[0]) : int(run[-1]) + 1]) for run in runs]
-    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if np.array_equal(rows, unique):  # sorted and distinct, as whole shards are read: no copy
-        return values
-    return values[inverse]
+    values = read_sorted(unique)
+    return values if np.array_equal(rows, unique) else values[inverse]
